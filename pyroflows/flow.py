@@ -1,0 +1,202 @@
+"""``Flow``: a standard-Normal base distribution pushed through a stack of transforms."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pyro.distributions as dist
+import torch
+from pyro.distributions.conditional import (
+    ConditionalComposeTransformModule,
+    ConditionalTransformedDistribution,
+)
+from pyro.distributions.torch_transform import ComposeTransformModule
+from pyro.distributions.util import is_validation_enabled
+from torch import nn
+
+from pyroflows.transforms.base import FlowTransform
+
+SampleShape = int | Sequence[int] | torch.Size
+
+
+def _sample_shape(sample_shape: SampleShape) -> torch.Size:
+    if isinstance(sample_shape, int) and not isinstance(sample_shape, bool):
+        sample_shape = (sample_shape,)
+    try:
+        shape = torch.Size(sample_shape)
+    except TypeError:
+        raise ValueError(f"sample_shape must be an int or a tuple of ints, got {sample_shape!r}") from None
+    if any(s < 0 for s in shape):
+        raise ValueError(f"sample_shape must be non-negative, got {tuple(shape)}")
+    return shape
+
+
+class Flow(nn.Module):
+    """A normalizing flow ``x = T(z)``, ``z ~ N(0, I)``, optionally conditioned on a context.
+
+    The base distribution's location and scale are buffers, so ``flow.to(device)``,
+    ``flow.double()`` and ``state_dict()`` carry everything. Density evaluation walks the layers
+    backwards once (``x -> z``), sampling walks them forwards once (``z -> x``); neither goes
+    through Pyro's transform caches.
+
+    Args:
+        shape: event shape, ``(D,)`` or ``(C, H, W)``.
+        transforms: the layers, each a :class:`~pyroflows.transforms.base.FlowTransform`, in the
+            sampling direction ``z -> x``.
+        context_dim: width of the context vector of a conditional flow, or ``None``.
+        config: the options the flow was built with (kept for checkpoints and ``repr``).
+
+    Build flows with :func:`pyroflows.build_flow` rather than by hand.
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        transforms: Sequence[FlowTransform],
+        context_dim: int | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.event_shape = torch.Size(shape)
+        self.context_dim = context_dim
+        self.config = dict(config or {})
+        for t in transforms:
+            if not isinstance(t, FlowTransform):
+                raise TypeError(f"transforms must be FlowTransform layers, got {type(t).__name__}")
+            if tuple(t.event_shape) != tuple(self.event_shape):
+                raise ValueError(f"layer {type(t).__name__} has event shape {t.event_shape}, expected {tuple(self.event_shape)}")
+        compose = ConditionalComposeTransformModule if context_dim else ComposeTransformModule
+        #: the ``z -> x`` transform (Pyro's compose module, conditional when ``context_dim``)
+        self.transform = compose(list(transforms))
+        self.register_buffer("base_loc", torch.zeros(self.event_shape))
+        self.register_buffer("base_scale", torch.ones(self.event_shape))
+
+    # -- structure -----------------------------------------------------------------------
+    @property
+    def layers(self) -> list[FlowTransform]:
+        """The layers in the sampling direction ``z -> x``."""
+        return list(nn.ModuleList.__iter__(self.transform))
+
+    @property
+    def event_dim(self) -> int:
+        return len(self.event_shape)
+
+    def base_dist(self, batch_shape: torch.Size = torch.Size()) -> dist.Distribution:
+        """The standard-Normal base with batch shape ``batch_shape``."""
+        base = dist.Normal(self.base_loc, self.base_scale).to_event(self.event_dim)
+        return base.expand(batch_shape) if batch_shape else base
+
+    # -- validation ----------------------------------------------------------------------
+    def _param_like(self) -> torch.Tensor:
+        return self.base_loc
+
+    def _check_x(self, x: Any, name: str = "x") -> None:
+        ref = self._param_like()
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dtype != ref.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but the flow is {ref.dtype}; convert one of them")
+        if x.device != ref.device:
+            raise ValueError(f"{name} is on {x.device} but the flow is on {ref.device}; move one of them")
+        if x.dim() < self.event_dim or x.shape[x.dim() - self.event_dim:] != self.event_shape:
+            raise ValueError(
+                f"{name} must have shape (..., {', '.join(map(str, self.event_shape))}), got {tuple(x.shape)}"
+            )
+        if is_validation_enabled() and not torch.isfinite(x).all():
+            raise ValueError(f"{name} contains NaN or inf")
+
+    def _check_context(self, context: Any) -> torch.Size:
+        """Validate ``context`` and return its batch shape."""
+        if self.context_dim is None:
+            if context is not None:
+                raise ValueError("context given to an unconditional flow (build it with context_dim)")
+            return torch.Size()
+        if context is None:
+            raise ValueError(f"this flow is conditional: context of shape (..., {self.context_dim}) is required")
+        ref = self._param_like()
+        if not isinstance(context, torch.Tensor) or not context.is_floating_point():
+            raise TypeError("context must be a floating-point torch.Tensor")
+        if context.dtype != ref.dtype or context.device != ref.device:
+            raise TypeError(f"context must be {ref.dtype} on {ref.device}, got {context.dtype} on {context.device}")
+        if context.dim() < 1 or context.shape[-1] != self.context_dim:
+            raise ValueError(f"context must have shape (..., {self.context_dim}), got {tuple(context.shape)}")
+        if is_validation_enabled() and not torch.isfinite(context).all():
+            raise ValueError("context contains NaN or inf")
+        return context.shape[:-1]
+
+    # -- densities and samples -----------------------------------------------------------
+    def inverse_and_log_det(
+        self, x: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``z = T^{-1}(x)`` and ``log|det dT/dz|`` summed over layers (no validation)."""
+        total = 0.0
+        for layer in reversed(self.layers):
+            x, ladj = layer.inverse_and_log_det(x, context)
+            total = total + ladj
+        return x, total
+
+    def forward_and_log_det(
+        self, z: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x = T(z)`` and ``log|det dT/dz|`` summed over layers (no validation)."""
+        total = 0.0
+        for layer in self.layers:
+            z, ladj = layer.forward_and_log_det(z, context)
+            total = total + ladj
+        return z, total
+
+    def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """``log p(x | context)``, of shape ``x.shape[:-event_dim]`` (broadcast with the context)."""
+        self._check_x(x)
+        ctx_batch = self._check_context(context)
+        batch = x.shape[: x.dim() - self.event_dim]
+        if context is not None and torch.broadcast_shapes(batch, ctx_batch) != batch:
+            x = x.expand(torch.broadcast_shapes(batch, ctx_batch) + self.event_shape)
+        z, ladj = self.inverse_and_log_det(x, context)
+        return self.base_dist().log_prob(z) - ladj
+
+    def rsample_and_log_prob(
+        self, sample_shape: SampleShape = (), context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reparameterised sample and its log-density in one forward pass (no inversion).
+
+        The sample has shape ``sample_shape + context.shape[:-1] + event_shape``.
+        """
+        shape = _sample_shape(sample_shape) + self._check_context(context)
+        base = self.base_dist()
+        z = base.rsample(shape)
+        x, ladj = self.forward_and_log_det(z, context)
+        return x, base.log_prob(z) - ladj
+
+    def rsample(self, sample_shape: SampleShape = (), context: torch.Tensor | None = None) -> torch.Tensor:
+        """A reparameterised sample of shape ``sample_shape + context batch + event_shape``."""
+        shape = _sample_shape(sample_shape) + self._check_context(context)
+        return self.forward_and_log_det(self.base_dist().rsample(shape), context)[0]
+
+    @torch.no_grad()
+    def sample(self, sample_shape: SampleShape = (), context: torch.Tensor | None = None) -> torch.Tensor:
+        """A sample (no gradient) of shape ``sample_shape + context batch + event_shape``."""
+        return self.rsample(sample_shape, context)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Same as :meth:`log_prob`, so ``flow(x)`` works in ``nn`` code (and under DDP)."""
+        return self.log_prob(x, context)
+
+    # -- Pyro integration ----------------------------------------------------------------
+    def dist(self, context: torch.Tensor | None = None) -> dist.TransformedDistribution:
+        """The flow as a ``pyro.distributions.TransformedDistribution`` (for ``pyro.sample``)."""
+        batch = self._check_context(context)
+        transform = self.transform.condition(context) if self.context_dim else self.transform
+        return dist.TransformedDistribution(self.base_dist(batch), [transform])
+
+    def conditional_dist(self) -> ConditionalTransformedDistribution:
+        """The conditional flow as Pyro's ``ConditionalTransformedDistribution``."""
+        if self.context_dim is None:
+            raise ValueError("conditional_dist() needs a flow built with context_dim")
+        return ConditionalTransformedDistribution(self.base_dist(), [self.transform])
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items() if v is not None)

@@ -1,0 +1,163 @@
+"""The flow families: name -> builder. The single place that lists them.
+
+A family is a builder function ``build(shape, *, num_layers, hidden_dims, context_dim,
+**options) -> list[FlowTransform]`` decorated with :func:`flow_family`, and one line in
+``_FAMILIES`` below. Registering is all it takes for :func:`build_flow`, the CLI, the docs page
+and the conformance test suite to pick a family up.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# name -> "module:builder"; imported lazily, so an unused family costs nothing at import time.
+_FAMILIES: dict[str, str] = {
+    "planar": "pyroflows.transforms.planar:build_planar",
+    "radial": "pyroflows.transforms.radial:build_radial",
+    "nice": "pyroflows.transforms.nice:build_nice",
+    "realnvp": "pyroflows.transforms.realnvp:build_realnvp",
+}
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What a family supports, and how the conformance suite should exercise it.
+
+    Attributes:
+        vector: accepts ``shape = D``.
+        image: accepts ``shape = (C, H, W)``.
+        conditional: accepts ``context_dim``.
+        default_layers: ``num_layers`` when the user gives none.
+        default_hidden: ``hidden_dims`` when the user gives none.
+        test_options: extra options the test suite passes (e.g. an exact log-det mode).
+        inverse_atol: absolute tolerance of the round trip (iterative inverses are approximate).
+        min_dim: smallest vector dimension the family supports.
+    """
+
+    vector: bool = True
+    image: bool = False
+    conditional: bool = True
+    default_layers: int = 4
+    default_hidden: tuple[int, ...] = (64, 64)
+    test_options: dict[str, Any] = field(default_factory=dict)
+    inverse_atol: float = 1e-4
+    min_dim: int = 1
+
+
+def flow_family(**spec: Any) -> Callable[[Callable], Callable]:
+    """Decorator attaching a :class:`FamilySpec` to a builder function."""
+
+    def attach(builder: Callable) -> Callable:
+        builder.spec = FamilySpec(**spec)
+        return builder
+
+    return attach
+
+
+def available_flows() -> list[str]:
+    """Names of every registered flow family, in registration order."""
+    return list(_FAMILIES)
+
+
+def get_builder(name: str) -> Callable:
+    """The builder of family ``name`` (``ValueError`` listing the families if unknown)."""
+    if not isinstance(name, str) or name not in _FAMILIES:
+        raise ValueError(f"unknown flow {name!r}; available flows: {', '.join(_FAMILIES)}")
+    module, attr = _FAMILIES[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def family_spec(name: str) -> FamilySpec:
+    """The :class:`FamilySpec` of family ``name``."""
+    return get_builder(name).spec
+
+
+def normalize_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
+    """``D`` -> ``(D,)``; ``(C, H, W)`` stays; anything else is a ``ValueError``."""
+    if isinstance(shape, bool):
+        raise ValueError(f"shape must be an int D or a tuple (C, H, W), got {shape!r}")
+    if isinstance(shape, int):
+        shape = (shape,)
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise ValueError(f"shape must be an int D or a tuple (C, H, W), got {shape!r}") from None
+    if len(shape) not in (1, 3) or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        raise ValueError(f"shape must be a positive int D or a tuple (C, H, W) of positive ints, got {shape!r}")
+    return shape
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def normalize_hidden(hidden_dims: int | Sequence[int]) -> tuple[int, ...]:
+    """``h`` -> ``(h,)``; a non-empty sequence of positive ints stays."""
+    if isinstance(hidden_dims, int) and not isinstance(hidden_dims, bool):
+        hidden_dims = (hidden_dims,)
+    try:
+        hidden = tuple(hidden_dims)
+    except TypeError:
+        raise ValueError(f"hidden_dims must be a positive int or a sequence of them, got {hidden_dims!r}") from None
+    if not hidden:
+        raise ValueError("hidden_dims must not be empty")
+    for h in hidden:
+        _positive_int(h, "hidden_dims")
+    return hidden
+
+
+def build_flow(
+    name: str,
+    shape: int | Sequence[int],
+    *,
+    num_layers: int | None = None,
+    hidden_dims: int | Sequence[int] | None = None,
+    context_dim: int | None = None,
+    **family_options: Any,
+):
+    """Build a normalizing flow of family ``name`` over events of ``shape``.
+
+    Args:
+        name: one of :func:`available_flows`.
+        shape: ``D`` for vectors, ``(C, H, W)`` for images.
+        num_layers: number of layers (family default if ``None``).
+        hidden_dims: widths of the conditioner networks (family default if ``None``).
+        context_dim: width of a context vector for a conditional flow ``p(x | context)``.
+        **family_options: options of the family's builder (see its docs).
+
+    Returns:
+        A :class:`pyroflows.Flow` on a standard-Normal base.
+
+    Example:
+        >>> flow = build_flow("realnvp", 2)
+        >>> flow.log_prob(torch.randn(5, 2)).shape
+        torch.Size([5])
+    """
+    from pyroflows.flow import Flow
+
+    builder = get_builder(name)
+    spec: FamilySpec = builder.spec
+    shape = normalize_shape(shape)
+    if len(shape) == 1 and not spec.vector:
+        raise ValueError(f"flow {name!r} works on images: shape must be (C, H, W), got {shape}")
+    if len(shape) == 3 and not spec.image:
+        raise ValueError(f"flow {name!r} works on vectors: shape must be an int D, got {shape}")
+    if len(shape) == 1 and shape[0] < spec.min_dim:
+        raise ValueError(f"flow {name!r} needs shape >= {spec.min_dim}, got {shape[0]}")
+    num_layers = _positive_int(spec.default_layers if num_layers is None else num_layers, "num_layers")
+    hidden = normalize_hidden(spec.default_hidden if hidden_dims is None else hidden_dims)
+    if context_dim is not None:
+        _positive_int(context_dim, "context_dim")
+        if not spec.conditional:
+            raise ValueError(f"flow {name!r} has no conditional form: context_dim must be None")
+    layers = builder(shape, num_layers=num_layers, hidden_dims=hidden, context_dim=context_dim, **family_options)
+    config = dict(
+        name=name, shape=shape, num_layers=num_layers, hidden_dims=hidden,
+        context_dim=context_dim, **family_options,
+    )
+    return Flow(shape, layers, context_dim=context_dim, config=config)

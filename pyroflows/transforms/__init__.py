@@ -1,0 +1,13 @@
+"""Flow layers: one family per module, each a Pyro ``TransformModule``."""
+
+from pyroflows.transforms.base import BoundTransform, FlowTransform
+from pyroflows.transforms.coupling import Coupling, coupling_mask
+from pyroflows.transforms.nice import Rescale, additive_coupling
+from pyroflows.transforms.planar import Planar, planar
+from pyroflows.transforms.radial import Radial, radial
+from pyroflows.transforms.realnvp import affine_coupling
+
+__all__ = [
+    "BoundTransform", "Coupling", "FlowTransform", "Planar", "Radial", "Rescale",
+    "additive_coupling", "affine_coupling", "coupling_mask", "planar", "radial",
+]
