@@ -82,10 +82,10 @@ class Flow(nn.Module):
     def event_dim(self) -> int:
         return len(self.event_shape)
 
-    def base_dist(self, batch_shape: torch.Size = torch.Size()) -> dist.Distribution:
+    def base_dist(self, batch_shape: Sequence[int] = ()) -> dist.Distribution:
         """The standard-Normal base with batch shape ``batch_shape``."""
         base = dist.Normal(self.base_loc, self.base_scale).to_event(self.event_dim)
-        return base.expand(batch_shape) if batch_shape else base
+        return base.expand(torch.Size(batch_shape)) if len(batch_shape) else base
 
     # -- validation ----------------------------------------------------------------------
     def _param_like(self) -> torch.Tensor:

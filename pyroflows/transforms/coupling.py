@@ -1,16 +1,16 @@
 r"""The coupling mechanism shared by NICE, RealNVP and Glow.
 
-A boolean mask splits the event into a conditioning part :math:`z_a` (mask ``True``), copied
-unchanged, and a transformed part :math:`z_b`:
+A boolean mask splits the event into a conditioning part $z_a$ (mask ``True``), copied
+unchanged, and a transformed part $z_b$:
 
-.. math::
+$$
+x_a = z_a, \qquad x_b = f(z_b;\ \theta(z_a, c)), \qquad
+\log|\det J| = \sum_b \log|f'(z_b)|
+$$
 
-    x_a = z_a, \qquad x_b = f(z_b;\ \theta(z_a, c)), \qquad
-    \log|\det J| = \sum_b \log|f'(z_b)|
-
-where :math:`\theta` is a conditioner network of :math:`z_a` (and an optional context
-:math:`c`) and :math:`f` an elementwise bijection (:mod:`pyroflows.transforms.elementwise`).
-Both directions cost one conditioner pass. NICE is the additive :math:`f`, RealNVP the affine one;
+where $\theta$ is a conditioner network of $z_a$ (and an optional context
+$c$) and $f$ an elementwise bijection (:mod:`pyroflows.transforms.elementwise`).
+Both directions cost one conditioner pass. NICE is the additive $f$, RealNVP the affine one;
 the mask choice (half, alternating, checkerboard, channel-wise) is a parameter, not a class.
 
 Reference: Dinh, Krueger, Bengio (2015), *NICE*; Dinh, Sohl-Dickstein, Bengio (2017), *Density

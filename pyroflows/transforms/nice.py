@@ -1,11 +1,11 @@
 r"""NICE: additive coupling layers and a learnable diagonal rescaling.
 
-.. math::
-
-    x_b = z_b + m(z_a), \qquad \log|\det J| = 0
+$$
+x_b = z_b + m(z_a), \qquad \log|\det J| = 0
+$$
 
 for each coupling layer (alternating partitions), followed by the diagonal rescaling
-:math:`x = z \odot \exp(s)`, :math:`\log|\det J| = \sum_i s_i`, which lets the otherwise volume
+$x = z \odot \exp(s)$, $\log|\det J| = \sum_i s_i$, which lets the otherwise volume
 preserving flow change scale.
 
 Reference: Dinh, Krueger, Bengio (2015), *NICE: Non-linear Independent Components Estimation*.

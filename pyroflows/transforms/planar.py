@@ -1,19 +1,19 @@
 r"""Planar flow with an exact inverse.
 
-.. math::
+$$
+x = z + \hat u\, \tanh(w^\top z + b), \qquad
+\log|\det J| = \log\bigl|1 + (1 - \tanh^2(w^\top z + b))\, w^\top \hat u\bigr|
+$$
 
-    x = z + \hat u\, \tanh(w^\top z + b), \qquad
-    \log|\det J| = \log\bigl|1 + (1 - \tanh^2(w^\top z + b))\, w^\top \hat u\bigr|
-
-where :math:`\hat u = u + (m(w^\top u) - w^\top u)\, w / \|w\|^2` and
-:math:`m(a) = -1 + \log(1 + e^a)` enforce :math:`w^\top \hat u > -1`, which makes the map
+where $\hat u = u + (m(w^\top u) - w^\top u)\, w / \|w\|^2$ and
+$m(a) = -1 + \log(1 + e^a)$ enforce $w^\top \hat u > -1$, which makes the map
 invertible. **Inverse** (absent from Pyro's ``Planar``, pyro-ppl/pyro#2718): writing
-:math:`a = w^\top z + b`, the map along :math:`w` is the scalar equation
-:math:`a + w^\top\hat u \tanh(a) = w^\top x + b`, strictly increasing in :math:`a`, whose root
-lies within :math:`|w^\top \hat u|` of :math:`w^\top x + b`. It is bracketed and bisected to
+$a = w^\top z + b$, the map along $w$ is the scalar equation
+$a + w^\top\hat u \tanh(a) = w^\top x + b$, strictly increasing in $a$, whose root
+lies within $|w^\top \hat u|$ of $w^\top x + b$. It is bracketed and bisected to
 machine precision, then one Newton step taken with autograd on gives the exact gradient of the
 root (implicit function theorem), so density estimation through the inverse trains correctly.
-Then :math:`z = x - \hat u \tanh(a)`.
+Then $z = x - \hat u \tanh(a)$.
 
 Reference: Rezende & Mohamed (2015), *Variational Inference with Normalizing Flows*.
 

@@ -1,17 +1,19 @@
 r"""Radial flow with a closed-form inverse.
 
-.. math::
+$$
+x = z + \beta\, h(\alpha, r)\,(z - z_0), \quad r = \|z - z_0\|, \quad h = \frac{1}{\alpha + r},
+$$
 
-    x = z + \beta\, h(\alpha, r)\,(z - z_0), \quad r = \|z - z_0\|, \quad h = \frac{1}{\alpha + r},
+$$
+\log|\det J| = (D - 1)\log(1 + \beta h) + \log\bigl(1 + \beta\alpha h^2\bigr)
+$$
 
-    \log|\det J| = (D - 1)\log(1 + \beta h) + \log\bigl(1 + \beta\alpha h^2\bigr)
-
-with :math:`\alpha = \mathrm{softplus}(\tilde\alpha) > 0` and
-:math:`\beta = -\alpha + \mathrm{softplus}(\tilde\beta) > -\alpha` (invertibility).
+with $\alpha = \mathrm{softplus}(\tilde\alpha) > 0$ and
+$\beta = -\alpha + \mathrm{softplus}(\tilde\beta) > -\alpha$ (invertibility).
 **Inverse** (absent from Pyro's ``Radial``): the radius obeys
-:math:`r_x = r\,(1 + \beta / (\alpha + r))`, a quadratic
-:math:`r^2 + (\alpha + \beta - r_x)\,r - \alpha r_x = 0` whose positive root is taken in the
-cancellation-free form; then :math:`z - z_0 = (x - z_0) / (1 + \beta h(r))`.
+$r_x = r\,(1 + \beta / (\alpha + r))$, a quadratic
+$r^2 + (\alpha + \beta - r_x)\,r - \alpha r_x = 0$ whose positive root is taken in the
+cancellation-free form; then $z - z_0 = (x - z_0) / (1 + \beta h(r))$.
 
 Reference: Rezende & Mohamed (2015), *Variational Inference with Normalizing Flows*.
 

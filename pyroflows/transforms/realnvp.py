@@ -1,11 +1,11 @@
 r"""RealNVP: affine coupling layers.
 
-.. math::
+$$
+x_a = z_a, \qquad x_b = z_b \odot \exp(s(z_a)) + t(z_a), \qquad
+\log|\det J| = \sum_b s_b(z_a)
+$$
 
-    x_a = z_a, \qquad x_b = z_b \odot \exp(s(z_a)) + t(z_a), \qquad
-    \log|\det J| = \sum_b s_b(z_a)
-
-with the log-scale soft-clamped, :math:`s = B \tanh(\tilde s / B)`, so no layer can overflow.
+with the log-scale soft-clamped, $s = B \tanh(\tilde s / B)$, so no layer can overflow.
 Masks: ``"half"`` or ``"alternate"`` (even/odd) for vectors, ``"checkerboard"`` or
 ``"channel"`` for images, alternating parity from layer to layer.
 
