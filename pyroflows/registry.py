@@ -19,6 +19,8 @@ _FAMILIES: dict[str, str] = {
     "radial": "pyroflows.transforms.radial:build_radial",
     "nice": "pyroflows.transforms.nice:build_nice",
     "realnvp": "pyroflows.transforms.realnvp:build_realnvp",
+    "maf": "pyroflows.transforms.maf:build_maf",
+    "iaf": "pyroflows.transforms.iaf:build_iaf",
 }
 
 
