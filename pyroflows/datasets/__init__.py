@@ -37,7 +37,7 @@ def load(source: str, num_samples: int = 10_000, *, seed: int = 0) -> tuple[torc
             if array.ndim == 2 and np.isnan(array[0]).all():  # a header line
                 array = array[1:]
     except Exception as err:  # noqa: BLE001 - any parse failure is the file's fault
-        raise ValueError(f"could not read {source}: {err}") from None
+        raise ValueError(f"could not read {source}: {' '.join(str(err).split())}") from None
     if array.ndim == 1:
         array = array[:, None]
     if array.ndim != 2 or len(array) < 2:
@@ -45,6 +45,6 @@ def load(source: str, num_samples: int = 10_000, *, seed: int = 0) -> tuple[torc
     data = torch.as_tensor(np.asarray(array, dtype=np.float32))
     if not torch.isfinite(data).all():
         raise ValueError(f"{source} contains missing, NaN or inf values")
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed), device="cpu")
     num_test = max(1, len(data) // 5)
     return data[order[num_test:]], data[order[:num_test]]

@@ -28,6 +28,6 @@ def digits(*, binarize: bool = False, test_fraction: float = 0.2, seed: int = 0)
     images = torch.as_tensor(load_digits().images, dtype=torch.float32)[:, None]
     if binarize:
         images = (images >= 8).float()
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed), device="cpu")
     num_test = int(round(test_fraction * len(images)))
     return images[order[num_test:]], images[order[:num_test]]

@@ -81,4 +81,5 @@ def toy(name: str, num_samples: int, *, seed: int = 0) -> torch.Tensor:
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     g = torch.Generator().manual_seed(int(seed))
-    return TOY[name](num_samples, g).float()
+    with torch.device("cpu"):  # the generator is a CPU one, whatever the default device
+        return TOY[name](num_samples, g).float()

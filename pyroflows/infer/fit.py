@@ -118,7 +118,8 @@ def fit(
         context = context.to(data)
     if seed is not None:
         torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**31, ())))
+    # mini-batch indices come from a CPU generator of their own (seeded from torch's global RNG)
+    g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**31, (), device="cpu")))
 
     val_data, val_context = None, None
     if isinstance(validation, torch.Tensor):
@@ -131,7 +132,7 @@ def fit(
         num_val = max(1, int(round(validation * len(data))))
         if num_val >= len(data):
             raise ValueError(f"validation={validation} leaves no training data out of {len(data)} points")
-        order = torch.randperm(len(data), generator=g).to(data.device)
+        order = torch.randperm(len(data), generator=g, device="cpu").to(data.device)
         val_data, data = data[order[:num_val]], data[order[num_val:]]
         if context is not None:
             val_context, context = context[order[:num_val]], context[order[num_val:]]
@@ -147,7 +148,7 @@ def fit(
     flow.train()
     bar = tqdm(range(1, num_steps + 1), disable=not progress, desc="fit", dynamic_ncols=True)
     for step in bar:
-        idx = torch.randint(len(data), (min(batch_size, len(data)),), generator=g).to(data.device)
+        idx = torch.randint(len(data), (min(batch_size, len(data)),), generator=g, device="cpu").to(data.device)
         loss = -flow.log_prob(data[idx], None if context is None else context[idx]).mean()
         if not torch.isfinite(loss):
             history["skipped_steps"] += 1
