@@ -19,8 +19,10 @@ _FAMILIES: dict[str, str] = {
     "radial": "pyroflows.transforms.radial:build_radial",
     "nice": "pyroflows.transforms.nice:build_nice",
     "realnvp": "pyroflows.transforms.realnvp:build_realnvp",
+    "glow": "pyroflows.transforms.glow:build_glow",
     "maf": "pyroflows.transforms.maf:build_maf",
     "iaf": "pyroflows.transforms.iaf:build_iaf",
+    "gaussianization": "pyroflows.transforms.gaussianization:build_gaussianization",
 }
 
 

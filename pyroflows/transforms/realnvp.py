@@ -9,6 +9,13 @@ with the log-scale soft-clamped, $s = B \tanh(\tilde s / B)$, so no layer can ov
 Masks: ``"half"`` or ``"alternate"`` (even/odd) for vectors, ``"checkerboard"`` or
 ``"channel"`` for images, alternating parity from layer to layer.
 
+**Images** get the multi-scale architecture of the paper. In the density direction $x \to z$,
+each scale applies checkerboard couplings, squeezes $2 \times 2$ patches into channels
+($(C, H, W) \to (4C, H/2, W/2)$), applies channel-wise couplings and factors half of the channels
+out to the latent; the next scale works on the other half. The last scale applies checkerboard
+couplings only. Conditioners are small ResNets (:class:`~pyroflows.nn.conv.ConvConditioner`).
+See :mod:`pyroflows.transforms.multiscale` for squeeze and factor-out.
+
 Reference: Dinh, Sohl-Dickstein, Bengio (2017), *Density estimation using Real NVP*.
 
 Example:
@@ -17,6 +24,9 @@ Example:
     >>> x, log_q = flow.rsample_and_log_prob((100,))
     >>> x.shape, log_q.shape
     (torch.Size([100, 2]), torch.Size([100]))
+    >>> image_flow = pyroflows.build_flow("realnvp", (1, 8, 8), num_layers=2, hidden_dims=(16,))
+    >>> image_flow.log_prob(torch.rand(3, 1, 8, 8)).shape
+    torch.Size([3])
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from pyroflows.registry import flow_family
 from pyroflows.transforms.base import FlowTransform
 from pyroflows.transforms.coupling import Coupling, coupling_layers, coupling_mask
 from pyroflows.transforms.elementwise import Affine
+from pyroflows.transforms.multiscale import FactorOut, Squeeze, check_image_shape, max_halvings
 
 
 def affine_coupling(
@@ -41,6 +52,33 @@ def affine_coupling(
     return Coupling(coupling_mask((input_dim,), mask, parity), Affine(scale_bound), hidden_dims, context_dim)
 
 
+def multiscale_realnvp(
+    shape: tuple[int, int, int],
+    num_scales: int,
+    num_layers: int,
+    hidden_dims: Sequence[int],
+    context_dim: int | None = None,
+    scale_bound: float | None = 3.0,
+) -> list[FlowTransform]:
+    """The multi-scale RealNVP layers over ``(C, H, W)``, in the sampling order ``z -> x``.
+
+    Each scale but the last has ``ceil(num_layers / 2)`` checkerboard and ``floor(num_layers /
+    2)`` channel couplings around a squeeze and a factor-out; the last has
+    ``floor(num_layers / 2) + 1`` checkerboard couplings (the paper's 3 + 3 and 4 for 6).
+    """
+    c, h, w = shape
+    affine = Affine(scale_bound)
+    if num_scales == 1:
+        return coupling_layers(shape, num_layers // 2 + 1, affine, hidden_dims, context_dim, "checkerboard")
+    inner = (4 * c, h // 2, w // 2)
+    kept = (2 * c, h // 2, w // 2)
+    deeper = multiscale_realnvp(kept, num_scales - 1, num_layers, hidden_dims, context_dim, scale_bound)
+    squeezed = [FactorOut(inner, deeper, context_dim)]
+    squeezed += coupling_layers(inner, num_layers // 2, affine, hidden_dims, context_dim, "channel")
+    checker = coupling_layers(shape, (num_layers + 1) // 2, affine, hidden_dims, context_dim, "checkerboard")
+    return [Squeeze(shape, squeezed, context_dim)] + checker
+
+
 @flow_family(image=True, default_layers=6, default_hidden=(64, 64))
 def build_realnvp(
     shape: tuple[int, ...],
@@ -49,13 +87,32 @@ def build_realnvp(
     hidden_dims: Sequence[int],
     context_dim: int | None = None,
     mask: str | None = None,
+    num_scales: int | None = None,
     scale_bound: float | None = 3.0,
 ) -> list[FlowTransform]:
-    """RealNVP: ``num_layers`` affine couplings with alternating masks.
+    """RealNVP: ``num_layers`` affine couplings with alternating masks (vectors), or the
+    multi-scale architecture with ``num_layers`` couplings per scale (images).
 
     Options:
-        mask: ``"half"`` (vector default), ``"alternate"``, ``"checkerboard"`` (image default)
-            or ``"channel"``.
+        mask: ``"half"`` (vector default) or ``"alternate"`` for vectors; for images,
+            ``"checkerboard"`` or ``"channel"`` gives a single-scale stack of ``num_layers``
+            couplings with that mask instead of the multi-scale architecture.
+        num_scales: number of scales for images (each but the last squeezes once, so the last
+            works on ``H / 2**(num_scales - 1)`` pixels, at least 2 x 2); default: as many as
+            fit, at most 3.
         scale_bound: bound ``B`` of the soft-clamped log-scale (``None``: unclamped).
     """
-    return coupling_layers(shape, num_layers, Affine(scale_bound), hidden_dims, context_dim, mask)
+    if len(shape) == 1 or mask is not None:
+        if num_scales is not None:
+            raise ValueError("num_scales applies to the multi-scale image architecture only (no mask, image shape)")
+        return coupling_layers(shape, num_layers, Affine(scale_bound), hidden_dims, context_dim, mask)
+    c, h, w = check_image_shape(shape, "realnvp")
+    most = 1 + max_halvings(h, w, 99, min_size=2)
+    if num_scales is None:
+        num_scales = min(most, 3)
+    if isinstance(num_scales, bool) or not isinstance(num_scales, int) or not 1 <= num_scales <= most:
+        raise ValueError(
+            f"num_scales must be an int from 1 to {most} for shape {tuple(shape)} "
+            f"(each extra scale halves H and W, which must stay even and at least 2), got {num_scales!r}"
+        )
+    return multiscale_realnvp((c, h, w), num_scales, num_layers, hidden_dims, context_dim, scale_bound)

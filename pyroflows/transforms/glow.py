@@ -1,0 +1,157 @@
+r"""Glow: ActNorm, invertible 1x1 convolutions and affine couplings in a multi-scale stack.
+
+One *step of flow* is, in the density direction $x \to z$: ActNorm (per-channel affine,
+data-initialised), an invertible $1 \times 1$ convolution that mixes the channels, and an affine
+coupling with a channel mask whose conditioner's last convolution starts at zero (so every step
+starts as the identity). A *level* squeezes $2 \times 2$ patches into channels, runs $K$ steps
+and factors half of the channels out to the latent; $L$ levels make the multi-scale
+architecture.
+
+The $1 \times 1$ convolution $W \in \mathbb{R}^{C \times C}$ is kept in LU form,
+
+$$
+W = P\,L\,\big(U + \operatorname{diag}(\operatorname{sign}(s) \odot e^{\log|s|})\big),
+\qquad \log|\det J| = H\,W \sum_c \log|s_c|,
+$$
+
+with $P$ a fixed permutation, $L$ unit lower triangular, $U$ strictly upper triangular and the
+signs of $s$ fixed at initialisation (a random rotation), so the determinant can never cross zero
+and costs $O(C)$. Pyro's ``GeneralizedChannelPermute`` learns the diagonal of $U$ directly (it can
+reach 0, where the layer stops being invertible) and multiplies through a $(C, C, H, W)$
+broadcast; :class:`InvertibleConv1x1` is one ``einsum`` per direction
+(``benchmarks/invconv.py`` compares the two).
+
+The factored-out half gets a learned prior: a channel-mask affine coupling conditioned on the kept
+half, so $z_2 \sim \mathcal{N}(\mu(h_1), \sigma(h_1))$ as in the paper.
+
+Reference: Kingma, Dhariwal (2018), *Glow: Generative Flow with Invertible 1x1 Convolutions*.
+
+Example:
+    >>> import pyroflows
+    >>> flow = pyroflows.build_flow("glow", (1, 8, 8), num_layers=2, hidden_dims=(16,))
+    >>> flow.log_prob(torch.rand(4, 1, 8, 8)).shape
+    torch.Size([4])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from pyroflows.registry import flow_family
+from pyroflows.transforms.actnorm import ActNorm
+from pyroflows.transforms.base import FlowTransform, batch_shape_of
+from pyroflows.transforms.coupling import Coupling, coupling_mask
+from pyroflows.transforms.elementwise import Affine
+from pyroflows.transforms.multiscale import FactorOut, Squeeze, check_image_shape, max_halvings
+
+
+class InvertibleConv1x1(FlowTransform):
+    """Invertible 1x1 convolution ``x[:, h, w] = W z[:, h, w]`` with ``W`` in LU form.
+
+    Args:
+        event_shape: ``(C, H, W)``.
+    """
+
+    def __init__(self, event_shape: Sequence[int]) -> None:
+        channels, _, _ = check_image_shape(event_shape, "InvertibleConv1x1")
+        super().__init__(tuple(event_shape))
+        weight, _ = torch.linalg.qr(torch.randn(channels, channels))
+        perm, lower, upper = torch.linalg.lu(weight)
+        diag = upper.diagonal()
+        self.register_buffer("perm", perm)
+        self.register_buffer("sign_s", diag.sign())
+        self.lower = nn.Parameter(lower.tril(-1))
+        self.upper = nn.Parameter(upper.triu(1))
+        self.log_abs_s = nn.Parameter(diag.abs().log())
+        self.positions = event_shape[1] * event_shape[2]
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        eye = torch.eye(len(self.log_abs_s), dtype=self.lower.dtype, device=self.lower.device)
+        lower = self.lower.tril(-1) + eye
+        upper = self.upper.triu(1) + torch.diag(self.sign_s * self.log_abs_s.exp())
+        return lower, upper
+
+    def weight(self) -> torch.Tensor:
+        """The ``C x C`` matrix ``W = P L U``."""
+        lower, upper = self._factors()
+        return self.perm @ lower @ upper
+
+    def _log_det(self, inputs: torch.Tensor) -> torch.Tensor:
+        return (self.log_abs_s.sum() * self.positions).expand(batch_shape_of(inputs, self.event_shape))
+
+    def forward_and_log_det(self, z, context=None):
+        return torch.einsum("ij,...jhw->...ihw", self.weight(), z), self._log_det(z)
+
+    def inverse_and_log_det(self, x, context=None):
+        lower, upper = self._factors()
+        # W^{-1} = U^{-1} L^{-1} P^T by two triangular solves: no general matrix inverse
+        inv = torch.linalg.solve_triangular(lower, self.perm.T, upper=False, unitriangular=True)
+        inv = torch.linalg.solve_triangular(upper, inv, upper=True)
+        return torch.einsum("ij,...jhw->...ihw", inv, x), self._log_det(x)
+
+
+def invertible_conv1x1(event_shape: Sequence[int]) -> InvertibleConv1x1:
+    """An LU-parameterised invertible 1x1 convolution (Pyro-style helper)."""
+    return InvertibleConv1x1(event_shape)
+
+
+def glow_step(
+    event_shape: Sequence[int],
+    hidden_dims: Sequence[int],
+    context_dim: int | None = None,
+    parity: int = 0,
+    scale_bound: float | None = 3.0,
+) -> list[FlowTransform]:
+    """One step of flow in the sampling order ``z -> x``: coupling, 1x1 conv, ActNorm (so the
+    density direction ``x -> z`` meets ActNorm first)."""
+    coupling = Coupling(coupling_mask(event_shape, "channel", parity), Affine(scale_bound), hidden_dims, context_dim)
+    return [coupling, InvertibleConv1x1(event_shape), ActNorm(event_shape)]
+
+
+def _glow_level(shape, levels, steps, hidden_dims, context_dim, learned_prior, scale_bound) -> Squeeze:
+    """Squeeze, ``steps`` steps, then (if more levels follow) factor out half the channels."""
+    c, h, w = shape
+    inner = (4 * c, h // 2, w // 2)
+    layers: list[FlowTransform] = []
+    if levels > 1:
+        kept = (inner[0] // 2, *inner[1:])
+        deeper = _glow_level(kept, levels - 1, steps, hidden_dims, context_dim, learned_prior, scale_bound)
+        layers.append(FactorOut(inner, [deeper], context_dim))
+        if learned_prior:  # z_2 | h_1: an affine coupling of the factored-out half on the kept half
+            mask = coupling_mask(inner, "channel", 0)
+            layers.append(Coupling(mask, Affine(scale_bound), hidden_dims, context_dim))
+    for k in reversed(range(steps)):
+        layers += glow_step(inner, hidden_dims, context_dim, k % 2, scale_bound)
+    return Squeeze(shape, layers, context_dim)
+
+
+@flow_family(vector=False, image=True, default_layers=4, default_hidden=(64,))
+def build_glow(
+    shape: tuple[int, ...],
+    *,
+    num_layers: int,
+    hidden_dims: Sequence[int],
+    context_dim: int | None = None,
+    num_levels: int | None = None,
+    learned_prior: bool = True,
+    scale_bound: float | None = 3.0,
+) -> list[FlowTransform]:
+    """Glow over ``(C, H, W)`` images: ``num_levels`` levels of ``num_layers`` steps each.
+
+    Options:
+        num_levels: number of levels ``L`` (each squeezes once, so ``H`` and ``W`` must be
+            divisible by ``2**L``); default: as many as keep at least 2 x 2 pixels, at most 3.
+        learned_prior: give each factored-out half a Gaussian prior conditioned on the kept half.
+        scale_bound: bound of the couplings' soft-clamped log-scale (``None``: unclamped).
+    """
+    c, h, w = check_image_shape(shape, "glow")
+    if num_levels is None:
+        num_levels = max(1, max_halvings(h, w, 3))
+    if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 1:
+        raise ValueError(f"num_levels must be a positive int, got {num_levels!r}")
+    if h % 2**num_levels or w % 2**num_levels:
+        raise ValueError(f"glow with num_levels={num_levels} squeezes {num_levels} times: H and W must be divisible by {2**num_levels}, got shape {tuple(shape)}")
+    return [_glow_level((c, h, w), num_levels, num_layers, hidden_dims, context_dim, learned_prior, scale_bound)]
