@@ -34,8 +34,7 @@ import torch.nn.functional as F
 from pyroflows.nn.dense import ParamNet
 from pyroflows.registry import flow_family
 from pyroflows.transforms.base import FlowTransform
-
-BISECTION_STEPS = 60
+from pyroflows.transforms.numerics import solve_increasing
 
 
 class Planar(FlowTransform):
@@ -71,16 +70,11 @@ class Planar(FlowTransform):
         u_hat, w, b = self._uwb(context)
         c = (w * u_hat).sum(-1)
         target = (w * x).sum(-1) + b
-        with torch.no_grad():  # a + c tanh(a) = target, increasing in a, root within |c|
-            lo, hi = target - c.abs(), target + c.abs()
-            for _ in range(BISECTION_STEPS):
-                mid = (lo + hi) / 2
-                above = mid + c * torch.tanh(mid) > target
-                hi, lo = torch.where(above, mid, hi), torch.where(above, lo, mid)
-            root = (lo + hi) / 2
-        # one Newton step with gradients on: exact derivative of the root w.r.t. x and params
-        t = torch.tanh(root)
-        a = root - (root + c * t - target) / (1 + c * (1 - t * t))
+        # a + c tanh(a) = target, increasing in a, root within |c|: bisection + one Newton step
+        a = solve_increasing(
+            lambda a: a + c * torch.tanh(a), lambda a: 1 + c * (1 - torch.tanh(a) ** 2),
+            target, target - c.abs(), target + c.abs(),
+        )
         return x - u_hat * torch.tanh(a)[..., None], self._log_det(a, w, u_hat)
 
 
