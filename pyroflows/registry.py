@@ -20,6 +20,7 @@ _FAMILIES: dict[str, str] = {
     "nice": "pyroflows.transforms.nice:build_nice",
     "realnvp": "pyroflows.transforms.realnvp:build_realnvp",
     "glow": "pyroflows.transforms.glow:build_glow",
+    "mintnet": "pyroflows.transforms.mintnet:build_mintnet",
     "maf": "pyroflows.transforms.maf:build_maf",
     "iaf": "pyroflows.transforms.iaf:build_iaf",
     "gaussianization": "pyroflows.transforms.gaussianization:build_gaussianization",
