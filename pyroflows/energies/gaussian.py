@@ -1,0 +1,203 @@
+r"""Targets built from Gaussians, with exact normalizers and exact samples.
+
+- ``gaussian``: $\mathcal N(\mu, \Sigma)$ (default: 2-D, unit variances, correlation 0.9) — the
+  reference for samplers' means and covariances.
+- ``banana``: $x_1 \sim \mathcal N(0, 1)$, $x_2 \mid x_1 \sim \mathcal N(x_1^2 - 1, 1)$, so
+  $U(x) = \tfrac12 x_1^2 + \tfrac12 (x_2 - x_1^2 + 1)^2$ and $Z = 2\pi$; mean 0, variances 1 and 3.
+- ``funnel``: Neal's funnel in $d$ dimensions, $v \sim \mathcal N(0, 3^2)$,
+  $x_i \mid v \sim \mathcal N(0, e^{v})$ for $i < d$:
+  $U = v^2 / 18 + \sum_i \bigl(\tfrac12 x_i^2 e^{-v} + v / 2\bigr)$, $Z = 3 (2\pi)^{d/2}$.
+- ``mixture``: $\sum_k \pi_k \mathcal N(\mu_k, \sigma_k^2 I)$, normalised ($Z = 1$).
+
+Reference: Neal (2003), *Slice sampling*, Annals of Statistics (the funnel).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from pyroflows.energies.base import Target
+
+
+def _as_float64(value, name: str) -> torch.Tensor:
+    try:
+        out = torch.as_tensor(value, dtype=torch.float64, device="cpu")
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, got {value!r}") from None
+    if not torch.isfinite(out).all():
+        raise ValueError(f"{name} must be finite")
+    return out
+
+
+class Gaussian(Target):
+    """A multivariate Normal $\\mathcal N(\\mu, \\Sigma)$ as an energy.
+
+    Args:
+        loc: mean, shape ``(D,)``.
+        covariance: positive-definite ``(D, D)`` matrix.
+    """
+
+    has_sampler = True
+
+    def __init__(self, loc: Sequence[float] | torch.Tensor, covariance: Sequence | torch.Tensor) -> None:
+        loc, cov = _as_float64(loc, "loc"), _as_float64(covariance, "covariance")
+        if loc.dim() != 1 or cov.shape != (len(loc), len(loc)):
+            raise ValueError(f"loc must be (D,) and covariance (D, D), got {tuple(loc.shape)} and {tuple(cov.shape)}")
+        chol, info = torch.linalg.cholesky_ex(cov)
+        if info != 0 or not torch.allclose(cov, cov.T):
+            raise ValueError("covariance must be symmetric positive definite")
+        super().__init__(loc.shape)
+        self.register_buffer("loc", loc.float())
+        self.register_buffer("scale_tril", chol.float())
+        # from the stored (float32) factor, so that it normalises the energy as evaluated
+        self._log_z = 0.5 * len(loc) * math.log(2 * math.pi) + self.scale_tril.double().diagonal().log().sum().item()
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        return self.scale_tril @ self.scale_tril.T
+
+    def _energy(self, x: torch.Tensor) -> torch.Tensor:
+        diff = (x - self.loc.to(x)).unsqueeze(-1)
+        tril = self.scale_tril.to(x).expand(diff.shape[:-2] + self.scale_tril.shape)
+        white = torch.linalg.solve_triangular(tril, diff, upper=False)[..., 0]
+        return 0.5 * white.pow(2).sum(-1)
+
+    @property
+    def log_normalizer(self) -> float:
+        return self._log_z
+
+    def _sample(self, n: int) -> torch.Tensor:
+        return self.loc + torch.randn(n, len(self.loc), dtype=self.loc.dtype, device=self.loc.device) @ self.scale_tril.T
+
+
+class Banana(Target):
+    """$x_1 \\sim \\mathcal N(0, 1)$, $x_2 \\mid x_1 \\sim \\mathcal N(x_1^2 - 1, 1)$; $Z = 2\\pi$."""
+
+    has_sampler = True
+    model_scale = 2.0
+
+    def __init__(self) -> None:
+        super().__init__((2,))
+
+    def _energy(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x[..., 0], x[..., 1]
+        return 0.5 * x1**2 + 0.5 * (x2 - x1**2 + 1) ** 2
+
+    @property
+    def log_normalizer(self) -> float:
+        return math.log(2 * math.pi)
+
+    def _sample(self, n: int) -> torch.Tensor:
+        x1 = torch.randn(n, dtype=self._anchor.dtype, device=self._anchor.device)
+        return torch.stack([x1, x1**2 - 1 + torch.randn_like(x1)], -1)
+
+
+class Funnel(Target):
+    """Neal's funnel: $v \\sim \\mathcal N(0, 3^2)$ (coordinate 0), $x_i \\mid v \\sim \\mathcal N(0, e^v)$.
+
+    Args:
+        dim: total dimension $d \\ge 2$ (``v`` plus ``d - 1`` coordinates); Neal used 10.
+    """
+
+    has_sampler = True
+    model_scale = 3.0
+
+    def __init__(self, dim: int = 10) -> None:
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 2:
+            raise ValueError(f"dim must be an int >= 2, got {dim!r}")
+        super().__init__((dim,))
+
+    def _energy(self, x: torch.Tensor) -> torch.Tensor:
+        v, rest = x[..., 0], x[..., 1:]
+        return v**2 / 18 + 0.5 * (rest**2).sum(-1) * torch.exp(-v) + 0.5 * rest.shape[-1] * v
+
+    @property
+    def log_normalizer(self) -> float:
+        return math.log(3) + 0.5 * self.event_shape[0] * math.log(2 * math.pi)
+
+    def _sample(self, n: int) -> torch.Tensor:
+        ref = self._anchor
+        v = 3 * torch.randn(n, 1, dtype=ref.dtype, device=ref.device)
+        rest = torch.exp(v / 2) * torch.randn(n, self.event_shape[0] - 1, dtype=ref.dtype, device=ref.device)
+        return torch.cat([v, rest], -1)
+
+
+class Mixture(Target):
+    """An isotropic Gaussian mixture $\\sum_k \\pi_k \\mathcal N(\\mu_k, \\sigma_k^2 I)$ (normalised).
+
+    Args:
+        locs: component means, ``(K, D)`` (or ``(K,)`` for a 1-D mixture).
+        scales: component standard deviations, ``(K,)`` or a single number.
+        weights: mixing weights (normalised here), ``(K,)``; equal by default.
+    """
+
+    has_sampler = True
+
+    def __init__(self, locs: Sequence | torch.Tensor, scales: Sequence[float] | float | torch.Tensor = 1.0, weights: Sequence[float] | torch.Tensor | None = None) -> None:
+        locs = _as_float64(locs, "locs")
+        if locs.dim() == 1:
+            locs = locs[:, None]
+        if locs.dim() != 2 or len(locs) == 0:
+            raise ValueError(f"locs must have shape (K, D) or (K,), got {tuple(locs.shape)}")
+        scales = _as_float64(scales, "scales").expand(len(locs))
+        weights = _as_float64([1.0] * len(locs) if weights is None else weights, "weights")
+        if (scales <= 0).any():
+            raise ValueError("scales must be positive")
+        if weights.shape != (len(locs),) or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"weights must be {len(locs)} non-negative numbers with a positive sum")
+        super().__init__(locs.shape[1:])
+        self.register_buffer("locs", locs.float())
+        self.register_buffer("scales", scales.float().clone())
+        self.register_buffer("weights", (weights / weights.sum()).float())
+        self.model_scale = float((locs.abs().max() + scales.max()).item())
+
+    def _energy(self, x: torch.Tensor) -> torch.Tensor:
+        locs, scales, weights = self.locs.to(x), self.scales.to(x), self.weights.to(x)
+        d = self.event_shape[0]
+        sq = ((x[..., None, :] - locs) ** 2).sum(-1) / scales**2
+        log_comp = weights.log() - 0.5 * sq - d * scales.log() - 0.5 * d * math.log(2 * math.pi)
+        return -torch.logsumexp(log_comp, -1)
+
+    @property
+    def log_normalizer(self) -> float:
+        return 0.0
+
+    def _sample(self, n: int) -> torch.Tensor:
+        k = torch.multinomial(self.weights, n, replacement=True)
+        return self.locs[k] + self.scales[k, None] * torch.randn(n, self.event_shape[0], dtype=self.locs.dtype, device=self.locs.device)
+
+
+def gaussian(dim: int = 2, correlation: float = 0.9) -> Gaussian:
+    """A zero-mean Gaussian with unit variances and constant pairwise ``correlation``."""
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    if not -1 / max(dim - 1, 1) < correlation < 1:
+        raise ValueError(f"correlation must lie in (-1/(dim-1), 1) for a positive-definite matrix, got {correlation!r}")
+    cov = torch.full((dim, dim), float(correlation), dtype=torch.float64, device="cpu")
+    cov.fill_diagonal_(1.0)
+    return Gaussian([0.0] * dim, cov)
+
+
+def banana() -> Banana:
+    """The banana: $x_1 \\sim \\mathcal N(0, 1)$, $x_2 \\mid x_1 \\sim \\mathcal N(x_1^2 - 1, 1)$."""
+    return Banana()
+
+
+def funnel(dim: int = 10) -> Funnel:
+    """Neal's funnel in ``dim`` dimensions."""
+    return Funnel(dim)
+
+
+def mixture(dim: int = 2, separation: float = 4.0, scale: float = 0.7) -> Mixture:
+    """Two equal-weight modes at $\\pm$``separation``/2 along the first axis, in ``dim`` dimensions.
+
+    For other mixtures build :class:`Mixture` directly.
+    """
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    locs = torch.zeros(2, dim, dtype=torch.float64, device="cpu")
+    locs[:, 0] = torch.tensor([-separation / 2, separation / 2], dtype=torch.float64, device="cpu")
+    return Mixture(locs, scale)

@@ -1,0 +1,151 @@
+r"""The four 2-D test energies of Rezende & Mohamed (2015), Table 1.
+
+With $w_1(z) = \sin(2\pi z_1 / 4)$, $w_2(z) = 3 e^{-\frac12((z_1 - 1)/0.6)^2}$ and
+$w_3(z) = 3\,\sigma((z_1 - 1)/0.3)$:
+
+$$
+\begin{aligned}
+U_1(z) &= \tfrac12\Bigl(\tfrac{\|z\| - 2}{0.4}\Bigr)^2
+          - \log\Bigl(e^{-\frac12((z_1 - 2)/0.6)^2} + e^{-\frac12((z_1 + 2)/0.6)^2}\Bigr) \\
+U_2(z) &= \tfrac12\Bigl(\tfrac{z_2 - w_1}{0.4}\Bigr)^2 + E(z_1) \\
+U_3(z) &= -\log\Bigl(e^{-\frac12((z_2 - w_1)/0.35)^2} + e^{-\frac12((z_2 - w_1 + w_2)/0.35)^2}\Bigr) + E(z_1) \\
+U_4(z) &= -\log\Bigl(e^{-\frac12((z_2 - w_1)/0.4)^2} + e^{-\frac12((z_2 - w_1 + w_3)/0.35)^2}\Bigr) + E(z_1)
+\end{aligned}
+$$
+
+**The envelope.** As the paper writes them, $U_2$–$U_4$ do not depend on $z_1$ except through
+$w_i$, so $e^{-U}$ is not integrable (it is flat in $z_1$; the paper only plots the window
+$[-4, 4]^2$). The built-ins add $E(z_1) = z_1^2 / (2 \cdot 2^2)$, a $\mathcal N(0, 2^2)$
+envelope that keeps about 95% of $z_1$'s mass inside $[-4, 4]$ and leaves the shapes in the window
+essentially as drawn. With it, $U_2$–$U_4$ are "$z_1 \sim \mathcal N(0, 2^2)$, then $z_2 \mid z_1$
+a mixture of Gaussians", so their normalizers are exact,
+$Z = 4\pi \sum_k \sigma_k$ (the $\sigma_k$ being the component widths above), and so are their samples.
+$U_1$ (a ring cut by two bumps) is already integrable; its normalizer comes from a
+$1000 \times 1000$ midpoint grid on $[-6, 6]^2$, accurate to better than $10^{-10}$ in $\log Z$
+(the same grid reproduces the closed forms of $U_2$–$U_4$ to that accuracy; see the tests).
+
+Reference: Rezende & Mohamed (2015), *Variational Inference with Normalizing Flows*, ICML.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import torch
+
+from pyroflows.energies.base import Target, grid_log_normalizer
+
+ENVELOPE_SCALE = 2.0
+
+
+def _w1(z1: torch.Tensor) -> torch.Tensor:
+    return torch.sin(2 * math.pi * z1 / 4)
+
+
+def _w2(z1: torch.Tensor) -> torch.Tensor:
+    return 3 * torch.exp(-0.5 * ((z1 - 1) / 0.6) ** 2)
+
+
+def _w3(z1: torch.Tensor) -> torch.Tensor:
+    return 3 * torch.sigmoid((z1 - 1) / 0.3)
+
+
+def _zero(z1: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(z1)
+
+
+class U1(Target):
+    """Rezende & Mohamed's $U_1$: a ring of radius 2 cut into two arcs (see the module docs)."""
+
+    model_scale = 2.0
+
+    def __init__(self) -> None:
+        super().__init__((2,))
+
+    def _energy(self, z: torch.Tensor) -> torch.Tensor:
+        z1 = z[..., 0]
+        ring = 0.5 * ((z.norm(dim=-1) - 2) / 0.4) ** 2
+        bumps = torch.stack([-0.5 * ((z1 - 2) / 0.6) ** 2, -0.5 * ((z1 + 2) / 0.6) ** 2], -1)
+        return ring - torch.logsumexp(bumps, -1)
+
+    @property
+    def log_normalizer(self) -> float:
+        return _u1_log_normalizer()
+
+    @property
+    def name(self) -> str:
+        return "u1"
+
+
+@functools.cache
+def _u1_log_normalizer() -> float:
+    return grid_log_normalizer(U1()._energy, (-6.0, 6.0, -6.0, 6.0), 1000)
+
+
+class WaveTarget(Target):
+    r"""$U_2$–$U_4$: $z_1 \sim \mathcal N(0, 2^2)$ and $z_2 \mid z_1$ a mixture of Gaussians.
+
+    Component $k$ has centre $w_1(z_1) - s_k(z_1)$ and width $\sigma_k$, and (as in the paper,
+    where each enters the energy as $e^{-\frac12 ((z_2 - \cdot)/\sigma_k)^2}$) weight
+    proportional to $\sigma_k$.
+
+    Args:
+        name: ``"u2"``, ``"u3"`` or ``"u4"``.
+        shifts: one function $s_k(z_1)$ per component.
+        scales: the widths $\sigma_k$.
+    """
+
+    has_sampler = True
+    model_scale = 2.0
+
+    def __init__(self, name: str, shifts: Sequence, scales: Sequence[float]) -> None:
+        super().__init__((2,))
+        self._name, self.shifts, self.scales = name, tuple(shifts), tuple(scales)
+
+    def _centres(self, z1: torch.Tensor) -> torch.Tensor:
+        return torch.stack([_w1(z1) - s(z1) for s in self.shifts], -1)
+
+    def _energy(self, z: torch.Tensor) -> torch.Tensor:
+        z1, z2 = z[..., 0], z[..., 1]
+        scales = z.new_tensor(self.scales)
+        components = -0.5 * ((z2[..., None] - self._centres(z1)) / scales) ** 2
+        return 0.5 * (z1 / ENVELOPE_SCALE) ** 2 - torch.logsumexp(components, -1)
+
+    @property
+    def log_normalizer(self) -> float:
+        return math.log(2 * math.pi * ENVELOPE_SCALE * sum(self.scales))
+
+    def _sample(self, n: int) -> torch.Tensor:
+        ref = self._anchor
+        z1 = ENVELOPE_SCALE * torch.randn(n, dtype=ref.dtype, device=ref.device)
+        scales = ref.new_tensor(self.scales)
+        k = torch.multinomial(scales, n, replacement=True)
+        centre = self._centres(z1).gather(-1, k[:, None])[:, 0]
+        z2 = centre + scales[k] * torch.randn_like(z1)
+        return torch.stack([z1, z2], -1)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+
+def u1() -> U1:
+    """$U_1$: a ring of radius 2 with two arcs; normalizer by quadrature."""
+    return U1()
+
+
+def u2() -> WaveTarget:
+    """$U_2$: a sine wave, $z_2 \\mid z_1 \\sim \\mathcal N(w_1, 0.4^2)$, with the $z_1$ envelope."""
+    return WaveTarget("u2", [_zero], [0.4])
+
+
+def u3() -> WaveTarget:
+    """$U_3$: the sine wave split by a bump $w_2$ around $z_1 = 1$, with the $z_1$ envelope."""
+    return WaveTarget("u3", [_zero, _w2], [0.35, 0.35])
+
+
+def u4() -> WaveTarget:
+    """$U_4$: the sine wave and a sigmoid-shifted copy $w_3$, with the $z_1$ envelope."""
+    return WaveTarget("u4", [_zero, _w3], [0.4, 0.35])
