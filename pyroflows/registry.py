@@ -24,6 +24,7 @@ _FAMILIES: dict[str, str] = {
     "maf": "pyroflows.transforms.maf:build_maf",
     "iaf": "pyroflows.transforms.iaf:build_iaf",
     "gaussianization": "pyroflows.transforms.gaussianization:build_gaussianization",
+    "residual": "pyroflows.transforms.residual:build_residual",
 }
 
 
