@@ -25,6 +25,7 @@ _FAMILIES: dict[str, str] = {
     "iaf": "pyroflows.transforms.iaf:build_iaf",
     "gaussianization": "pyroflows.transforms.gaussianization:build_gaussianization",
     "residual": "pyroflows.transforms.residual:build_residual",
+    "cnf": "pyroflows.transforms.cnf:build_cnf",
 }
 
 

@@ -29,6 +29,7 @@ class DenseConditioner(nn.Module):
         param_dims: width of each output.
         hidden_dims: widths of the hidden layers.
         context_dim: width of an extra context input, or ``None``.
+        nonlinearity: hidden activation (default ReLU, Pyro's default).
     """
 
     def __init__(
@@ -38,6 +39,7 @@ class DenseConditioner(nn.Module):
         hidden_dims: Sequence[int],
         context_dim: int | None = None,
         zero_init: bool = True,
+        nonlinearity: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.param_dims = [int(p) for p in param_dims]
@@ -46,10 +48,11 @@ class DenseConditioner(nn.Module):
         out = [sum(self.param_dims)]
         with warnings.catch_warnings():  # input_dim == 0 (1-D coupling) is legitimate
             warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+            act = {} if nonlinearity is None else {"nonlinearity": nonlinearity}
             if context_dim:
-                self.net = ConditionalDenseNN(input_dim, context_dim, list(hidden_dims), out)
+                self.net = ConditionalDenseNN(input_dim, context_dim, list(hidden_dims), out, **act)
             else:
-                self.net = DenseNN(input_dim, list(hidden_dims), out)
+                self.net = DenseNN(input_dim, list(hidden_dims), out, **act)
         if zero_init:
             _zero_last_layer(self.net)
 

@@ -12,6 +12,8 @@ import torch
 #: Largest event dimension for which a brute-force Jacobian (``D`` vector-Jacobian products per
 #: evaluation) is allowed; above it the estimators must be used.
 EXACT_MAX_DIM = 64
+#: Up to this dimension an ``"auto"`` log-det / trace mode picks the exact computation.
+AUTO_EXACT_MAX_DIM = 4
 
 BISECTION_STEPS = 60
 

@@ -70,6 +70,7 @@ from pyroflows.registry import flow_family
 from pyroflows.transforms.actnorm import ActNorm
 from pyroflows.transforms.base import FlowTransform
 from pyroflows.transforms.numerics import (
+    AUTO_EXACT_MAX_DIM,
     check_choice,
     check_count,
     check_exact_dim,
@@ -79,7 +80,6 @@ from pyroflows.transforms.numerics import (
 )
 
 LOG_DET_MODES = ("auto", "exact", "series", "roulette")
-AUTO_EXACT_MAX_DIM = 4
 ROULETTE_MAX_TERMS = 100
 
 
