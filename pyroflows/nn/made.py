@@ -175,9 +175,10 @@ class MADE(nn.Module):
         # starts[l]: index of the first unit of layer l's still-pending degrees
         starts = [0] * len(self.layers)
         ys, ladj = [], 0.0
+        order_list = order.tolist()  # python ints: plain views, not gathers, in the loop
         for k in range(dim):  # find variable order[k], of degree k + 1
             if k >= 1:  # variable order[k - 1] was just found: feed it to the first layer
-                pending[0] = torch.addmm(pending[0], ys[-1][:, None], weights[0][order[k - 1], starts[0]:][None, :])
+                pending[0] = torch.addmm(pending[0], ys[-1][:, None], weights[0][order_list[k - 1], starts[0]:][None, :])
             for i in range(len(self.layers) - 1 if k >= low else 0):
                 count = self._counts[i][k - low]  # units of degree k: they see variables <= k
                 if count == 0:
@@ -190,7 +191,7 @@ class MADE(nn.Module):
             params = pending[-1][:, : self.num_params].unbind(-1)
             pending[-1] = pending[-1][:, self.num_params :]
             starts[-1] += self.num_params
-            y, ladj_k = fn(u[:, order[k]], params)
+            y, ladj_k = fn(u[:, order_list[k]], params)
             ys.append(y)
             ladj = ladj + ladj_k
         y = torch.stack(ys, dim=-1)[:, torch.argsort(order)]
