@@ -1,0 +1,182 @@
+"""AutoFlow: exact posteriors on a conjugate model, every family, Pyro's inference machinery
+(ELBOs, Predictive, quantiles, NeuTra), importance-sampling bounds, devices and bad input."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from conftest import default_device_trap
+from pyro import poutine
+from pyro.infer import MCMC, NUTS, SVI, Predictive, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.reparam import NeuTraReparam
+
+import pyroflows
+from pyroflows import energies
+from pyroflows.guides import AutoFlow, FlowPosterior, fit_guide
+from pyroflows.infer.importance import log_importance_weights, log_mean_exp, reverse_kl
+
+W = torch.tensor([[1.0, 0.5], [0.3, -1.0], [0.8, 0.8]])
+NOISE = 0.5
+
+
+def linear_gaussian(y):
+    """z ~ N(0, I_2), y_i ~ N(W z, 0.5^2 I_3): the posterior and evidence are Gaussian, exact."""
+    z = pyro.sample("z", dist.Normal(y.new_zeros(2), 1.0).to_event(1))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(z @ W.to(y).T, NOISE).to_event(1), obs=y)
+
+
+def exact_posterior(y):
+    precision = torch.eye(2, dtype=y.dtype) + len(y) * W.to(y).T @ W.to(y) / NOISE**2
+    cov = torch.linalg.inv(precision)
+    return cov @ W.to(y).T @ y.sum(0) / NOISE**2, cov
+
+
+def exact_log_evidence(y):
+    flat_cov = torch.kron(torch.ones(len(y), len(y)), W @ W.T) + NOISE**2 * torch.eye(3 * len(y))
+    return dist.MultivariateNormal(torch.zeros(3 * len(y)), flat_cov).log_prob(y.reshape(-1)).item()
+
+
+def constrained_model(y):
+    """A location, a positive scale and a simplex, with a plate."""
+    loc = pyro.sample("loc", dist.Normal(0.0, 3.0))
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+    weights = pyro.sample("weights", dist.Dirichlet(torch.ones(3)))
+    with pyro.plate("data", len(y)):
+        pyro.sample("y", dist.Normal(loc + weights[..., :1], scale), obs=y)
+
+
+@pytest.fixture
+def data():
+    torch.manual_seed(0)
+    return W @ torch.tensor([1.0, -0.5]) + NOISE * torch.randn(10, 3)
+
+
+@pytest.fixture(autouse=True)
+def _clear_param_store():
+    pyro.clear_param_store()
+    yield
+
+
+def vector_families():
+    return [n for n in pyroflows.available_flows() if pyroflows.registry.family_spec(n).vector]
+
+
+def test_recovers_exact_posterior_of_conjugate_model(data):
+    guide = AutoFlow(linear_gaussian, flow="realnvp", num_layers=2, hidden_dims=(16,))
+    fit_guide(linear_gaussian, guide, data, num_steps=600, num_particles=16, lr=1e-2, final_lr=1e-4, progress=False, seed=0)
+    mean, cov = exact_posterior(data)
+    z = guide.get_posterior().sample((20_000,))
+    # posterior sd ~0.13: the mean to ~0.1 sd, the covariance to ~15%
+    torch.testing.assert_close(z.mean(0), mean, atol=0.015, rtol=0)
+    torch.testing.assert_close(torch.cov(z.T), cov, atol=0.003, rtol=0)
+    q = guide.quantiles([0.5])["z"][0]
+    torch.testing.assert_close(q, mean, atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize("flow", vector_families())
+def test_every_family_with_constrained_sites_and_plates(flow):
+    y = torch.randn(8) + 1.0
+    guide = AutoFlow(constrained_model, flow=flow, num_layers=2, hidden_dims=(16,), num_quantile_samples=500)
+    svi = SVI(constrained_model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO(num_particles=4, vectorize_particles=True))
+    losses = [svi.step(y)]
+    before = {n: p.detach().clone() for n, p in guide.named_parameters()}
+    losses += [svi.step(y) for _ in range(4)]
+    assert all(math.isfinite(v) for v in losses)
+    assert guide.latent_dim == 1 + 1 + 2  # the simplex loses one coordinate
+    # SVI's optimiser reaches every parameter of the flow and of the affine stage
+    unchanged = [n for n, p in guide.named_parameters() if torch.equal(p, before[n])]
+    assert not unchanged
+    samples = Predictive(constrained_model, guide=guide, num_samples=7)(y)
+    assert samples["scale"].shape[0] == 7 and (samples["scale"] > 0).all()
+    assert torch.allclose(samples["weights"].sum(-1), torch.ones(()), atol=1e-5)
+    quantiles = guide.quantiles([0.1, 0.5, 0.9])
+    assert quantiles["weights"].shape == (3, 3)
+    assert (quantiles["scale"][0] <= quantiles["scale"][1]).all() and (quantiles["scale"][1] <= quantiles["scale"][2]).all()
+    assert guide.median()["scale"] > 0
+
+
+@pytest.mark.parametrize("elbo", [TraceMeanField_ELBO(num_particles=4, vectorize_particles=True), RenyiELBO(alpha=0.0, num_particles=4)])
+def test_other_elbos(data, elbo):
+    guide = AutoFlow(linear_gaussian, flow="iaf", num_layers=2, hidden_dims=(8,))
+    svi = SVI(linear_gaussian, guide, pyro.optim.Adam({"lr": 1e-2}), elbo)
+    losses = [svi.step(data) for _ in range(20)]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
+def test_log_prob_at_own_samples_equals_inverse_density():
+    flow = pyroflows.build_flow("iaf", 3, num_layers=2, hidden_dims=(8,))
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    q = FlowPosterior(flow.base_dist(), flow.layers)
+    z = q.rsample((5,))
+    torch.testing.assert_close(q.log_prob(z), flow.log_prob(z), atol=1e-5, rtol=0)  # memo vs inverse
+    torch.testing.assert_close(q.log_prob(z.clone()), flow.log_prob(z), atol=1e-5, rtol=0)
+    assert q.expand((4, 5)).rsample().shape == (4, 5, 3)
+
+
+def test_reverse_kl_is_exact_for_a_gaussian_guide():
+    target = energies.get("gaussian", dim=2, correlation=0.0)  # N(0, I)
+    guide = AutoFlow(target.model, flow="realnvp", init_scale=0.5)  # starts as N(0, 0.5^2 I)
+    kl, err = reverse_kl(target.model, guide, target.log_normalizer, num_samples=20_000)
+    exact = 2 / 2 * (0.25 - 1 - math.log(0.25))
+    assert abs(kl - exact) < 4 * err + 1e-4
+
+
+def test_iwae_bound_increases_with_k_towards_the_evidence(data):
+    guide = AutoFlow(linear_gaussian, flow="realnvp", num_layers=2, hidden_dims=(8,))
+    fit_guide(linear_gaussian, guide, data, num_steps=100, num_particles=8, progress=False, seed=0)
+    log_w = log_importance_weights(linear_gaussian, guide, data, num_samples=20_000)
+    bounds = [log_mean_exp(log_w.reshape(-1, k), dim=1).mean().item() for k in (1, 10, 100, 1000)]
+    evidence = exact_log_evidence(data)
+    assert bounds[0] < bounds[1] < bounds[2] < bounds[3] < evidence + 0.05
+    assert evidence - bounds[3] < evidence - bounds[0]
+
+
+def test_neutra_reparam_runs_hmc_in_the_whitened_space(data):
+    guide = AutoFlow(linear_gaussian, flow="iaf", num_layers=2, hidden_dims=(8,))
+    fit_guide(linear_gaussian, guide, data, num_steps=300, num_particles=8, progress=False, seed=0)
+    neutra = NeuTraReparam(guide.requires_grad_(False))
+    model = poutine.reparam(linear_gaussian, config=lambda _: neutra)
+    mcmc = MCMC(NUTS(model), num_samples=200, warmup_steps=100, disable_progbar=True)
+    mcmc.run(data)
+    z = neutra.transform_sample(mcmc.get_samples()["z_shared_latent"])["z"]
+    mean, cov = exact_posterior(data)
+    assert z.shape == (200, 2)
+    torch.testing.assert_close(z.mean(0), mean, atol=0.05, rtol=0)  # ~4 standard errors
+
+
+def test_discrete_site_is_named_in_the_error():
+    def model():
+        pyro.sample("coin", dist.Bernoulli(0.5))
+        pyro.sample("x", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="coin"):
+        AutoFlow(model, flow="realnvp")()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown flow"):
+        AutoFlow(linear_gaussian, flow="nope")
+    with pytest.raises(ValueError, match="init_scale"):
+        AutoFlow(linear_gaussian, flow="realnvp", init_scale=0.0)
+    with pytest.raises(ValueError, match="num_quantile_samples"):
+        AutoFlow(linear_gaussian, flow="realnvp", num_quantile_samples=0)
+    with pytest.raises(ValueError, match="num_samples"):
+        log_importance_weights(linear_gaussian, AutoFlow(linear_gaussian, flow="realnvp"), torch.zeros(2, 3), num_samples=0)
+    with pytest.raises(ValueError, match="num_steps"):
+        fit_guide(linear_gaussian, AutoFlow(linear_gaussian, flow="realnvp"), torch.zeros(2, 3), num_steps=0)
+
+
+def test_float64_and_default_device_trap(data):
+    y = data.double()
+    guide = AutoFlow(linear_gaussian, flow="iaf", num_layers=2, hidden_dims=(8,))
+    with default_device_trap():
+        svi = SVI(linear_gaussian, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+        assert math.isfinite(svi.step(y))
+        assert guide.get_posterior().rsample((3,)).dtype == torch.float64
+        assert guide.quantiles([0.5])["z"].device.type == "cpu"
+    assert all(p.dtype == torch.float64 and p.device.type == "cpu" for p in guide.parameters())
