@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pyro.distributions as dist
@@ -18,6 +19,7 @@ from torch import nn
 from pyroflows.transforms.base import FlowTransform
 
 SampleShape = int | Sequence[int] | torch.Size
+FLOW_FORMAT = "pyroflows.Flow/1"
 
 
 def _sample_shape(sample_shape: SampleShape) -> torch.Size:
@@ -197,6 +199,50 @@ class Flow(nn.Module):
         if self.context_dim is None:
             raise ValueError("conditional_dist() needs a flow built with context_dim")
         return ConditionalTransformedDistribution(self.base_dist(), [self.transform])
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Like ``nn.Module.load_state_dict``, but a mismatched ``state_dict`` (missing or
+        unexpected keys, wrong shapes) raises ``ValueError`` *before* anything is copied, so a
+        failed load never leaves the flow half-loaded."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        own = self.state_dict()
+        if strict:
+            missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
+            if missing or unexpected:
+                raise ValueError(f"state_dict does not match this flow: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for key, value in state_dict.items():
+            if key in own and (not isinstance(value, torch.Tensor) or value.shape != own[key].shape):
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"state_dict[{key!r}] has shape {got}, expected {tuple(own[key].shape)}")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def save(self, path: str | Path) -> None:
+        """Save the flow (its build options and every parameter and buffer, data-dependent
+        initialisation included) so that :meth:`Flow.load` restores it exactly."""
+        if "name" not in self.config:
+            raise ValueError("only flows made by build_flow can be saved with save(); use state_dict()")
+        torch.save({"format": FLOW_FORMAT, "config": self.config, "state_dict": self.state_dict()}, path)
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device | None = None) -> Flow:
+        """Rebuild a flow saved by :meth:`save`. A missing, corrupted or mismatched file raises
+        ``ValueError`` (``FileNotFoundError`` if absent) and returns nothing half-built."""
+        from pyroflows.registry import build_flow
+
+        try:
+            saved = torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
+            raise ValueError(f"{path} is not a readable pyroflows checkpoint: {' '.join(str(err).split())[:200]}") from None
+        if not isinstance(saved, dict) or saved.get("format") != FLOW_FORMAT:
+            raise ValueError(f"{path} is not a pyroflows flow checkpoint")
+        config = dict(saved["config"])
+        flow = build_flow(config.pop("name"), config.pop("shape"), **config)
+        flow.load_state_dict(saved["state_dict"])
+        return flow.to(map_location) if map_location is not None else flow
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.items() if v is not None)

@@ -1,0 +1,62 @@
+"""Data-parallel training: 2 gloo processes agree with each other and with one process training
+on the same global batches."""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pyroflows import build_flow
+from pyroflows.infer import fit
+
+STEPS, BATCH = 6, 32
+
+
+def _data():
+    return torch.randn(256, 3, generator=torch.Generator().manual_seed(0)) * 2 + 1
+
+
+def _train(distributed: bool, name: str = "realnvp"):
+    torch.manual_seed(0)
+    flow = build_flow(name, 3, num_layers=2, hidden_dims=(16,))
+    fit(flow, _data(), num_steps=STEPS, batch_size=BATCH, validation=0, progress=False, seed=7,
+        distributed=distributed)
+    return flow.state_dict()
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.save(_train(distributed=True), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_two_gloo_processes_match_single_process(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    single = _train(distributed=False)
+    for key in single:
+        assert torch.equal(rank0[key], rank1[key]), key
+        assert torch.allclose(rank0[key], single[key], atol=1e-5), key
+    # and training really moved the parameters
+    torch.manual_seed(0)
+    fresh = build_flow("realnvp", 3, num_layers=2, hidden_dims=(16,)).state_dict()
+    assert any(not torch.allclose(fresh[k], single[k]) for k in fresh)
+
+
+def test_distributed_without_a_process_group_is_a_clear_error():
+    flow = build_flow("nice", 2, num_layers=1, hidden_dims=(8,))
+    with pytest.raises(ValueError, match="init_process_group"):
+        fit(flow, torch.randn(20, 2), distributed=True, seed=0, progress=False)
