@@ -4,13 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure  # no pyplot: no global backend, safe in notebooks and servers
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from pyroflows.flow import Flow  # noqa: E402
+from pyroflows.flow import Flow
 
 
 def density_grid(log_density, limits: tuple[float, float, float, float], resolution: int = 200, like: torch.Tensor | None = None):
@@ -40,7 +37,8 @@ def plot_density_fit(flow: Flow, data: torch.Tensor, path: str | Path, num_sampl
     with torch.no_grad():
         samples = flow.sample((min(num_samples, 64) if flow.event_dim == 3 else num_samples,)).cpu()
     if flow.event_dim == 3:
-        fig, axes = plt.subplots(8, 8, figsize=(6, 6))
+        fig = Figure(figsize=(6, 6))
+        axes = fig.subplots(8, 8)
         for ax, img in zip(axes.flat, samples):
             ax.imshow(img[0].clamp(0, 1), cmap="gray", vmin=0, vmax=1)
             ax.axis("off")
@@ -51,7 +49,8 @@ def plot_density_fit(flow: Flow, data: torch.Tensor, path: str | Path, num_sampl
             data, samples = torch.cat([data, torch.zeros_like(data)], 1), torch.cat([samples, torch.zeros_like(samples)], 1)
         limits = _limits(data[:, :2])
         panels = 3 if flow.event_shape[0] == 2 else 2
-        fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 4))
+        fig = Figure(figsize=(4 * panels, 4))
+        axes = fig.subplots(1, panels)
         for ax, pts, title in [(axes[0], data, "data"), (axes[1], samples, "flow samples")]:
             ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5)
             ax.set(xlim=limits[:2], ylim=limits[2:], title=title)
@@ -63,5 +62,4 @@ def plot_density_fit(flow: Flow, data: torch.Tensor, path: str | Path, num_sampl
             ax.set_aspect("equal", adjustable="box")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
