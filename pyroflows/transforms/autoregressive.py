@@ -40,7 +40,7 @@ import torch
 
 from pyroflows.nn.made import MADE, check_ordering
 from pyroflows.transforms.base import FlowTransform, expand_context
-from pyroflows.transforms.elementwise import ELEMENTWISE
+from pyroflows.transforms.elementwise import ELEMENTWISE, Affine
 
 DIRECTIONS = ("forward", "inverse")
 
@@ -116,19 +116,52 @@ def layer_orderings(dim: int, num_layers: int, ordering: str | Sequence[int] | t
     return [check_ordering(ordering, dim)] * num_layers
 
 
+def affine_autoregressive(
+    input_dim: int,
+    parallel: str,
+    hidden_dims: Sequence[int] = (128, 128),
+    context_dim: int | None = None,
+    ordering: Sequence[int] | torch.Tensor | None = None,
+    scale_bound: float | None = 3.0,
+) -> Autoregressive:
+    """One affine autoregressive layer with a soft-clamped log-scale (the MAF / IAF helpers).
+
+    Args:
+        input_dim: ``D``.
+        parallel: ``"inverse"`` (MAF) or ``"forward"`` (IAF).
+        hidden_dims: MADE widths, each at least ``D - 1`` (``D`` with a context).
+        context_dim: width of a context vector, or ``None``.
+        ordering: permutation of ``0..D-1`` (default identity).
+        scale_bound: bound ``B`` of the log-scale ``B tanh(s / B)`` (``None``: unclamped).
+    """
+    return Autoregressive(input_dim, parallel, Affine(scale_bound), hidden_dims, context_dim, ordering)
+
+
 def autoregressive_layers(
     shape: Sequence[int],
-    num_layers: int,
     parallel: str,
+    *,
+    num_layers: int,
     hidden_dims: Sequence[int],
     context_dim: int | None = None,
-    elementwise: str | object = "affine",
     ordering: str | Sequence[int] | torch.Tensor = "reverse",
+    scale_bound: float | None = 3.0,
 ) -> list[Autoregressive]:
-    """``num_layers`` autoregressive layers over vectors of ``shape = (D,)`` (see
-    :func:`layer_orderings` for ``ordering``): the builder behind ``maf`` and ``iaf``."""
+    """``num_layers`` affine autoregressive layers over vectors of ``shape = (D,)``: the builder
+    behind ``maf`` (``parallel="inverse"``) and ``iaf`` (``parallel="forward"``).
+
+    Args:
+        shape: ``(D,)``.
+        parallel: which direction is one pass, as in :class:`Autoregressive`.
+        num_layers: number of layers.
+        hidden_dims: MADE widths, each at least ``D - 1`` (``D`` with a context).
+        context_dim: width of a context vector, or ``None``.
+        ordering: ``"reverse"`` (identity and reversed, alternating), ``"random"`` or one
+            permutation for every layer (see :func:`layer_orderings`).
+        scale_bound: bound ``B`` of the soft-clamped log-scale (``None``: unclamped).
+    """
     (dim,) = shape
     return [
-        Autoregressive(dim, parallel, elementwise, hidden_dims, context_dim, order)
+        affine_autoregressive(dim, parallel, hidden_dims, context_dim, order, scale_bound)
         for order in layer_orderings(dim, num_layers, ordering)
     ]

@@ -26,40 +26,32 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
+from typing import Any
 
 from pyroflows.registry import flow_family
-from pyroflows.transforms.autoregressive import Autoregressive, autoregressive_layers
+from pyroflows.transforms.autoregressive import (
+    Autoregressive,
+    affine_autoregressive,
+    autoregressive_layers,
+)
 from pyroflows.transforms.base import FlowTransform
-from pyroflows.transforms.elementwise import Affine
 
 
-def inverse_autoregressive(
-    input_dim: int,
-    hidden_dims: Sequence[int] = (128, 128),
-    context_dim: int | None = None,
-    ordering: Sequence[int] | torch.Tensor | None = None,
-    scale_bound: float | None = 3.0,
-) -> Autoregressive:
-    """One IAF layer over vectors of ``input_dim`` (Pyro-style helper; sampling in one pass)."""
-    return Autoregressive(input_dim, "forward", Affine(scale_bound), hidden_dims, context_dim, ordering)
+def inverse_autoregressive(input_dim: int, **options: Any) -> Autoregressive:
+    """One IAF layer over vectors of ``input_dim`` (sampling in one pass; Pyro-style helper).
+
+    ``options``: ``hidden_dims``, ``context_dim``, ``ordering``, ``scale_bound``, as in
+    :func:`~pyroflows.transforms.autoregressive.affine_autoregressive`.
+    """
+    return affine_autoregressive(input_dim, "forward", **options)
 
 
 @flow_family(default_layers=5, default_hidden=(128, 128))
-def build_iaf(
-    shape: tuple[int, ...],
-    *,
-    num_layers: int,
-    hidden_dims: Sequence[int],
-    context_dim: int | None = None,
-    ordering: str | Sequence[int] = "reverse",
-    scale_bound: float | None = 3.0,
-) -> list[FlowTransform]:
-    """IAF: ``num_layers`` affine autoregressive layers, fast sampling, sequential density.
+def build_iaf(shape: tuple[int, ...], *, num_layers: int, hidden_dims: Sequence[int], **options: Any) -> list[FlowTransform]:
+    """IAF: ``num_layers`` affine autoregressive layers, fast sampling, exact sequential density.
 
-    Options:
+    Options (see :func:`~pyroflows.transforms.autoregressive.autoregressive_layers`):
         ordering: ``"reverse"`` (alternate identity / reversed), ``"random"`` or a permutation.
         scale_bound: bound ``B`` of the soft-clamped log-scale (``None``: unclamped).
     """
-    return autoregressive_layers(shape, num_layers, "forward", hidden_dims, context_dim, Affine(scale_bound), ordering)
+    return autoregressive_layers(shape, "forward", num_layers=num_layers, hidden_dims=hidden_dims, **options)
