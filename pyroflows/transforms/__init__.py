@@ -1,7 +1,10 @@
 """Flow layers: one family per module, each a Pyro ``TransformModule``."""
 
+from pyroflows.transforms.autoregressive import Autoregressive
 from pyroflows.transforms.base import BoundTransform, FlowTransform
 from pyroflows.transforms.coupling import Coupling, coupling_mask
+from pyroflows.transforms.iaf import inverse_autoregressive
+from pyroflows.transforms.maf import masked_autoregressive
 from pyroflows.transforms.nice import Rescale, additive_coupling
 from pyroflows.transforms.planar import Planar, planar
 from pyroflows.transforms.radial import Radial, radial
@@ -10,4 +13,5 @@ from pyroflows.transforms.realnvp import affine_coupling
 __all__ = [
     "BoundTransform", "Coupling", "FlowTransform", "Planar", "Radial", "Rescale",
     "additive_coupling", "affine_coupling", "coupling_mask", "planar", "radial",
+    "Autoregressive", "inverse_autoregressive", "masked_autoregressive",
 ]
