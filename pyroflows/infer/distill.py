@@ -124,7 +124,7 @@ def distill(
 
     Args:
         teacher: the trained flow; only its ``log_prob`` is used (its parameters are not
-            updated, and their ``requires_grad`` flags are restored afterwards).
+            updated; their ``requires_grad`` flags and its train/eval mode are restored).
         student: the flow to train; only its sampling pass (``z -> x`` with log-det) is used, so
             an IAF student never inverts anything.
         num_steps: number of Adam steps.
@@ -178,7 +178,7 @@ def distill(
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, num_steps) if cosine_schedule else None
     eval_every = eval_every or max(1, num_steps // 20)
-    flags = [p.requires_grad for p in teacher.parameters()]
+    flags, was_training = [p.requires_grad for p in teacher.parameters()], teacher.training
     teacher.eval()
     try:
         teacher.requires_grad_(False)  # gradients flow through the teacher to x, not into it
@@ -211,5 +211,6 @@ def distill(
     finally:
         for p, flag in zip(teacher.parameters(), flags):
             p.requires_grad_(flag)
+        teacher.train(was_training)
     student.eval()
     return history
