@@ -14,6 +14,15 @@ from pyroflows import energies
 from pyroflows.energies import grid_log_normalizer
 
 NAMES = energies.available()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensor programs: one thread avoids spin-waiting on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 TWO_D = ["u1", "u2", "u3", "u4", "banana", "gaussian", "mixture"]
 
 

@@ -110,7 +110,7 @@ class Adapter:
         if self.variance is None or self.variance.shape != x.shape[1:]:
             self.variance = torch.ones_like(x[0])
         if self.step_size is None or self.step_size.device != x.device:
-            self.step_size = torch.as_tensor(self.initial_step_size, dtype=x.dtype).to(x.device)
+            self.step_size = torch.as_tensor(self.initial_step_size, dtype=x.dtype, device=x.device)
         if self.find_step_size is not None and self.adapt_step_size and warmup_steps > 0:
             self.step_size = self.find_step_size(self.step_size)
         self._restart_averaging()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import arviz as az
@@ -98,14 +99,16 @@ def sample(
         "warmup_steps": warmup_steps,
         "thinning": thinning,
     }
-    return az.from_dict(posterior=posterior, sample_stats=sample_stats, attrs=attrs)
+    with warnings.catch_warnings():  # arviz warns whenever chains outnumber draws, our usual case
+        warnings.filterwarnings("ignore", message="More chains")
+        return az.from_dict(posterior=posterior, sample_stats=sample_stats, attrs=attrs)
 
 
 def _record(stats: dict[str, list[torch.Tensor]], step: dict[str, torch.Tensor], nonfinite: torch.Tensor) -> None:
     energy = step["energy"]
     step_size = step.get("step_size", torch.full_like(energy, float("nan")))
     stats["acceptance_rate"].append(step["accept_prob"].to(energy))
-    stats["step_size"].append(torch.as_tensor(step_size).to(energy).flatten().mean().expand_as(energy))
+    stats["step_size"].append(step_size.to(energy).flatten().mean().expand_as(energy))
     stats["diverging"].append(step["diverging"])
     stats["energy"].append(energy)
     stats["lp"].append(-energy)

@@ -54,7 +54,7 @@ class HMC(BatchedKernel):
         num_steps: leapfrog steps per transition $L$ (1: MALA).
         adapt_step_size: tune $\\epsilon$ by dual averaging during warm-up.
         adapt_mass_matrix: tune the diagonal inverse mass matrix during warm-up.
-        target_accept_prob: the acceptance rate aimed at (default 0.65, or 0.574 for MALA).
+        target_accept_prob: the acceptance rate aimed at (default 0.8, or 0.574 for MALA).
         max_energy_error: an energy error $H' - H$ above this is a divergence.
 
     Example:
@@ -75,15 +75,16 @@ class HMC(BatchedKernel):
         adapt_mass_matrix: bool = True,
         target_accept_prob: float | None = None,
         max_energy_error: float = 1000.0,
+        jitter: float = 0.0,
     ) -> None:
         check_positive(step_size, "step_size")
         check_positive(num_steps, "num_steps", int)
         check_positive(max_energy_error, "max_energy_error")
         if target_accept_prob is None:
-            target_accept_prob = 0.574 if num_steps == 1 else 0.65
+            target_accept_prob = 0.574 if num_steps == 1 else 0.8
         check_probability(target_accept_prob, "target_accept_prob")
         super().__init__(energy)
-        self.num_steps, self.max_energy_error = num_steps, float(max_energy_error)
+        self.num_steps, self.max_energy_error, self.jitter = num_steps, float(max_energy_error), jitter
         self.adapter = Adapter(step_size, target_accept_prob, adapt_step_size, adapt_mass_matrix, self._find_step_size)
 
     @property
@@ -134,11 +135,13 @@ class HMC(BatchedKernel):
 
     def _step(self) -> dict[str, torch.Tensor]:
         step_size = self.adapter.step_size
+        if self.jitter:
+            step_size = step_size * (1 + self.jitter * (2 * torch.rand_like(self.u) - 1)).reshape((-1,) + (1,) * self.event_dim)
         x, u, grad, delta = self._leapfrog(step_size, self.num_steps)
         accept_prob, _, nonfinite, self.grad = self.accept(x, u, -delta, (self.grad, grad))
         diverging = ~(delta < self.max_energy_error)
         self.adapter.step(self.x, accept_prob)
-        return {"accept_prob": accept_prob, "nonfinite": nonfinite, "diverging": diverging, "step_size": step_size}
+        return {"accept_prob": accept_prob, "nonfinite": nonfinite, "diverging": diverging, "step_size": self.adapter.step_size}
 
 
 def MALA(energy: Energy, step_size: float = 0.1, **options) -> HMC:  # noqa: N802 - reads as a class
