@@ -2,6 +2,7 @@
 moments, a bimodal mixture (KS distance), an enumerable Ising model (total variation), the flow
 independence sampler's invariance; R-hat; Pyro MCMC and arviz interop; bad input; devices."""
 
+import json
 import math
 import warnings
 
@@ -346,3 +347,22 @@ def test_default_device_trap(make, target, init):
     with default_device_trap():
         idata = mcmc.sample(kernel, x0, 5, warmup_steps=25, progress=False)
     assert np.isfinite(draws(idata)).all()
+
+
+# -- command line --------------------------------------------------------------------------
+@pytest.mark.parametrize("target, kernel", [("u2", "hmc"), ("banana", "mh"), ("ising", "gibbs"), ("funnel", "sgld")])
+def test_cli_sample(tmp_path, capsys, target, kernel):
+    from pyroflows.cli import main
+
+    argv = ["sample", "--target", target, "--kernel", kernel, "--steps", "30", "--warmup", "20", "--chains", "8", "--quiet", "--json", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["min_ess"] > 0 and (tmp_path / f"sample-{target}-{kernel}.png").exists()
+
+
+def test_cli_sample_bad_input(tmp_path, capsys):
+    from pyroflows.cli import main
+
+    assert main(["sample", "--chains", "0", "--out", str(tmp_path)]) == 2
+    assert main(["sample", "--target", "ising", "--kernel", "hmc", "--out", str(tmp_path)]) == 2
+    assert "use --kernel gibbs" in capsys.readouterr().err

@@ -17,10 +17,10 @@ same kernels (see :mod:`pyroflows.mcmc.base` for how chains map).
 """
 
 from pyroflows.mcmc.base import BatchedKernel
-from pyroflows.mcmc.driver import sample
+from pyroflows.mcmc.driver import sample, summarize
 from pyroflows.mcmc.gibbs import Gibbs
 from pyroflows.mcmc.hmc import HMC, MALA
 from pyroflows.mcmc.mh import MH
 from pyroflows.mcmc.sgld import SGLD
 
-__all__ = ["BatchedKernel", "Gibbs", "HMC", "MALA", "MH", "SGLD", "sample"]
+__all__ = ["BatchedKernel", "Gibbs", "HMC", "MALA", "MH", "SGLD", "sample", "summarize"]

@@ -113,3 +113,24 @@ def _record(stats: dict[str, list[torch.Tensor]], step: dict[str, torch.Tensor],
     stats["energy"].append(energy)
     stats["lp"].append(-energy)
     stats["nonfinite"].append(nonfinite)
+
+
+def summarize(idata: az.InferenceData) -> dict[str, float]:
+    """The headline numbers of a run of :func:`sample`: ``min_ess`` (the smallest bulk ESS over
+    the coordinates), ``min_ess_per_second``, ``max_rhat``, ``acceptance_rate``,
+    ``divergences``, ``nonfinite`` and the energy-evaluation counts."""
+    ess = float(az.ess(idata, var_names=["x"])["x"].min())
+    stats, attrs = idata.sample_stats, idata.attrs
+    num_chains = idata.posterior.sizes["chain"]
+    rhat = float(az.rhat(idata, var_names=["x"])["x"].max()) if num_chains > 1 else float("nan")
+    return {
+        "min_ess": ess,
+        "min_ess_per_second": ess / attrs["sampling_time"],
+        "max_rhat": rhat,
+        "acceptance_rate": float(stats["acceptance_rate"].mean()),
+        "divergences": int(stats["diverging"].sum()),
+        "nonfinite": int(stats["nonfinite"].sum()) + int(attrs["warmup_nonfinite"]),
+        "sampling_time": float(attrs["sampling_time"]),
+        "num_energy_evals": int(attrs["num_energy_evals"]),
+        "num_energy_calls": int(attrs["num_energy_calls"]),
+    }
