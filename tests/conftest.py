@@ -12,6 +12,15 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: tiny tensors on a shared CPU otherwise pay for OpenMP oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @contextlib.contextmanager
 def default_device_trap():
     """Any tensor created without an explicit device lands on `meta` and the next op fails."""

@@ -14,13 +14,7 @@ from pyroflows.infer import DequantizedFlow, VariationalDequantizer, bits_per_di
 from pyroflows.infer.dequantization import independent_bits_per_dim
 from pyroflows.transforms.actnorm import ActNorm
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Midpoint(nn.Module):

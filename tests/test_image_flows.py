@@ -18,14 +18,7 @@ from pyroflows.transforms.glow import InvertibleConv1x1
 from pyroflows.transforms.mintnet import MaskedInvertibleConv
 from pyroflows.transforms.multiscale import FactorOut, Squeeze, squeeze, unsqueeze
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP oversubscription on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _jacobian(fn, x):
@@ -167,8 +160,10 @@ def test_glow_structure_and_learned_prior():
 def test_glow_bad_shapes():
     with pytest.raises(ValueError, match=r"images: shape must be \(C, H, W\)"):
         pyroflows.build_flow("glow", 16)
-    with pytest.raises(ValueError, match=r"divisible by 4, got shape \(1, 6, 6\)"):
+    with pytest.raises(ValueError, match=r"num_levels must be an int from 1 to 1 for shape \(1, 6, 6\)"):
         pyroflows.build_flow("glow", (1, 6, 6), num_levels=2)
+    with pytest.raises(ValueError, match=r"H and W must be even, got shape \(1, 5, 6\)"):
+        pyroflows.build_flow("glow", (1, 5, 6))
     with pytest.raises(ValueError, match="num_levels"):
         pyroflows.build_flow("glow", (1, 8, 8), num_levels=0)
     flow = pyroflows.build_flow("glow", (1, 8, 8), num_layers=1, hidden_dims=(4,))

@@ -1,10 +1,14 @@
 """Flow layers: one family per module, each a Pyro ``TransformModule``."""
 
+from pyroflows.transforms.actnorm import ActNorm, actnorm
 from pyroflows.transforms.autoregressive import Autoregressive
 from pyroflows.transforms.base import BoundTransform, FlowTransform
 from pyroflows.transforms.coupling import Coupling, coupling_mask
+from pyroflows.transforms.glow import InvertibleConv1x1, invertible_conv1x1
 from pyroflows.transforms.iaf import inverse_autoregressive
 from pyroflows.transforms.maf import masked_autoregressive
+from pyroflows.transforms.mintnet import MaskedInvertibleConv, masked_invertible_conv
+from pyroflows.transforms.multiscale import FactorOut, Squeeze
 from pyroflows.transforms.nice import Rescale, additive_coupling
 from pyroflows.transforms.planar import Planar, planar
 from pyroflows.transforms.radial import Radial, radial
@@ -14,4 +18,6 @@ __all__ = [
     "BoundTransform", "Coupling", "FlowTransform", "Planar", "Radial", "Rescale",
     "additive_coupling", "affine_coupling", "coupling_mask", "planar", "radial",
     "Autoregressive", "inverse_autoregressive", "masked_autoregressive",
+    "ActNorm", "FactorOut", "InvertibleConv1x1", "MaskedInvertibleConv", "Squeeze",
+    "actnorm", "invertible_conv1x1", "masked_invertible_conv",
 ]

@@ -45,7 +45,7 @@ from pyroflows.transforms.actnorm import ActNorm
 from pyroflows.transforms.base import FlowTransform, batch_shape_of
 from pyroflows.transforms.coupling import Coupling, coupling_mask
 from pyroflows.transforms.elementwise import Affine
-from pyroflows.transforms.multiscale import FactorOut, Squeeze, check_image_shape, max_halvings
+from pyroflows.transforms.multiscale import FactorOut, Squeeze, check_image_shape, scale_count
 
 
 class InvertibleConv1x1(FlowTransform):
@@ -143,15 +143,10 @@ def build_glow(
 
     Options:
         num_levels: number of levels ``L`` (each squeezes once, so ``H`` and ``W`` must be
-            divisible by ``2**L``); default: as many as keep at least 2 x 2 pixels, at most 3.
+            divisible by ``2**L``); default: as many as fit, at most 3.
         learned_prior: give each factored-out half a Gaussian prior conditioned on the kept half.
         scale_bound: bound of the couplings' soft-clamped log-scale (``None``: unclamped).
     """
     c, h, w = check_image_shape(shape, "glow")
-    if num_levels is None:
-        num_levels = max(1, max_halvings(h, w, 3))
-    if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 1:
-        raise ValueError(f"num_levels must be a positive int, got {num_levels!r}")
-    if h % 2**num_levels or w % 2**num_levels:
-        raise ValueError(f"glow with num_levels={num_levels} squeezes {num_levels} times: H and W must be divisible by {2**num_levels}, got shape {tuple(shape)}")
+    num_levels = scale_count(num_levels, "num_levels", (c, h, w), min_size=1, default=3, offset=0)
     return [_glow_level((c, h, w), num_levels, num_layers, hidden_dims, context_dim, learned_prior, scale_bound)]

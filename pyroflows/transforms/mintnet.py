@@ -56,7 +56,7 @@ from torch import nn
 from pyroflows.registry import flow_family
 from pyroflows.transforms.actnorm import ActNorm
 from pyroflows.transforms.base import FlowTransform
-from pyroflows.transforms.multiscale import Squeeze, check_image_shape, max_halvings
+from pyroflows.transforms.multiscale import Squeeze, check_image_shape, max_halvings, scale_count
 
 ORDERS = ("A", "B")
 
@@ -79,7 +79,7 @@ def masked_conv_mask(out_groups: torch.Tensor, in_groups: torch.Tensor, kernel: 
 class MaskedInvertibleConv(FlowTransform):
     """One MintNet masked invertible layer (see the module docs for the map and its inverse).
 
-    The explicit map :math:`g` goes from data to latent, so :meth:`inverse_and_log_det` is one
+    The explicit map $g$ goes from data to latent, so :meth:`inverse_and_log_det` is one
     pass and :meth:`forward_and_log_det` (sampling) is the iterative solve.
 
     Args:
@@ -259,10 +259,6 @@ def build_mintnet(
         max_iter: iteration cap of the sampling-direction iteration.
     """
     c, h, w = check_image_shape(shape, "mintnet")
-    most = 1 + max_halvings(h, w, 99)
-    if num_scales is None:
-        num_scales = 1 + max_halvings(h, w, 1, min_size=4)
-    if isinstance(num_scales, bool) or not isinstance(num_scales, int) or not 1 <= num_scales <= most:
-        raise ValueError(f"num_scales must be an int from 1 to {most} for shape {tuple(shape)} (each extra scale halves H and W, which must be even), got {num_scales!r}")
+    num_scales = scale_count(num_scales, "num_scales", (c, h, w), min_size=1, default=1 + max_halvings(h, w, 1, min_size=4))
     per_channel = max(1, -(-int(hidden_dims[0]) // c))
     return _mintnet_scale((c, h, w), num_scales, num_layers, per_channel, tol, max_iter)

@@ -160,3 +160,20 @@ def max_halvings(height: int, width: int, limit: int, min_size: int = 1) -> int:
     while count < limit and height % 2 == 0 and width % 2 == 0 and min(height, width) // 2 >= min_size:
         height, width, count = height // 2, width // 2, count + 1
     return count
+
+
+def scale_count(value: Any, option: str, shape: tuple[int, int, int], *, min_size: int, default: int, offset: int = 1) -> int:
+    """Validate a number of scales or levels (``None``: ``default``, capped at the most the
+    image allows): ``offset`` plus the number of squeezes, each halving ``H`` and ``W``, which
+    must stay even and at least ``min_size``."""
+    most = offset + max_halvings(shape[1], shape[2], 99, min_size)
+    if most < 1:
+        raise ValueError(f"{option}: at least one squeeze of 2x2 patches is needed, so H and W must be even, got shape {tuple(shape)}")
+    if value is None:
+        value = min(default, most)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise ValueError(
+            f"{option} must be an int from 1 to {most} for shape {tuple(shape)} (each squeeze halves H and W, "
+            f"which must be even and stay at least {min_size}), got {value!r}"
+        )
+    return value

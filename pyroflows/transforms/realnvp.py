@@ -37,7 +37,7 @@ from pyroflows.registry import flow_family
 from pyroflows.transforms.base import FlowTransform
 from pyroflows.transforms.coupling import Coupling, coupling_layers, coupling_mask
 from pyroflows.transforms.elementwise import Affine
-from pyroflows.transforms.multiscale import FactorOut, Squeeze, check_image_shape, max_halvings
+from pyroflows.transforms.multiscale import FactorOut, Squeeze, check_image_shape, scale_count
 
 
 def affine_coupling(
@@ -106,13 +106,6 @@ def build_realnvp(
         if num_scales is not None:
             raise ValueError("num_scales applies to the multi-scale image architecture only (no mask, image shape)")
         return coupling_layers(shape, num_layers, Affine(scale_bound), hidden_dims, context_dim, mask)
-    c, h, w = check_image_shape(shape, "realnvp")
-    most = 1 + max_halvings(h, w, 99, min_size=2)
-    if num_scales is None:
-        num_scales = min(most, 3)
-    if isinstance(num_scales, bool) or not isinstance(num_scales, int) or not 1 <= num_scales <= most:
-        raise ValueError(
-            f"num_scales must be an int from 1 to {most} for shape {tuple(shape)} "
-            f"(each extra scale halves H and W, which must stay even and at least 2), got {num_scales!r}"
-        )
-    return multiscale_realnvp((c, h, w), num_scales, num_layers, hidden_dims, context_dim, scale_bound)
+    shape = check_image_shape(shape, "realnvp")
+    num_scales = scale_count(num_scales, "num_scales", shape, min_size=2, default=3)
+    return multiscale_realnvp(shape, num_scales, num_layers, hidden_dims, context_dim, scale_bound)
