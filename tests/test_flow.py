@@ -138,3 +138,17 @@ def test_coupling_layers_cover_every_coordinate():
     z = torch.randn(5, dtype=torch.float32)
     jac = torch.autograd.functional.jacobian(lambda v: flow.forward_and_log_det(v)[0], z)
     assert (jac.abs() > 0).all()
+
+
+@pytest.mark.parametrize("name", ["realnvp", "planar"])
+def test_transforms_validate_their_inputs_under_pyro_validation(name):
+    layer = build_flow(name, 3, num_layers=1, hidden_dims=(8,)).layers[0]
+    with pytest.raises(ValueError, match=r"\(\.\.\., 3\)"):
+        layer(torch.randn(4, 2))
+    with pytest.raises(ValueError, match="NaN"):
+        layer.inv(torch.full((2, 3), float("nan")))
+    with pytest.raises(TypeError, match="floating"):
+        layer(torch.ones(2, 3, dtype=torch.long))
+    with pyro.validation_enabled(False):  # the hot path pays nothing and checks nothing
+        assert torch.isnan(layer(torch.full((2, 3), float("nan")))).all()
+    assert layer(torch.randn(2, 3)).shape == (2, 3)  # still usable

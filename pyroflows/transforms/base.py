@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from pyro.distributions.conditional import ConditionalTransform
 from pyro.distributions.torch_transform import TransformModule
+from pyro.distributions.util import is_validation_enabled
 from torch.distributions import Transform, constraints
 
 
@@ -81,6 +82,8 @@ class FlowTransform(TransformModule, ConditionalTransform):
         return BoundTransform(self, context)
 
     def _call_with_context(self, inputs: torch.Tensor, context: torch.Tensor | None, inverse: bool) -> torch.Tensor:
+        if is_validation_enabled():
+            self._validate(inputs, context)
         if inverse:
             z, ladj = self.inverse_and_log_det(inputs, context)
             self._last = (z, inputs, ladj)
@@ -94,6 +97,19 @@ class FlowTransform(TransformModule, ConditionalTransform):
         if last is not None and last[0] is z and last[1] is x:
             return last[2]
         return self.forward_and_log_det(z, context)[1]
+
+    def _validate(self, inputs: torch.Tensor, context: torch.Tensor | None) -> None:
+        """Input checks of the Pyro interface, run only under ``pyro.enable_validation(True)``
+        (the default); ``Flow`` checks once per call and then uses the unchecked methods."""
+        if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
+            raise TypeError(f"{type(self).__name__}: input must be a floating-point tensor")
+        n = self.event_dim
+        if inputs.dim() < n or tuple(inputs.shape[inputs.dim() - n:]) != self.event_shape:
+            raise ValueError(f"{type(self).__name__}: input must have shape (..., {', '.join(map(str, self.event_shape))}), got {tuple(inputs.shape)}")
+        if not torch.isfinite(inputs).all():
+            raise ValueError(f"{type(self).__name__}: input contains NaN or inf")
+        if self.context_dim and (context is None or context.shape[-1:] != (self.context_dim,)):
+            raise ValueError(f"{type(self).__name__}: context of shape (..., {self.context_dim}) is required, got {None if context is None else tuple(context.shape)}")
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
