@@ -83,6 +83,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, default=10_000, help="training points of a toy dataset")
     parser.add_argument("--dequantization", choices=("uniform", "variational"), default="uniform",
                         help="dequantization of discrete image data such as digits (default: uniform)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="data-parallel training; launch with torchrun (gloo on CPU, nccl on CUDA)")
+
+
+def init_distributed(device: torch.device) -> tuple[torch.device, int]:
+    """Join the process group torchrun describes; returns this rank's device and rank."""
+    import os
+
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        raise CommandError("--distributed needs torchrun, e.g. torchrun --nproc_per_node=2 -m pyroflows.cli fit --distributed")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -91,6 +108,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from pyroflows.infer import DequantizedFlow, bits_per_dim, fit
 
     device = resolve_device(args.device)
+    rank = 0
+    if args.distributed:
+        device, rank = init_distributed(device)
     out = output_dir(args.out)
     torch.manual_seed(args.seed)
     train, test = datasets.load(args.data, args.num_samples, seed=args.seed)
@@ -101,7 +121,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     flow = build_flow(args.flow, shape[0] if len(shape) == 1 else shape, num_layers=args.num_layers, hidden_dims=args.hidden)
     model = flow if num_levels is None else DequantizedFlow(flow, num_levels, args.dequantization)
     model.to(device)
-    history = fit(model, train, num_steps=steps, batch_size=args.batch_size, lr=args.lr, progress=not args.quiet, seed=args.seed)
+    history = fit(model, train, num_steps=steps, batch_size=args.batch_size, lr=args.lr,
+                  progress=not args.quiet and rank == 0, seed=args.seed, distributed=args.distributed)
+    if args.distributed:
+        torch.distributed.destroy_process_group()
+        if rank != 0:  # every rank holds the same flow; rank 0 reports
+            return {}
     test = test.to(device)
     with torch.no_grad():
         test_nll = -model.log_prob(test).mean().item()
@@ -148,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pyroflows: interrupted", file=sys.stderr)
         return 130
-    if getattr(args, "json", False):
+    if getattr(args, "json", False) and metrics:
         print(json.dumps(metrics))
     return 0
 

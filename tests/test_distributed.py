@@ -60,3 +60,27 @@ def test_distributed_without_a_process_group_is_a_clear_error():
     flow = build_flow("nice", 2, num_layers=1, hidden_dims=(8,))
     with pytest.raises(ValueError, match="init_process_group"):
         fit(flow, torch.randn(20, 2), distributed=True, seed=0, progress=False)
+
+
+def test_cli_under_torchrun(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+         "-m", "pyroflows.cli", "fit", "--distributed", "--steps", "10", "--num-samples", "256",
+         "--json", "--quiet", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # only rank 0 reports
+    assert "test_nll" in json.loads(lines[0])
+
+
+def test_cli_distributed_without_torchrun(tmp_path, capsys):
+    from pyroflows.cli import main
+
+    assert main(["fit", "--distributed", "--steps", "2", "--quiet", "--out", str(tmp_path)]) == 2
+    assert "torchrun" in capsys.readouterr().err
