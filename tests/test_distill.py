@@ -25,16 +25,17 @@ def test_identical_flows_have_zero_kl():
     assert abs(kl) < 1e-5 and stderr < 1e-5
 
 
-@pytest.mark.parametrize("noise_pool", [None, 512])
-def test_distill_reduces_kl_and_leaves_teacher_alone(noise_pool):
+@pytest.mark.parametrize("noise_pool,anneal", [(None, 0.5), (512, 0.0)])
+def test_distill_reduces_kl_and_leaves_teacher_alone(noise_pool, anneal):
     teacher = _teacher()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = pyroflows.build_flow("iaf", 2, num_layers=2, hidden_dims=(16,))
     history = distill(teacher, student, num_steps=150, batch_size=128, lr=5e-3, noise_pool=noise_pool,
-                      eval_size=2000, progress=False, seed=0)
+                      anneal=anneal, eval_size=2000, progress=False, seed=0)
     assert history["kl"][0] > 0.2  # a real gap to close
     assert history["kl"][-1] < 0.3 * history["kl"][0]
     assert history["kl_step"][0] == 0 and history["kl_step"][-1] == 150 and len(history["loss"]) == 150
+    assert history["beta"][-1] == 1.0 and (history["beta"][0] < 0.05 if anneal else history["beta"][0] == 1.0)
     fresh_kl, stderr = kl_estimate(student, teacher, 4000)  # not just the evaluation noise
     assert fresh_kl < 0.3 * history["kl"][0] + 3 * stderr
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
@@ -66,6 +67,8 @@ def test_bad_input():
         distill(teacher, student, num_steps=0)
     with pytest.raises(ValueError, match="noise_pool"):
         distill(teacher, student, noise_pool=-3)
+    with pytest.raises(ValueError, match="anneal must be a fraction"):
+        distill(teacher, student, anneal=1.5)
     with pytest.raises(ValueError, match="context given"):
         distill(teacher, student, context=torch.randn(4, 2))
     cond = pyroflows.build_flow("iaf", 2, hidden_dims=(8,), context_dim=2)
