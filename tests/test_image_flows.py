@@ -77,7 +77,8 @@ def test_realnvp_image_is_multiscale():
     assert [f.event_shape for f in _modules(flow, FactorOut)] == [(4, 4, 4), (8, 2, 2)]
     couplings = _modules(flow, Coupling)
     # 3 checkerboard + 3 channel per scale, 4 checkerboard at the last (the paper's counts)
-    assert len(couplings) == 6 + 6 + 4
+    assert len(couplings) == 6 + 6 + 4 == len(_modules(flow, ActNorm))
+    assert len(_modules(pyroflows.build_flow("realnvp", (1, 8, 8), hidden_dims=(4,), actnorm=False), ActNorm)) == 0
     shapes = [c.event_shape for c in couplings]
     assert shapes.count((4, 2, 2)) == 4 and shapes.count((1, 8, 8)) == 3 and shapes.count((4, 4, 4)) == 3
 
@@ -85,6 +86,7 @@ def test_realnvp_image_is_multiscale():
 def test_realnvp_multiscale_round_trip_and_log_det_on_digits_shape():
     flow = pyroflows.build_flow("realnvp", (1, 8, 8), num_layers=2, hidden_dims=(4,)).double()
     with torch.no_grad():
+        flow.log_prob(torch.rand(16, 1, 8, 8, dtype=torch.float64))  # ActNorm's data-dependent init
         for p in flow.parameters():
             p.add_(0.1 * torch.randn_like(p))
     z = torch.randn(1, 8, 8, dtype=torch.float64)

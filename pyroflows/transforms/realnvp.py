@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pyroflows.registry import flow_family
+from pyroflows.transforms.actnorm import ActNorm
 from pyroflows.transforms.base import FlowTransform
 from pyroflows.transforms.coupling import Coupling, coupling_layers, coupling_mask
 from pyroflows.transforms.elementwise import Affine
@@ -59,24 +60,31 @@ def multiscale_realnvp(
     hidden_dims: Sequence[int],
     context_dim: int | None = None,
     scale_bound: float | None = 3.0,
+    actnorm: bool = True,
 ) -> list[FlowTransform]:
     """The multi-scale RealNVP layers over ``(C, H, W)``, in the sampling order ``z -> x``.
 
     Each scale but the last has ``ceil(num_layers / 2)`` checkerboard and ``floor(num_layers /
     2)`` channel couplings around a squeeze and a factor-out; the last has
-    ``floor(num_layers / 2) + 1`` checkerboard couplings (the paper's 3 + 3 and 4 for 6).
+    ``floor(num_layers / 2) + 1`` checkerboard couplings (the paper's 3 + 3 and 4 for 6). With
+    ``actnorm``, every coupling's input (in the density direction) is normalised by an
+    :class:`~pyroflows.transforms.actnorm.ActNorm` layer, standing in for the paper's batch
+    normalisation without making the density depend on the batch.
     """
     c, h, w = shape
     affine = Affine(scale_bound)
+
+    def stage(event, count, kind):
+        couplings = coupling_layers(event, count, affine, hidden_dims, context_dim, kind)
+        return [m for cp in couplings for m in ((cp, ActNorm(event)) if actnorm else (cp,))]
+
     if num_scales == 1:
-        return coupling_layers(shape, num_layers // 2 + 1, affine, hidden_dims, context_dim, "checkerboard")
+        return stage(shape, num_layers // 2 + 1, "checkerboard")
     inner = (4 * c, h // 2, w // 2)
     kept = (2 * c, h // 2, w // 2)
-    deeper = multiscale_realnvp(kept, num_scales - 1, num_layers, hidden_dims, context_dim, scale_bound)
-    squeezed = [FactorOut(inner, deeper, context_dim)]
-    squeezed += coupling_layers(inner, num_layers // 2, affine, hidden_dims, context_dim, "channel")
-    checker = coupling_layers(shape, (num_layers + 1) // 2, affine, hidden_dims, context_dim, "checkerboard")
-    return [Squeeze(shape, squeezed, context_dim)] + checker
+    deeper = multiscale_realnvp(kept, num_scales - 1, num_layers, hidden_dims, context_dim, scale_bound, actnorm)
+    squeezed = [FactorOut(inner, deeper, context_dim)] + stage(inner, num_layers // 2, "channel")
+    return [Squeeze(shape, squeezed, context_dim)] + stage(shape, (num_layers + 1) // 2, "checkerboard")
 
 
 @flow_family(image=True, default_layers=6, default_hidden=(64, 64))
@@ -89,6 +97,7 @@ def build_realnvp(
     mask: str | None = None,
     num_scales: int | None = None,
     scale_bound: float | None = 3.0,
+    actnorm: bool = True,
 ) -> list[FlowTransform]:
     """RealNVP: ``num_layers`` affine couplings with alternating masks (vectors), or the
     multi-scale architecture with ``num_layers`` couplings per scale (images).
@@ -101,6 +110,8 @@ def build_realnvp(
             works on ``H / 2**(num_scales - 1)`` pixels, at least 2 x 2); default: as many as
             fit, at most 3.
         scale_bound: bound ``B`` of the soft-clamped log-scale (``None``: unclamped).
+        actnorm: for the multi-scale architecture, normalise every coupling's input with a
+            data-initialised ActNorm layer (the paper's batch normalisation, batch-free).
     """
     if len(shape) == 1 or mask is not None:
         if num_scales is not None:
@@ -108,4 +119,4 @@ def build_realnvp(
         return coupling_layers(shape, num_layers, Affine(scale_bound), hidden_dims, context_dim, mask)
     shape = check_image_shape(shape, "realnvp")
     num_scales = scale_count(num_scales, "num_scales", shape, min_size=2, default=3)
-    return multiscale_realnvp(shape, num_scales, num_layers, hidden_dims, context_dim, scale_bound)
+    return multiscale_realnvp(shape, num_scales, num_layers, hidden_dims, context_dim, scale_bound, actnorm)
