@@ -144,6 +144,8 @@ def test_actnorm_data_dependent_init_is_state():
     assert bool(fresh.initialized) and fresh.initialized.dtype == torch.bool
     fresh.inverse_and_log_det(torch.randn(8, 3, 4, 4, dtype=torch.float64) + 100)
     assert torch.allclose(fresh.shift.float(), before)
+    moved = fresh.to("meta")  # .to(device) carries the flag along
+    assert moved.initialized.device.type == "meta" and "initialized" in moved.state_dict()
 
 
 def test_glow_structure_and_learned_prior():
