@@ -43,7 +43,7 @@ def check_ordering(ordering: Sequence[int] | torch.Tensor | None, dim: int) -> t
     ``ordering[k]`` is the input that comes ``k``-th in the autoregressive factorisation.
     """
     if ordering is None:
-        return torch.arange(dim)
+        return torch.arange(dim, device="cpu")
     try:
         order = torch.as_tensor(ordering, device="cpu")
     except (TypeError, ValueError, RuntimeError):
@@ -53,7 +53,7 @@ def check_ordering(ordering: Sequence[int] | torch.Tensor | None, dim: int) -> t
         or order.is_floating_point()
         or order.dtype == torch.bool
         or len(order) != dim
-        or not torch.equal(order.sort().values, torch.arange(dim))
+        or not torch.equal(order.sort().values, torch.arange(dim, device="cpu"))
     ):
         raise ValueError(f"ordering must be a permutation of 0..{dim - 1}, got {ordering!r}")
     return order.long()
@@ -62,7 +62,7 @@ def check_ordering(ordering: Sequence[int] | torch.Tensor | None, dim: int) -> t
 def _hidden_degrees(low: int, high: int, width: int) -> torch.Tensor:
     """``width`` degrees spread evenly over ``low..high``, sorted (every value appears when
     ``width >= high - low + 1``)."""
-    return torch.linspace(low, high, width).round().long()
+    return torch.linspace(low, high, width, device="cpu").round().long()
 
 
 class MADE(nn.Module):
@@ -109,8 +109,9 @@ class MADE(nn.Module):
                 f"{input_dim}-dim input{' with context' if context_dim else ''} to all inputs "
                 f"before it, got {tuple(hidden_dims)}"
             )
-        in_degree = torch.empty(input_dim, dtype=torch.long)
-        in_degree[order] = torch.arange(1, input_dim + 1)
+        # Masks are built on the CPU, then follow the weights (torch's default device).
+        in_degree = torch.empty(input_dim, dtype=torch.long, device="cpu")
+        in_degree[order] = torch.arange(1, input_dim + 1, device="cpu")
         degrees = [in_degree] + [_hidden_degrees(low, input_dim - 1, h) for h in hidden_dims]
         out_degree = in_degree.repeat(self.num_params)
 
@@ -118,10 +119,11 @@ class MADE(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         masks = [d_out[:, None] >= d_in[None, :] for d_in, d_out in zip(degrees[:-1], degrees[1:])]
         masks.append(out_degree[:, None] > degrees[-1][None, :])
+        device = self.layers[0].weight.device
         for i, mask in enumerate(masks):
-            self.register_buffer(f"mask{i}", mask.float())
+            self.register_buffer(f"mask{i}", mask.float().to(device))
         self.context_layer = nn.Linear(context_dim, hidden_dims[0], bias=False) if context_dim else None
-        self.register_buffer("ordering", order)
+        self.register_buffer("ordering", order.to(device))
         # Per-layer unit counts by degree low..D-1 (hidden degrees are sorted): the step sizes of
         # ``autoregress``. They depend on the widths only, never on the ordering.
         self._counts = [torch.bincount(d - low, minlength=needed).tolist() for d in degrees[1:]]

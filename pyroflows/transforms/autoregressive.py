@@ -108,7 +108,7 @@ def layer_orderings(dim: int, num_layers: int, ordering: str | Sequence[int] | t
     """
     if isinstance(ordering, str):
         if ordering == "reverse":
-            base = torch.arange(dim)
+            base = torch.arange(dim, device="cpu")
             return [base if i % 2 == 0 else base.flip(0) for i in range(num_layers)]
         if ordering == "random":
             return [torch.randperm(dim, device="cpu") for _ in range(num_layers)]
