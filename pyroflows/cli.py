@@ -28,6 +28,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one ``pyroflows: error: ...`` line (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"pyroflows: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 class CommandError(Exception):
     """A user error worth one line, no traceback."""
 
@@ -145,7 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 # -- entry point -------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     """The ``pyroflows`` argument parser with every available subcommand."""
-    parser = argparse.ArgumentParser(prog="pyroflows", description="Normalizing flows for Pyro.")
+    parser = _Parser(prog="pyroflows", description="Normalizing flows for Pyro.")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     for name, (module, help_text) in COMMANDS.items():
         try:
@@ -161,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the ``pyroflows`` command; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # usage errors (status 2) and --help (status 0)
+        return int(exit_.code or 0)
     if args.command is None:
         parser.print_help()
         return 2

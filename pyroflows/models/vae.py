@@ -48,7 +48,7 @@ from torch.distributions import Transform
 
 from pyroflows.guides.posterior import FlowPosterior
 from pyroflows.nn.dense import DenseConditioner
-from pyroflows.registry import _positive_int, build_flow, get_builder, normalize_hidden
+from pyroflows.registry import _positive_int, available_flows, build_flow, normalize_hidden
 
 LIKELIHOODS = ("bernoulli", "normal")
 MIN_SCALE = 1e-3  # floor of the decoder's Normal scale: keeps the density bounded
@@ -105,7 +105,8 @@ class VAE(PyroModule):
                 raise ValueError("num_flows and flow options need a flow posterior, not 'gaussian'")
             self.context_dim, self.flow = 0, None
         else:
-            get_builder(posterior)  # ValueError listing the families
+            if not isinstance(posterior, str) or posterior not in available_flows():
+                raise ValueError(f"posterior must be 'gaussian' or a flow family ({', '.join(available_flows())}), got {posterior!r}")
             self.context_dim = _positive_int(context_dim or hidden[-1], "context_dim")
             self.flow = build_flow(
                 posterior, self.z_dim, num_layers=num_flows, hidden_dims=flow_hidden_dims,
