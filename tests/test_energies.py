@@ -16,13 +16,7 @@ from pyroflows.energies import grid_log_normalizer
 NAMES = energies.available()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensor programs: one thread avoids spin-waiting on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensor programs on a shared CPU
 TWO_D = ["u1", "u2", "u3", "u4", "banana", "gaussian", "mixture"]
 
 

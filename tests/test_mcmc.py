@@ -21,13 +21,7 @@ GAUSS = energies.get("gaussian", dim=3, correlation=0.7)
 SPINS = torch.tensor([-1.0, 1.0])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensor programs: one thread avoids spin-waiting on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensor programs on a shared CPU
 
 
 def run(kernel, init, num_samples=400, warmup_steps=200, **kw):
