@@ -1,6 +1,7 @@
 """AutoFlow: exact posteriors on a conjugate model, every family, Pyro's inference machinery
 (ELBOs, Predictive, quantiles, NeuTra), importance-sampling bounds, devices and bad input."""
 
+import json
 import math
 
 import pyro
@@ -180,3 +181,16 @@ def test_float64_and_default_device_trap(data):
         assert guide.get_posterior().rsample((3,)).dtype == torch.float64
         assert guide.quantiles([0.5])["z"].device.type == "cpu"
     assert all(p.dtype == torch.float64 and p.device.type == "cpu" for p in guide.parameters())
+
+
+def test_cli_vi_prints_kl_and_writes_plot(tmp_path, capsys):
+    from pyroflows.cli import main
+
+    common = ["--steps", "20", "--particles", "4", "--kl-samples", "500", "--out", str(tmp_path), "--quiet"]
+    assert main(["vi", "--target", "banana", "--flow", "realnvp", "--json", *common]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["kl"] > -4 * metrics["kl_se"]  # a KL, up to Monte-Carlo error
+    assert (tmp_path / "vi-banana-realnvp.png").stat().st_size > 0
+    assert main(["vi", "--flow", "nope", *common]) == 2
+    assert "unknown flow" in capsys.readouterr().err
+    assert main(["vi", "--flow", "iaf", "--anneal", "50", *common]) == 2
