@@ -11,14 +11,7 @@ from conftest import default_device_trap
 import pyroflows
 from pyroflows.transforms.residual import ResidualBlock, SpectralLinear
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: extra intra-op threads only contend on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _block(dim=3, perturb=0.3, **options):

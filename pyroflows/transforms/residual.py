@@ -11,8 +11,9 @@ direction $z \to x$ is the fixed-point iteration $x_{k+1} = z - g(x_k)$, stopped
 $\max|x_{k+1} - x_k| \le$ ``tol`` (error then at most $\tfrac{c}{1-c}\,$``tol``) or after
 ``max_iter`` steps.
 
-**Contractivity.** $g$ is an MLP of spectrally normalised linear layers and LipSwish
-activations $x\,\sigma(\beta x)/1.1$ (1-Lipschitz, smooth, so $J_g$ has useful gradients).
+**Contractivity.** $g$ is an MLP of spectrally normalised linear layers and ``tanh``
+activations (1-Lipschitz and smooth, so $J_g$ has useful gradients; on the 2-D toys it trained
+clearly faster than ELU or Residual Flows' LipSwish, whose slope at 0 is only $1/2.2$).
 Each weight is divided by $\max(1, \hat\sigma / c_\ell)$, where $\hat\sigma = u^\top W v$ is
 the power-iteration estimate of its largest singular value, $c_\ell = 1$ for hidden layers and
 $c_\ell = c$ (``lipschitz``) for the last, so $\operatorname{Lip}(g) \le c$ (up to the
@@ -106,6 +107,9 @@ class SpectralLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, coeff: float = 1.0, power_iterations: int = 5) -> None:
         super().__init__()
         linear = nn.Linear(in_features, out_features)
+        # orthogonal: every singular value is 1, so normalising by the largest one does not
+        # shrink the other directions (a Gaussian init would start g far below its Lipschitz budget)
+        nn.init.orthogonal_(linear.weight)
         self.weight, self.bias = linear.weight, linear.bias
         self.coeff = coeff
         self.power_iterations = power_iterations
@@ -143,19 +147,8 @@ class SpectralLinear(nn.Module):
         return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, coeff={self.coeff}"
 
 
-class LipSwish(nn.Module):
-    """``x * sigmoid(beta x) / 1.1`` with learnable ``beta > 0``: 1-Lipschitz and smooth."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.raw_beta = nn.Parameter(torch.tensor(0.5))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(F.softplus(self.raw_beta) * x) / 1.1
-
-
 class ContractiveMLP(nn.Module):
-    """``g(x[, context])`` with ``Lip_x(g) <= lipschitz``: spectral-normalised layers, LipSwish.
+    """``g(x[, context])`` with ``Lip_x(g) <= lipschitz``: spectral-normalised layers, tanh.
 
     Args:
         dim: input and output width.
@@ -179,7 +172,7 @@ class ContractiveMLP(nn.Module):
         self.linears = nn.ModuleList(
             SpectralLinear(a, b, c, power_iterations) for a, b, c in zip(widths[:-1], widths[1:], coeffs)
         )
-        self.activations = nn.ModuleList(LipSwish() for _ in hidden_dims)
+        self.activations = nn.ModuleList(nn.Tanh() for _ in hidden_dims)
         self.context_layer = nn.Linear(context_dim, widths[1]) if context_dim else None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -324,7 +317,7 @@ def residual(
     return ResidualBlock(input_dim, hidden_dims, context_dim, **options)
 
 
-@flow_family(default_layers=6, default_hidden=(64, 64), test_options=dict(log_det="exact", tol=1e-10))
+@flow_family(default_layers=8, default_hidden=(64, 64, 64), test_options=dict(log_det="exact", tol=1e-10))
 def build_residual(
     shape: tuple[int, ...],
     *,
