@@ -157,6 +157,8 @@ class MaskedInvertibleConv(FlowTransform):
     def solve(self, z: torch.Tensor) -> torch.Tensor:
         """``x`` with ``g(x) = z`` by diagonal Newton iteration (no gradient)."""
         tol = self._tol(z.dtype)
+        if z.numel() == 0:
+            return z.clone()
         with torch.no_grad():
             x = z.clone()
             for _ in range(self.max_iter):
@@ -172,6 +174,8 @@ class MaskedInvertibleConv(FlowTransform):
 
     def adjoint_solve(self, gx: torch.Tensor, x: torch.Tensor, diag: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """``v`` with ``J(x)^T v = grad`` by the same iteration (``gx = g(x)`` carries the graph)."""
+        if grad.numel() == 0:
+            return grad.clone()
         tol = self._tol(grad.dtype) * max(1.0, grad.abs().max().item())
         v = grad / diag
         for _ in range(self.max_iter):
