@@ -3,7 +3,13 @@
 from pyroflows.transforms.actnorm import ActNorm, actnorm
 from pyroflows.transforms.autoregressive import Autoregressive
 from pyroflows.transforms.base import BoundTransform, FlowTransform
+from pyroflows.transforms.cnf import ContinuousFlow, cnf
 from pyroflows.transforms.coupling import Coupling, coupling_mask
+from pyroflows.transforms.gaussianization import (
+    HouseholderRotation,
+    MarginalGaussianization,
+    gaussianization,
+)
 from pyroflows.transforms.glow import InvertibleConv1x1, invertible_conv1x1
 from pyroflows.transforms.iaf import inverse_autoregressive
 from pyroflows.transforms.maf import masked_autoregressive
@@ -13,6 +19,7 @@ from pyroflows.transforms.nice import Rescale, additive_coupling
 from pyroflows.transforms.planar import Planar, planar
 from pyroflows.transforms.radial import Radial, radial
 from pyroflows.transforms.realnvp import affine_coupling
+from pyroflows.transforms.residual import ResidualBlock, residual
 
 __all__ = [
     "BoundTransform", "Coupling", "FlowTransform", "Planar", "Radial", "Rescale",
@@ -20,4 +27,6 @@ __all__ = [
     "Autoregressive", "inverse_autoregressive", "masked_autoregressive",
     "ActNorm", "FactorOut", "InvertibleConv1x1", "MaskedInvertibleConv", "Squeeze",
     "actnorm", "invertible_conv1x1", "masked_invertible_conv",
+    "ContinuousFlow", "HouseholderRotation", "MarginalGaussianization", "ResidualBlock",
+    "cnf", "gaussianization", "residual",
 ]
