@@ -60,11 +60,10 @@ from pyroflows.nn.dense import DenseConditioner
 from pyroflows.registry import flow_family
 from pyroflows.transforms.base import FlowTransform, expand_context
 from pyroflows.transforms.numerics import (
-    AUTO_EXACT_MAX_DIM,
     check_choice,
     check_count,
-    check_exact_dim,
     check_positive,
+    exact_or_estimator,
     jacobian,
     rademacher_like,
 )
@@ -106,12 +105,7 @@ class ContinuousFlow(FlowTransform):
         max_num_steps: int = 10_000,
     ) -> None:
         super().__init__((input_dim,), context_dim)
-        check_choice(trace, "trace", TRACE_MODES)
-        if trace == "auto":
-            trace = "exact" if input_dim <= AUTO_EXACT_MAX_DIM else "hutchinson"
-        if trace == "exact":
-            check_exact_dim(input_dim, "trace", "'hutchinson'")
-        self.trace = trace
+        self.trace = exact_or_estimator(trace, "trace", TRACE_MODES, input_dim, "hutchinson")
         self.method = check_choice(method, "method", ADAPTIVE_METHODS + FIXED_METHODS)
         self.rtol = check_positive(rtol, "rtol")
         self.atol = check_positive(atol, "atol")

@@ -68,13 +68,22 @@ def rademacher_like(x: torch.Tensor) -> torch.Tensor:
     return torch.randint_like(x, 2) * 2 - 1
 
 
-def check_exact_dim(dim: int, option: str, alternatives: str) -> None:
-    """``ValueError`` if a brute-force Jacobian is asked for at an infeasible dimension."""
-    if dim > EXACT_MAX_DIM:
+def exact_or_estimator(mode: str, option: str, choices: tuple[str, ...], dim: int, estimator: str) -> str:
+    """Resolve an ``"auto" | "exact" | <estimators>`` option for an event of dimension ``dim``.
+
+    ``"auto"`` becomes ``"exact"`` up to :data:`AUTO_EXACT_MAX_DIM` and ``estimator`` above;
+    ``"exact"`` above :data:`EXACT_MAX_DIM` is a ``ValueError`` naming ``option``.
+    """
+    check_choice(mode, option, choices)
+    if mode == "auto":
+        mode = "exact" if dim <= AUTO_EXACT_MAX_DIM else estimator
+    if mode == "exact" and dim > EXACT_MAX_DIM:
+        others = ", ".join(repr(c) for c in choices if c not in ("auto", "exact"))
         raise ValueError(
             f"{option}='exact' costs {dim} vector-Jacobian products per evaluation; it is allowed "
-            f"up to dimension {EXACT_MAX_DIM}, got {dim}: use {alternatives}"
+            f"up to dimension {EXACT_MAX_DIM}, got {dim}: use {others}"
         )
+    return mode
 
 
 def check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:

@@ -71,11 +71,9 @@ from pyroflows.registry import flow_family
 from pyroflows.transforms.actnorm import ActNorm
 from pyroflows.transforms.base import FlowTransform
 from pyroflows.transforms.numerics import (
-    AUTO_EXACT_MAX_DIM,
-    check_choice,
     check_count,
-    check_exact_dim,
     check_positive,
+    exact_or_estimator,
     jacobian,
     rademacher_like,
 )
@@ -217,12 +215,7 @@ class ResidualBlock(FlowTransform):
     ) -> None:
         super().__init__((input_dim,), context_dim)
         self.lipschitz = check_positive(lipschitz, "lipschitz", below=1.0)
-        check_choice(log_det, "log_det", LOG_DET_MODES)
-        if log_det == "auto":
-            log_det = "exact" if input_dim <= AUTO_EXACT_MAX_DIM else "roulette"
-        if log_det == "exact":
-            check_exact_dim(input_dim, "log_det", "'series' or 'roulette'")
-        self.log_det = log_det
+        self.log_det = exact_or_estimator(log_det, "log_det", LOG_DET_MODES, input_dim, "roulette")
         self.num_terms = check_count(num_terms, "num_terms")
         self.exact_terms = check_count(exact_terms, "exact_terms", minimum=0)
         self.roulette_p = check_positive(roulette_p, "roulette_p", below=1.0)
