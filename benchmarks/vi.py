@@ -28,8 +28,9 @@ import torch
 PYRO_GUIDES = ("AutoNormal", "AutoMultivariateNormal", "AutoIAFNormal", "AutoNormalizingFlow")
 
 
-def make_guide(name: str, model):
-    """AutoFlow of family ``name``, or the Pyro autoguide of that name."""
+def make_guide(name: str, model, num_layers: int | None = None):
+    """AutoFlow of family ``name`` (``num_layers``: the family's default if ``None``), or the
+    Pyro autoguide of that name."""
     from pyro.distributions.transforms import block_autoregressive, iterated
     from pyro.infer import autoguide
 
@@ -41,16 +42,16 @@ def make_guide(name: str, model):
         return autoguide.AutoNormalizingFlow(model, partial(iterated, 2, block_autoregressive))
     if name in PYRO_GUIDES:
         return getattr(autoguide, name)(model)
-    return AutoFlow(model, name)
+    return AutoFlow(model, name, num_layers=num_layers)
 
 
-def run_one(task: tuple[str, str], settings: dict) -> dict:
+def run_one(task: tuple[str, str], settings: dict, num_layers: int | None = None) -> dict:
     from pyroflows import energies
     from pyroflows.commands.vi import fit_and_score
 
     torch.set_num_threads(1)
     target_name, guide_name = task
-    result = fit_and_score(energies.get(target_name), partial(make_guide, guide_name), **settings)
+    result = fit_and_score(energies.get(target_name), partial(make_guide, guide_name, num_layers=num_layers), **settings)
     label = guide_name if guide_name in PYRO_GUIDES else f"AutoFlow({guide_name})"
     print(f"{target_name:3s} {label:28s} KL {result['kl']:.4f} ± {result['kl_se']:.4f}  ({result['train_seconds']:.0f} s)", flush=True)
     return dict(target=target_name, guide=label, **result)
@@ -78,6 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--targets", nargs="+", default=["u1", "u2", "u3", "u4"])
     parser.add_argument("--flows", nargs="+", default=vector, help="AutoFlow families (default: every vector family)")
+    parser.add_argument("--num-layers", type=int, default=None, help="layers of every AutoFlow (family defaults)")
     parser.add_argument("--pyro", nargs="*", default=list(PYRO_GUIDES), help="Pyro autoguides to compare")
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--anneal", type=int, default=1500)
@@ -94,7 +96,7 @@ def main() -> None:
     guides = list(args.pyro) + list(args.flows)
     tasks = [(t, g) for t in args.targets for g in guides]
     with ProcessPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(partial(run_one, settings=settings), tasks))
+        results = list(pool.map(partial(run_one, settings=settings, num_layers=args.num_layers), tasks))
 
     from pyroflows import energies
     from pyroflows.commands.vi import plot_vi
@@ -107,7 +109,8 @@ def main() -> None:
     table = markdown(results, args.targets, labels)
     header = (
         f"KL(q || p) in nats (± standard error, {args.kl_samples} draws of q); {args.steps} SVI steps, "
-        f"{args.particles} particles, first {args.anneal} annealed, seed {args.seed}.\n\n"
+        f"{args.particles} particles, first {args.anneal} annealed, seed {args.seed}; AutoFlow layers: "
+        f"{args.num_layers or 'family defaults'}.\n\n"
     )
     (out / "vi.md").write_text(header + table)
     (out / "vi.json").write_text(json.dumps(dict(settings=settings, results=results), indent=1))
