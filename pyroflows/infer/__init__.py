@@ -7,10 +7,12 @@ from pyroflows.infer.dequantization import (
     bits_per_dim,
 )
 from pyroflows.infer.distill import distill, kl_estimate
+from pyroflows.infer.distributed import sync_gradients
 from pyroflows.infer.fit import fit
 from pyroflows.infer.importance import log_importance_weights, log_mean_exp, reverse_kl
 
 __all__ = [
     "DequantizedFlow", "UniformDequantizer", "VariationalDequantizer", "bits_per_dim",
     "distill", "fit", "kl_estimate", "log_importance_weights", "log_mean_exp", "reverse_kl",
+    "sync_gradients",
 ]
