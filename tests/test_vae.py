@@ -110,7 +110,7 @@ def test_bad_input():
         vae.elbo(binary(4).double())
     with pytest.raises(ValueError, match="likelihood"):
         VAE(12, 3, likelihood="poisson")
-    with pytest.raises(ValueError, match="unknown flow"):
+    with pytest.raises(ValueError, match="posterior"):
         VAE(12, 3, posterior="nope")
     with pytest.raises(ValueError, match="num_flows"):
         VAE(12, 3, num_flows=2)
