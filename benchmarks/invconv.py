@@ -20,6 +20,28 @@ from pyro.distributions.transforms import GeneralizedChannelPermute
 from pyroflows.transforms.glow import InvertibleConv1x1
 
 
+def timings(shape: tuple[int, int, int], batch: int, rounds: int) -> dict[tuple[str, str], float]:
+    """Median seconds of each (direction, implementation) on ``(batch, *shape)`` inputs."""
+    ours, pyro = InvertibleConv1x1(shape), GeneralizedChannelPermute(shape[0])
+    calls = {
+        ("forward", "ours"): lambda z: ours.forward_and_log_det(z),
+        ("forward", "pyro"): lambda z: (pyro(z), pyro.log_abs_det_jacobian(z, z)),
+        ("inverse", "ours"): lambda x: ours.inverse_and_log_det(x),
+        ("inverse", "pyro"): lambda x: pyro.inv(x),
+    }
+    times: dict = {key: [] for key in calls}
+    with torch.no_grad():
+        for _ in range(rounds):
+            keys = list(calls)
+            random.shuffle(keys)
+            for key in keys:
+                inputs = torch.randn(batch, *shape)
+                start = time.perf_counter()
+                calls[key](inputs)
+                times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", default=["16x8x8", "48x16x16"], help="CxHxW")
@@ -31,26 +53,9 @@ def main() -> None:
     print(f"{'shape':<10} {'direction':<9} {'pyroflows ms':>12} {'pyro ms':>9} {'pyro/ours':>9}")
     for text in args.shapes:
         shape = tuple(int(s) for s in text.split("x"))
-        ours, pyro = InvertibleConv1x1(shape), GeneralizedChannelPermute(shape[0])
-        calls = {
-            ("forward", "ours"): lambda z: ours.forward_and_log_det(z),
-            ("forward", "pyro"): lambda z: (pyro(z), pyro.log_abs_det_jacobian(z, z)),
-            ("inverse", "ours"): lambda x: ours.inverse_and_log_det(x),
-            ("inverse", "pyro"): lambda x: pyro.inv(x),
-        }
-        times: dict = {key: [] for key in calls}
-        with torch.no_grad():
-            for _ in range(args.rounds):
-                keys = list(calls)
-                random.shuffle(keys)
-                for key in keys:
-                    inputs = torch.randn(args.batch, *shape)
-                    start = time.perf_counter()
-                    calls[key](inputs)
-                    times[key].append(time.perf_counter() - start)
+        medians = timings(shape, args.batch, args.rounds)
         for direction in ("forward", "inverse"):
-            a = statistics.median(times[(direction, "ours")]) * 1e3
-            b = statistics.median(times[(direction, "pyro")]) * 1e3
+            a, b = medians[(direction, "ours")] * 1e3, medians[(direction, "pyro")] * 1e3
             print(f"{text:<10} {direction:<9} {a:>12.3f} {b:>9.3f} {b / a:>9.2f}")
 
 
