@@ -15,6 +15,15 @@ from pyroflows.transforms.iaf import inverse_autoregressive
 from pyroflows.transforms.maf import masked_autoregressive
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: a second thread only adds contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _randomised(module, std=0.5):
     with torch.no_grad():
         for p in module.parameters():

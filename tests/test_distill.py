@@ -10,6 +10,15 @@ from pyroflows.infer import fit
 from pyroflows.infer.distill import distill, kl_estimate
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: a second thread only adds contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _teacher(dim=2, context_dim=None, perturb=0.4):
     """A MAF pushed well off the identity: a skewed, correlated density."""
     flow = pyroflows.build_flow("maf", dim, num_layers=2, hidden_dims=(16,), context_dim=context_dim)
