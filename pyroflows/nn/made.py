@@ -14,10 +14,9 @@ Why not Pyro's :class:`pyro.nn.AutoRegressiveNN`: inverting an autoregressive la
 takes $D$ full passes. Here hidden units are stored sorted by degree, so
 :meth:`MADE.autoregress` computes each unit exactly *once* while the outputs are generated one
 after the other: a sequential inversion costs about one network pass of arithmetic (in $D$
-small steps) instead of $D$ passes. The sorted units also make every hidden-to-hidden mask block
-lower-triangular, so the parallel pass skips the all-zero upper-right block of those products
-(a quarter of their work). ``benchmarks/flows.py`` measures both against Pyro, zuko, nflows and
-normflows (see ``docs/benchmarks.md``).
+small steps) instead of $D$ passes; ``benchmarks/flows.py`` measures it against Pyro, zuko,
+nflows and normflows (see ``docs/benchmarks.md``). The parallel pass is the same masked MLP as
+Pyro's.
 
 Example:
     >>> made = MADE(4, num_params=2, hidden_dims=(16, 16))
@@ -128,15 +127,6 @@ class MADE(nn.Module):
         # ``autoregress``. They depend on the widths only, never on the ordering.
         self._counts = [torch.bincount(d - low, minlength=needed).tolist() for d in degrees[1:]]
         self._low = low
-        # Hidden-to-hidden masks are block lower-triangular (units sorted by degree): the first
-        # half of a layer's units sees only a prefix of the layer below, so that product skips
-        # the all-zero upper-right block. None where the prefix is the whole layer.
-        self._splits: list[tuple[int, int] | None] = [None] * len(self.layers)
-        for i in range(1, len(hidden_dims)):
-            rows = hidden_dims[i] // 2
-            cols = int((degrees[i] <= degrees[i + 1][rows - 1]).sum()) if rows else hidden_dims[i - 1]
-            if cols < hidden_dims[i - 1]:
-                self._splits[i] = (rows, cols)
         if zero_init:
             nn.init.zeros_(self.layers[-1].weight)
             nn.init.zeros_(self.layers[-1].bias)
@@ -151,16 +141,8 @@ class MADE(nn.Module):
         h = F.linear(x, weights[0], self.layers[0].bias)
         if self.context_layer is not None:
             h = h + self.context_layer(context)
-        for weight, layer, split in zip(weights[1:], self.layers[1:], self._splits[1:]):
-            h = F.relu(h, inplace=True)  # h is this pass's own fresh tensor
-            if split is None:
-                h = F.linear(h, weight, layer.bias)
-            else:
-                rows, cols = split
-                h = torch.cat([
-                    F.linear(h[..., :cols], weight[:rows, :cols], layer.bias[:rows]),
-                    F.linear(h, weight[rows:], layer.bias[rows:]),
-                ], dim=-1)
+        for weight, layer in zip(weights[1:], self.layers[1:]):
+            h = F.linear(F.relu(h, inplace=True), weight, layer.bias)  # h is this pass's own tensor
         return h.split(self.input_dim, dim=-1)
 
     def autoregress(
