@@ -14,14 +14,7 @@ from pyroflows.transforms.elementwise import Affine
 from pyroflows.transforms.iaf import inverse_autoregressive
 from pyroflows.transforms.maf import masked_autoregressive
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: a second thread only adds contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU
 
 
 def _randomised(module, std=0.5):

@@ -3,19 +3,11 @@
 import json
 
 import pytest
-import torch
 
 from pyroflows.benchmark import markdown_table, run_benchmark
 from pyroflows.cli import main
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: a second thread only adds contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU
 
 
 def test_harness_reports_every_library_and_ratio():

@@ -9,14 +9,7 @@ from pyroflows.datasets import toy
 from pyroflows.infer import fit
 from pyroflows.infer.distill import distill, kl_estimate
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: a second thread only adds contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU
 
 
 def _teacher(dim=2, context_dim=None, perturb=0.4):
