@@ -133,7 +133,9 @@ def build_flow(
         name: one of :func:`available_flows`.
         shape: ``D`` for vectors, ``(C, H, W)`` for images.
         num_layers: number of layers (family default if ``None``).
-        hidden_dims: widths of the conditioner networks (family default if ``None``).
+        hidden_dims: widths of the conditioner networks (if ``None``: the family default, each
+            width raised to at least ``2 * D`` for ``D``-dimensional vectors, so MADE-style
+            networks can connect every output).
         context_dim: width of a context vector for a conditional flow ``p(x | context)``.
         **family_options: options of the family's builder (see its docs).
 
@@ -157,7 +159,9 @@ def build_flow(
     if len(shape) == 1 and shape[0] < spec.min_dim:
         raise ValueError(f"flow {name!r} needs shape >= {spec.min_dim}, got {shape[0]}")
     num_layers = _positive_int(spec.default_layers if num_layers is None else num_layers, "num_layers")
-    hidden = normalize_hidden(spec.default_hidden if hidden_dims is None else hidden_dims)
+    if hidden_dims is None:  # the family default, widened so networks over D inputs stay wide enough
+        hidden_dims = tuple(max(h, 2 * shape[0]) for h in spec.default_hidden) if len(shape) == 1 else spec.default_hidden
+    hidden = normalize_hidden(hidden_dims)
     if context_dim is not None:
         _positive_int(context_dim, "context_dim")
         if not spec.conditional:

@@ -152,3 +152,17 @@ def test_transforms_validate_their_inputs_under_pyro_validation(name):
     with pyro.validation_enabled(False):  # the hot path pays nothing and checks nothing
         assert torch.isnan(layer(torch.full((2, 3), float("nan")))).all()
     assert layer(torch.randn(2, 3)).shape == (2, 3)  # still usable
+
+
+@pytest.mark.parametrize("mask", ["half", "alternate"])
+@pytest.mark.parametrize("dim", [1, 4, 5])
+def test_coupling_masks_invert_and_match_autograd(mask, dim):
+    flow = build_flow("realnvp", dim, num_layers=3, hidden_dims=(8,), mask=mask).double()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    z = torch.randn(dim, dtype=torch.float64)
+    x, ladj = flow.forward_and_log_det(z)
+    assert torch.allclose(flow.inverse_and_log_det(x)[0], z, atol=1e-10)
+    jac = torch.autograd.functional.jacobian(lambda v: flow.forward_and_log_det(v)[0], z)
+    assert torch.allclose(ladj, torch.linalg.slogdet(jac)[1], atol=1e-10)

@@ -99,6 +99,14 @@ class Coupling(FlowTransform):
             self.register_buffer("idx_a", idx_a)
             self.register_buffer("idx_b", idx_b)
             self.register_buffer("merge", torch.argsort(torch.cat([idx_a, idx_b])))
+            # a contiguous split ("half" masks) is sliced and concatenated: no gather, no scatter
+            dim, k = mask.shape[0], len(idx_a)
+            if torch.equal(idx_a, torch.arange(k)):
+                self._halves: tuple[slice, slice, bool] | None = (slice(0, k), slice(k, dim), True)
+            elif torch.equal(idx_b, torch.arange(dim - k)):
+                self._halves = (slice(dim - k, dim), slice(0, dim - k), False)
+            else:
+                self._halves = None
             self.conditioner = DenseConditioner(
                 len(idx_a), [len(idx_b)] * num_params, hidden_dims, context_dim
             )
@@ -113,10 +121,15 @@ class Coupling(FlowTransform):
         apply = self.elementwise.inverse if inverse else self.elementwise.forward
         batch = inputs.shape[: inputs.dim() - self.event_dim]
         if self.event_dim == 1:
-            a, b = inputs[..., self.idx_a], inputs[..., self.idx_b]
+            if self._halves is None:
+                a, b = inputs[..., self.idx_a], inputs[..., self.idx_b]
+            else:
+                a, b = inputs[..., self._halves[0]], inputs[..., self._halves[1]]
             params = self.conditioner(a, expand_context(context, batch))
             out_b, ladj = apply(b, params)
-            return torch.cat([a, out_b], dim=-1)[..., self.merge], ladj.sum(-1)
+            if self._halves is None:
+                return torch.cat([a, out_b], dim=-1)[..., self.merge], ladj.sum(-1)
+            return torch.cat([a, out_b] if self._halves[2] else [out_b, a], dim=-1), ladj.sum(-1)
         mask = self.mask.to(inputs.dtype)
         params = self.conditioner(inputs * mask, expand_context(context, batch))
         out, ladj = apply(inputs, params)
