@@ -86,7 +86,8 @@ class Flow(nn.Module):
 
     def base_dist(self, batch_shape: Sequence[int] = ()) -> dist.Distribution:
         """The standard-Normal base with batch shape ``batch_shape``."""
-        base = dist.Normal(self.base_loc, self.base_scale).to_event(self.event_dim)
+        # validate_args=False: inputs are checked once by the flow; z is produced internally
+        base = dist.Normal(self.base_loc, self.base_scale, validate_args=False).to_event(self.event_dim)
         return base.expand(torch.Size(batch_shape)) if len(batch_shape) else base
 
     # -- validation ----------------------------------------------------------------------
