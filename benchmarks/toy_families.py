@@ -2,7 +2,7 @@
 and MAF on the 2-D toys, every family trained by `pyroflows.infer.fit` with the same budget
 (steps, batch size, learning rate, Adam + cosine schedule, best-validation checkpoint).
 
-    python benchmarks/toy_families.py --data checkerboard rings 8gaussians --steps 2000
+    python benchmarks/toy_families.py --data checkerboard rings 8gaussians --steps 1000
 
 One row per (dataset, family): test NLL in nats on 2,500 held-out points, parameters, seconds per
 training step (wall clock, this machine, one thread) and the gap to the best of RealNVP / MAF.
@@ -28,7 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", nargs="+", default=["checkerboard", "rings", "8gaussians"])
     parser.add_argument("--families", nargs="+", default=FAMILIES)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
