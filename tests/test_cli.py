@@ -57,3 +57,12 @@ def test_console_script_runs_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pyroflows.cli", "fit", "--flow", "nope", "--out", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_sample_and_vi_take_the_common_data_flag(tmp_path, capsys):
+    # --data is the common name (DESIGN.md); --target is the descriptive alias
+    assert main(["sample", "--data", "banana", "--steps", "20", "--warmup", "10", "--chains", "8",
+                 "--json", "--quiet", "--out", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["target"] == "banana"
+    assert main(["vi", "--data", "u1", "--flow", "planar", "--steps", "5", "--json", "--quiet", "--out", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["target"] == "u1"

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from pyroflows import energies
 
     add_common_arguments(parser, steps=1000)
-    parser.add_argument("--target", default="u2", choices=energies.available(), help="energy target (default: u2)")
+    parser.add_argument("--target", "--data", dest="target", default="u2", choices=energies.available(), help="energy target (default: u2)")
     parser.add_argument("--kernel", default="hmc", choices=KERNELS, help="sampler (default: hmc; gibbs is exact on ising, Metropolis-within-Gibbs otherwise)")
     parser.add_argument("--chains", type=int, default=256, help="chains run together (default: 256)")
     parser.add_argument("--warmup", type=int, default=500, help="adaptation steps, discarded (default: 500)")

@@ -30,7 +30,7 @@ WINDOW = (-4.0, 4.0, -4.0, 4.0)  # Rezende & Mohamed's plotting window
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``pyroflows vi``."""
     add_common_arguments(parser, flow="iaf", steps=2000)
-    parser.add_argument("--target", default="u2", choices=TARGETS, help="2-D energy target (default: u2)")
+    parser.add_argument("--target", "--data", dest="target", default="u2", choices=TARGETS, help="2-D energy target (default: u2)")
     parser.add_argument("--num-layers", type=int, default=None, help="flow layers (family default)")
     parser.add_argument("--hidden", type=int, nargs="+", default=None, help="hidden widths (family default)")
     parser.add_argument("--particles", type=int, default=64, help="ELBO particles per step (default: 64)")
