@@ -166,3 +166,23 @@ def test_coupling_masks_invert_and_match_autograd(mask, dim):
     assert torch.allclose(flow.inverse_and_log_det(x)[0], z, atol=1e-10)
     jac = torch.autograd.functional.jacobian(lambda v: flow.forward_and_log_det(v)[0], z)
     assert torch.allclose(ladj, torch.linalg.slogdet(jac)[1], atol=1e-10)
+
+
+def test_scoring_a_dist_sample_does_not_invert():
+    # IAF's inverse is sequential; scoring its own sample must reuse the forward pass
+    flow = build_flow("iaf", 4, num_layers=2, hidden_dims=(16,))
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    d = flow.dist()
+    x = d.rsample((5,))
+    calls = []
+    for layer in flow.layers:
+        original = layer.inverse_and_log_det
+        layer.inverse_and_log_det = lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k)
+    lp = d.log_prob(x)
+    assert not calls
+    assert torch.allclose(lp, flow.log_prob(x.detach().clone()), atol=1e-4)
+    calls.clear()
+    d.log_prob(x.detach().clone())  # a new tensor is always inverted for real
+    assert len(calls) == len(flow.layers)

@@ -31,7 +31,10 @@ class FlowTransform(TransformModule, ConditionalTransform):
 
     Subclasses implement :meth:`forward_and_log_det` and :meth:`inverse_and_log_det`. The log
     determinant that Pyro asks for after a call is taken from that call (matched by tensor
-    identity, never by value), so ``TransformedDistribution.log_prob`` costs one pass.
+    identity, never by value), so ``TransformedDistribution.log_prob`` costs one pass; and
+    inverting the very tensor the layer just produced returns its input, so scoring a
+    distribution's own sample (``pyro.sample`` of ``flow.dist()``) never runs a sequential
+    inverse. Only that one tensor object is remembered: a new tensor is always recomputed.
     """
 
     bijective = True
@@ -85,6 +88,9 @@ class FlowTransform(TransformModule, ConditionalTransform):
         if is_validation_enabled():
             self._validate(inputs, context)
         if inverse:
+            last = self._last
+            if last is not None and last[1] is inputs:  # inverting this layer's own output
+                return last[0]
             z, ladj = self.inverse_and_log_det(inputs, context)
             self._last = (z, inputs, ladj)
             return z
