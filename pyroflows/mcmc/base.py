@@ -13,12 +13,15 @@ them as arviz chains directly and records every statistic.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from pyro import poutine
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
+from pyro.poutine.subsample_messenger import _Subsample
 
 Energy = Callable[[torch.Tensor], torch.Tensor]
 
@@ -38,6 +41,22 @@ def check_probability(value: Any, name: str) -> None:
 def log_accept_prob(log_ratio: torch.Tensor) -> torch.Tensor:
     """$\\log \\min(1, r)$, with NaN (a non-finite proposal) mapped to $-\\infty$."""
     return torch.nan_to_num(log_ratio.clamp(max=0.0), nan=-math.inf)
+
+
+def _reject_model(trace: Any) -> None:
+    """Raise ``TypeError`` if ``trace`` (of an "energy" call) holds latent sample sites: the
+    callable is a Pyro model, which the kernels take by keyword."""
+    sites = [
+        name
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and not isinstance(site["fn"], _Subsample)
+    ]
+    if sites:
+        raise TypeError(
+            f"the energy looks like a Pyro model (latent sample sites {', '.join(sites[:5])}): "
+            "pass it by keyword, e.g. HMC(model=fn), and its arguments as "
+            "mcmc.sample(..., model_args=...)"
+        )
 
 
 def _expand_as(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -60,11 +79,16 @@ class BatchedKernel(MCMCKernel):
     #: the name of the kernel's single Pyro site
     site = "x"
 
-    def __init__(self, energy: Energy) -> None:
-        if not callable(energy):
-            raise TypeError(f"energy must be callable (x -> Tensor[batch]), got {type(energy).__name__}")
-        self.energy = energy
-        self.model = None  # what Pyro's MCMC and arviz.from_pyro look for
+    def __init__(self, energy: Energy | None = None, *, model: Callable | None = None) -> None:
+        if (energy is None) == (model is None):
+            raise TypeError("give an energy (positionally) or a Pyro model (model=...), exactly one")
+        if model is not None and not callable(model):
+            raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
+        self.energy: Energy | None = None
+        if energy is not None:
+            self.bind(energy)
+        self.model = model  # the Pyro model (what Pyro's MCMC and arviz.from_pyro look for)
+        self.generator: torch.Generator | None = None
         self.transforms: dict = {}
         self.x: torch.Tensor | None = None
         self.u: torch.Tensor | None = None
@@ -73,6 +97,29 @@ class BatchedKernel(MCMCKernel):
         self.num_energy_calls = 0
         self.num_energy_evals = 0
         self._reset_run()
+
+    def bind(self, energy: Energy) -> BatchedKernel:
+        """Make ``energy`` the kernel's target (the model path binds its potential here).
+
+        Args:
+            energy: batched energy ``energy(x) -> Tensor[batch]``.
+
+        Returns:
+            the kernel itself.
+        """
+        if not callable(energy):
+            raise TypeError(f"energy must be callable (x -> Tensor[batch]), got {type(energy).__name__}")
+        try:
+            inspect.signature(energy).bind(None)
+        except TypeError:
+            raise TypeError(
+                "energy must be callable with one argument x (x -> Tensor[batch]); "
+                "a Pyro model goes in by keyword: model=..."
+            ) from None
+        except ValueError:  # no signature to inspect (some builtins): checked at first call
+            pass
+        self.energy = energy
+        return self
 
     # -- Pyro's MCMCKernel interface -----------------------------------------------------
     def setup(self, warmup_steps: int, *args: Any, **kwargs: Any) -> None:
@@ -150,8 +197,18 @@ class BatchedKernel(MCMCKernel):
         if not torch.isfinite(x).all():
             raise ValueError("init contains NaN or inf")
         x = x.detach()
+        if self.generator is None or self.generator.device != x.device:
+            # under pyro.infer.MCMC: a generator seeded from torch's, so pyro.set_rng_seed holds
+            seed = int(torch.randint(2**62, (), device="cpu"))
+            self.generator = torch.Generator(device=x.device).manual_seed(seed)
         self.event_dim = x.dim() - 1
-        u = self.evaluate(x)
+        with poutine.trace() as tracer:  # a Pyro model passed as an energy shows sample sites
+            try:
+                u = self.evaluate(x)
+            except Exception:
+                _reject_model(tracer.trace)
+                raise
+        _reject_model(tracer.trace)
         bad = ~torch.isfinite(u)
         if bad.any():
             chains = bad.nonzero().flatten().tolist()
@@ -199,11 +256,19 @@ class BatchedKernel(MCMCKernel):
         """
         finite = torch.isfinite(u_new) & torch.isfinite(x_new.flatten(1)).all(1) & ~torch.isnan(log_ratio)
         log_prob = torch.where(finite, log_accept_prob(log_ratio), -math.inf)
-        accepted = torch.rand_like(log_prob).log() < log_prob
+        accepted = self.rand(log_prob).log() < log_prob
         self.x = torch.where(_expand_as(accepted, x_new), x_new, self.x)
         self.u = torch.where(accepted, u_new, self.u)
         chosen = tuple(torch.where(_expand_as(accepted, new), new, old) for old, new in extra)
         return (log_prob.exp(), accepted, ~finite, *chosen)
+
+    def randn(self, like: torch.Tensor) -> torch.Tensor:
+        """Standard normal draws shaped like ``like``, from the run's generator."""
+        return torch.randn(like.shape, generator=self.generator, device=like.device, dtype=like.dtype)
+
+    def rand(self, like: torch.Tensor) -> torch.Tensor:
+        """Uniform draws in [0, 1) shaped like ``like``, from the run's generator."""
+        return torch.rand(like.shape, generator=self.generator, device=like.device, dtype=like.dtype)
 
     # -- hooks ---------------------------------------------------------------------------
     def _reset_run(self) -> None:

@@ -12,107 +12,200 @@ import torch
 from tqdm.auto import tqdm
 
 from pyroflows.mcmc.base import BatchedKernel
+from pyroflows.validation import check_int
 
 #: per-draw statistics recorded in ``sample_stats`` (arviz names where arviz has one)
-STATS = ("acceptance_rate", "step_size", "diverging", "energy", "lp", "nonfinite")
+STATS = ("acceptance_rate", "step_size", "diverging", "energy", "nonfinite")
 
 
-def _count(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
+    """The ``torch.Generator`` a run owns, on ``device``: seeded with ``seed``, or (``None``)
+    with a seed drawn from torch's global generator, so ``torch.manual_seed`` /
+    ``pyro.set_rng_seed`` still make runs repeatable. Never reseeds the global generator."""
+    if seed is None:
+        seed = int(torch.randint(2**62, (), device="cpu"))
+    else:
+        seed = check_int(seed, "seed", minimum=0)
+    return torch.Generator(device=device).manual_seed(seed)
 
 
-def sample(
+def run_chains(
     kernel: BatchedKernel,
     init: torch.Tensor,
     num_samples: int,
     *,
-    warmup_steps: int | None = None,
+    warmup_steps: int,
     thinning: int = 1,
     progress: bool = True,
-    seed: int | None = None,
-) -> az.InferenceData:
-    """Run ``kernel`` from ``init`` and collect ``num_samples`` draws of every chain.
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+    """Run ``kernel`` from ``init``: the loop both the energy and the model path of [`sample`][pyroflows.mcmc.sample] use.
 
     Args:
-        kernel: a pyroflows kernel (:class:`HMC`, :class:`SGLD`, :class:`MH`, :class:`Gibbs`).
-        init: starting points, ``(num_chains, *event_shape)``; every chain's energy must be finite.
-            The draws live on ``init``'s device.
+        kernel: a pyroflows kernel with its energy bound.
+        init: starting points ``(num_chains, *event_shape)`` (finite energy at every chain).
         num_samples: draws kept per chain (after warm-up and thinning).
-        warmup_steps: adaptation steps, discarded (default: ``num_samples``, as Pyro does).
+        warmup_steps: adaptation steps, discarded.
         thinning: keep every ``thinning``-th step.
-        progress: show a tqdm progress bar with the running acceptance rate.
-        seed: seed torch's global generator first (``None``: leave it).
+        progress: show a tqdm progress bar.
+        generator: the source of every random number of the run (default: one seeded from
+            torch's global generator).
 
     Returns:
-        ``InferenceData`` with ``posterior["x"]`` of dims ``(chain, draw, x_dim_0, ...)`` and
-        ``sample_stats``: ``acceptance_rate`` (the MH acceptance probability, 1 for exact
-        updates), ``step_size``, ``diverging``, ``energy`` (the target's $U(x)$ — not a
-        Hamiltonian), ``lp`` ($-U(x)$) and ``nonfinite`` (proposals rejected for a non-finite
-        energy since the previous draw). Its ``attrs`` hold ``sampling_time`` (seconds,
-        warm-up included), ``num_energy_calls`` (batched calls), ``num_energy_evals`` (points
-        evaluated, summed over chains), ``warmup_nonfinite`` and the kernel's name.
+        ``draws`` of shape ``(num_samples, num_chains, *event_shape)``; ``stats``: name ->
+        ``(num_chains, num_samples)`` tensors (see [`STATS`][pyroflows.mcmc.driver.STATS]);
+        ``attrs``: ``sampling_time`` (seconds, warm-up included), ``num_energy_calls``,
+        ``num_energy_evals``, ``warmup_nonfinite``, ``kernel``, ``warmup_steps``, ``thinning``.
     """
     if not isinstance(kernel, BatchedKernel):
         raise TypeError(f"kernel must be a pyroflows.mcmc kernel, got {type(kernel).__name__}")
-    _count(num_samples, "num_samples", 1)
-    warmup_steps = num_samples if warmup_steps is None else _count(warmup_steps, "warmup_steps", 0)
-    _count(thinning, "thinning", 1)
-    if seed is not None:
-        torch.manual_seed(seed)
+    if kernel.energy is None:
+        raise ValueError("the kernel has no energy bound: pass the model through mcmc.sample")
+    check_int(num_samples, "num_samples", minimum=1)
+    check_int(warmup_steps, "warmup_steps", minimum=0)
+    check_int(thinning, "thinning", minimum=1)
+    if generator is None:
+        device = init.device if isinstance(init, torch.Tensor) else "cpu"
+        generator = make_generator(None, device)
     calls, evals = kernel.num_energy_calls, kernel.num_energy_evals
     start = time.perf_counter()
+    kernel.generator = generator
     kernel.setup(warmup_steps)
     kernel.initial_params = {kernel.site: init}
     params = kernel.initial_params
     draws = init.new_empty((num_samples, *init.shape))
-    stats: dict[str, list[torch.Tensor]] = {name: [] for name in STATS}
-    nonfinite = torch.zeros(init.shape[0], dtype=torch.long, device=init.device)
-    warmup_nonfinite = 0
+    num_chains = init.shape[0]
+    stats = {name: init.new_empty((num_samples, num_chains)) for name in STATS}
+    stats["diverging"] = init.new_empty((num_samples, num_chains), dtype=torch.bool)
+    stats["nonfinite"] = init.new_empty((num_samples, num_chains), dtype=torch.long)
+    nonfinite = init.new_zeros(num_chains, dtype=torch.long)
+    warmup_nonfinite = init.new_zeros((), dtype=torch.long)
     total = warmup_steps + num_samples * thinning
     bar = tqdm(range(total), disable=not progress, desc="warmup" if warmup_steps else "sample", leave=False)
     for t in bar:
         params = kernel.sample(params)
         nonfinite += kernel.stats["nonfinite"].long()
         if t == warmup_steps - 1:
-            warmup_nonfinite = int(nonfinite.sum())
-            nonfinite.zero_()
+            warmup_nonfinite = nonfinite.sum()
+            nonfinite = torch.zeros_like(nonfinite)
             bar.set_description("sample")
         kept = t - warmup_steps + 1
         if kept > 0 and kept % thinning == 0:
             i = kept // thinning - 1
             draws[i] = params[kernel.site]
-            _record(stats, kernel.stats, nonfinite)
+            _record(stats, i, kernel.stats, nonfinite)
             nonfinite = torch.zeros_like(nonfinite)
         if progress and t % 100 == 0:
             bar.set_postfix(acc=f"{kernel.stats['accept_prob'].mean().item():.2f}")
-    elapsed = time.perf_counter() - start
-    posterior = {kernel.site: np.swapaxes(draws.detach().cpu().numpy(), 0, 1)}
-    sample_stats = {name: torch.stack(values, 1).cpu().numpy() for name, values in stats.items()}
     attrs = {
-        "sampling_time": elapsed,
+        "sampling_time": time.perf_counter() - start,
         "num_energy_calls": kernel.num_energy_calls - calls,
         "num_energy_evals": kernel.num_energy_evals - evals,
-        "warmup_nonfinite": warmup_nonfinite,
+        "warmup_nonfinite": int(warmup_nonfinite),
         "kernel": type(kernel).__name__,
         "warmup_steps": warmup_steps,
         "thinning": thinning,
     }
+    return draws, {name: value.T for name, value in stats.items()}, attrs
+
+
+def sample(
+    kernel: BatchedKernel,
+    init: Any = None,
+    num_samples: int | None = None,
+    *,
+    warmup_steps: int | None = None,
+    num_chains: int | None = None,
+    thinning: int = 1,
+    progress: bool = True,
+    seed: int | None = None,
+    model_args: tuple = (),
+    model_kwargs: dict[str, Any] | None = None,
+) -> az.InferenceData:
+    """Run ``kernel`` on its energy, or on its Pyro model, and collect ``num_samples`` draws of every chain.
+
+    Args:
+        kernel: a pyroflows kernel ([`HMC`][pyroflows.mcmc.HMC], [`SGLD`][pyroflows.mcmc.SGLD],
+            [`MH`][pyroflows.mcmc.MH], [`Gibbs`][pyroflows.mcmc.Gibbs]).
+        init: for an energy, the starting points ``(num_chains, *event_shape)`` (every chain's
+            energy finite; the draws live on its device). For a model: a Pyro init strategy, a
+            ``{site: value}`` dict, or ``None``.
+        num_samples: draws kept per chain (after warm-up and thinning).
+        warmup_steps: adaptation steps, discarded (default: ``num_samples``, as Pyro does).
+        num_chains: chains to run (a model needs it; an energy takes it from ``init``).
+        thinning: keep every ``thinning``-th step.
+        progress: show a tqdm progress bar with the running acceptance rate.
+        seed: seed of the ``torch.Generator`` the run owns (``None``: drawn from torch's global
+            generator, which is never reseeded).
+        model_args: positional arguments of the kernel's model.
+        model_kwargs: keyword arguments of the kernel's model.
+
+    Returns:
+        For an energy, ``InferenceData`` with ``posterior["x"]`` of dims ``(chain, draw, x_dim_0,
+        ...)`` and ``sample_stats``: ``acceptance_rate`` (the MH acceptance probability, 1 for
+        exact updates), ``step_size``, ``diverging``, ``energy`` (the target's $U(x)$ — not a
+        Hamiltonian), ``lp`` ($-U(x)$) and ``nonfinite`` (proposals rejected for a non-finite
+        energy since the previous draw). Its ``attrs`` hold ``sampling_time`` (seconds, warm-up
+        included), ``num_energy_calls`` (batched calls), ``num_energy_evals`` (points evaluated,
+        summed over chains), ``warmup_nonfinite`` and the kernel's name. For a model, every
+        latent and deterministic site by name, constrained, with ``log_likelihood`` and
+        ``observed_data`` as well.
+    """
+    if not isinstance(kernel, BatchedKernel):
+        raise TypeError(f"kernel must be a pyroflows.mcmc kernel, got {type(kernel).__name__}")
+    if num_samples is None:
+        raise ValueError("num_samples must be given (an int >= 1)")
+    if num_chains is not None:
+        check_int(num_chains, "num_chains", minimum=1)
+    if getattr(kernel, "model", None) is not None:
+        from pyroflows.mcmc.models import sample_model
+
+        return sample_model(
+            kernel, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains,
+            init=init, seed=seed, progress=progress, thinning=thinning,
+            model_args=model_args, model_kwargs=model_kwargs or {},
+        )
+    if model_args or model_kwargs:
+        raise ValueError("model_args and model_kwargs need a kernel built with model=...")
+    init = _energy_init(kernel, init, num_chains)
+    check_int(num_samples, "num_samples", minimum=1)
+    warmup_steps = num_samples if warmup_steps is None else check_int(warmup_steps, "warmup_steps", minimum=0)
+    generator = make_generator(seed, init.device)
+    draws, stats, attrs = run_chains(
+        kernel, init, num_samples, warmup_steps=warmup_steps, thinning=thinning, progress=progress, generator=generator
+    )
+    posterior = {kernel.site: np.swapaxes(draws.detach().cpu().numpy(), 0, 1)}
+    sample_stats = {name: value.cpu().numpy() for name, value in stats.items()}
+    sample_stats["lp"] = -sample_stats["energy"]
     with warnings.catch_warnings():  # arviz warns whenever chains outnumber draws, our usual case
         warnings.filterwarnings("ignore", message="More chains")
         return az.from_dict(posterior=posterior, sample_stats=sample_stats, attrs=attrs)
 
 
-def _record(stats: dict[str, list[torch.Tensor]], step: dict[str, torch.Tensor], nonfinite: torch.Tensor) -> None:
+def _energy_init(kernel: BatchedKernel, init: Any, num_chains: int | None) -> torch.Tensor:
+    """The chains' starting points on the energy path: ``init``, or (``None``) uniform draws in
+    ``[-2, 2]`` (Stan's default) for an energy with an ``event_shape`` and a ``num_chains``."""
+    if init is None:
+        event_shape = getattr(kernel.energy, "event_shape", None)
+        if event_shape is None or num_chains is None:
+            raise ValueError("init must be given (num_chains, *event_shape), or num_chains for an energy with an event_shape")
+        anchor = next(iter(getattr(kernel.energy, "buffers", lambda: iter(()))()), None)
+        like = anchor if anchor is not None and anchor.is_floating_point() else torch.zeros((), device="cpu")
+        return 4 * torch.rand((num_chains, *event_shape), device=like.device, dtype=like.dtype) - 2
+    if num_chains is not None and isinstance(init, torch.Tensor) and init.dim() >= 1 and init.shape[0] != num_chains:
+        raise ValueError(f"num_chains ({num_chains}) must match init's first dimension ({init.shape[0]})")
+    return init
+
+
+def _record(stats: dict[str, torch.Tensor], i: int, step: dict[str, torch.Tensor], nonfinite: torch.Tensor) -> None:
+    """Write one draw's statistics into row ``i`` of the preallocated ``(num_samples, C)`` tensors."""
     energy = step["energy"]
     step_size = step.get("step_size", torch.full_like(energy, float("nan")))
-    stats["acceptance_rate"].append(step["accept_prob"].to(energy))
-    stats["step_size"].append(step_size.to(energy).flatten().mean().expand_as(energy))
-    stats["diverging"].append(step["diverging"])
-    stats["energy"].append(energy)
-    stats["lp"].append(-energy)
-    stats["nonfinite"].append(nonfinite)
+    stats["acceptance_rate"][i] = step["accept_prob"].to(energy)
+    stats["step_size"][i] = step_size.to(energy).flatten().mean().expand_as(energy)
+    stats["diverging"][i] = step["diverging"]
+    stats["energy"][i] = energy
+    stats["nonfinite"][i] = nonfinite
 
 
 def summarize(idata: az.InferenceData) -> dict[str, float]:

@@ -112,7 +112,7 @@ class Gibbs(BatchedKernel):
             finite = torch.isfinite(u)
             nonfinite += (~finite).sum(1)
             logits = torch.where(finite, -u, -torch.inf)
-            gumbel = -torch.log(-torch.log(torch.rand_like(logits).clamp_min(1e-30)))
+            gumbel = -torch.log(-torch.log(self.rand(logits).clamp_min(1e-30)))
             k = (logits + gumbel).argmax(1)
             flat[:, i] = values[k]
             self.u = u.gather(1, k[:, None])[:, 0]
@@ -125,7 +125,7 @@ class Gibbs(BatchedKernel):
         accept_probs, nonfinite = [], torch.zeros_like(self.u, dtype=torch.long)
         for i in range(scales.numel()):
             x = self.x.reshape(flat_shape).clone()
-            x[:, i] += scales[i] * torch.randn_like(x[:, i])
+            x[:, i] += scales[i] * self.randn(x[:, i])
             x = x.reshape(self.x.shape)
             u = self.evaluate(x)
             accept_prob, _, bad = self.accept(x, u, self.u - u)

@@ -35,6 +35,8 @@ No-U-Turn Sampler*, JMLR.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from pyroflows.mcmc.adapt import Adapter
@@ -72,7 +74,7 @@ class HMC(BatchedKernel):
 
     def __init__(
         self,
-        energy: Energy,
+        energy: Energy | None = None,
         step_size: float = 0.1,
         num_steps: int = 10,
         adapt_step_size: bool = True,
@@ -80,6 +82,8 @@ class HMC(BatchedKernel):
         target_accept_prob: float | None = None,
         max_energy_error: float = 1000.0,
         jitter: float = 0.0,
+        *,
+        model: Callable | None = None,
     ) -> None:
         check_positive(step_size, "step_size")
         check_positive(num_steps, "num_steps", int)
@@ -89,7 +93,7 @@ class HMC(BatchedKernel):
         if target_accept_prob is None:
             target_accept_prob = 0.574 if num_steps == 1 else 0.8
         check_probability(target_accept_prob, "target_accept_prob")
-        super().__init__(energy)
+        super().__init__(energy, model=model)
         self.num_steps, self.max_energy_error, self.jitter = num_steps, float(max_energy_error), jitter
         self.adapter = Adapter(step_size, target_accept_prob, adapt_step_size, adapt_mass_matrix, self._find_step_size)
 
@@ -114,7 +118,7 @@ class HMC(BatchedKernel):
     def _leapfrog(self, step_size: torch.Tensor, num_steps: int) -> tuple[torch.Tensor, ...]:
         """From the current chains with fresh momenta: ``(x', u', grad', delta_H)``."""
         inv_mass = self.adapter.variance
-        p = torch.randn_like(self.x) / inv_mass.sqrt()
+        p = self.randn(self.x) / inv_mass.sqrt()
         h0 = self.u + self._kinetic(p)
         x, grad = self.x, self.grad
         for _ in range(num_steps):
@@ -142,7 +146,7 @@ class HMC(BatchedKernel):
     def _step(self) -> dict[str, torch.Tensor]:
         step_size = self.adapter.step_size
         if self.jitter:
-            step_size = step_size * (1 + self.jitter * (2 * torch.rand_like(self.u) - 1)).reshape((-1,) + (1,) * self.event_dim)
+            step_size = step_size * (1 + self.jitter * (2 * self.rand(self.u) - 1)).reshape((-1,) + (1,) * self.event_dim)
         x, u, grad, delta = self._leapfrog(step_size, self.num_steps)
         accept_prob, _, nonfinite, self.grad = self.accept(x, u, -delta, (self.grad, grad))
         diverging = ~(delta < self.max_energy_error)

@@ -26,6 +26,8 @@ Metropolis algorithm*; Tierney (1994), *Markov chains for exploring posterior di
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import math
 from typing import Any
 
@@ -59,7 +61,7 @@ class MH(BatchedKernel):
 
     def __init__(
         self,
-        energy: Energy,
+        energy: Energy | None = None,
         proposal: Any = None,
         scale: float | None = None,
         adapt_scale: bool = True,
@@ -68,6 +70,8 @@ class MH(BatchedKernel):
         refit_every: int | None = None,
         refit_steps: int = 100,
         refit_lr: float = 1e-3,
+        *,
+        model: Callable | None = None,
     ) -> None:
         if scale is not None:
             check_positive(scale, "scale")
@@ -83,7 +87,7 @@ class MH(BatchedKernel):
 
             if not isinstance(proposal, Flow):
                 raise ValueError("refit_every needs a pyroflows Flow as the proposal")
-        super().__init__(energy)
+        super().__init__(energy, model=model)
         self.proposal, self.scale = proposal, scale
         self.refit_every, self.refit_steps, self.refit_lr = refit_every, refit_steps, refit_lr
         self.target_accept_prob = target_accept_prob
@@ -111,7 +115,7 @@ class MH(BatchedKernel):
     def _step(self) -> dict[str, torch.Tensor]:
         if self.proposal is None:
             scale = self.adapter.step_size
-            x = self.x + scale * self.adapter.variance.sqrt() * torch.randn_like(self.x)
+            x = self.x + scale * self.adapter.variance.sqrt() * self.randn(self.x)
             u = self.evaluate(x)
             accept_prob, _, nonfinite = self.accept(x, u, self.u - u)
             self.adapter.step(self.x, accept_prob)

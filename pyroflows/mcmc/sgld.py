@@ -24,6 +24,8 @@ dynamics for deep neural networks*, AAAI.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from pyroflows.mcmc.base import BatchedKernel, Energy, check_positive
@@ -49,13 +51,15 @@ class SGLD(BatchedKernel):
 
     def __init__(
         self,
-        energy: Energy,
+        energy: Energy | None = None,
         step_size: float = 1e-2,
         decay: float = 0.55,
         decay_steps: float = 1000.0,
         preconditioned: bool = False,
         alpha: float = 0.99,
         eps: float = 1e-5,
+        *,
+        model: Callable | None = None,
     ) -> None:
         check_positive(step_size, "step_size")
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
@@ -64,7 +68,7 @@ class SGLD(BatchedKernel):
         check_positive(eps, "eps")
         if not 0 <= alpha < 1:
             raise ValueError(f"alpha must lie in [0, 1), got {alpha!r}")
-        super().__init__(energy)
+        super().__init__(energy, model=model)
         self.initial_step_size, self.decay, self.decay_steps = float(step_size), float(decay), float(decay_steps)
         self.preconditioned, self.alpha, self.eps = preconditioned, float(alpha), float(eps)
         self._iteration = 0  # the schedule runs on across warm-up and sampling
@@ -85,7 +89,7 @@ class SGLD(BatchedKernel):
             precond = 1 / (self.eps + square_avg.sqrt())
         else:
             square_avg, precond = self.square_avg, 1.0
-        noise = torch.randn_like(self.x) * (step * precond) ** 0.5
+        noise = self.randn(self.x) * (step * precond) ** 0.5
         x = self.x - 0.5 * step * precond * self.grad + noise
         u, grad = self.evaluate(x, grad=True)
         u = torch.where(torch.isfinite(grad.flatten(1)).all(1), u, torch.nan)  # a NaN gradient is not a move
