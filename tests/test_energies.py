@@ -156,7 +156,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="unknown target"):
         energies.get("nope")
     target = energies.get("banana")
-    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 2\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(\*batch, 2\)"):
         target.energy(torch.zeros(3, 3))
     with pytest.raises(TypeError, match="floating-point"):
         target.energy(torch.zeros(3, 2, dtype=torch.long))
@@ -176,3 +176,44 @@ def test_bad_input():
         energies.Mixture([[0.0], [1.0]], scales=[1.0, -1.0])
     with pytest.raises(ValueError, match="positive definite"):
         energies.Gaussian([0.0, 0.0], [[1.0, 2.0], [2.0, 1.0]])
+
+
+def test_dense_gaussian_equals_diagonal_path_on_diagonal_covariance():
+    variances = torch.tensor([0.5, 1.0, 2.0, 4.0, 0.1], dtype=torch.float64)
+    loc = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    dense, diagonal = energies.Gaussian(loc, variances.diag()), energies.Gaussian(loc, variances)
+    assert diagonal.is_diagonal and not dense.is_diagonal
+    x = torch.randn(3, 7, 5, dtype=torch.float64)
+    torch.testing.assert_close(dense.energy(x), diagonal.energy(x), rtol=1e-14, atol=0)
+    assert dense.log_normalizer == diagonal.log_normalizer
+    torch.testing.assert_close(dense.covariance, diagonal.covariance, rtol=0, atol=0)
+
+
+def test_dense_gaussian_matches_torch_multivariate_normal():
+    torch.manual_seed(1)
+    a = torch.randn(6, 6, dtype=torch.float64)
+    target = energies.Gaussian(torch.randn(6, dtype=torch.float64), a @ a.T + 0.5 * torch.eye(6))
+    reference = torch.distributions.MultivariateNormal(
+        target.loc.double(), scale_tril=target.scale_tril.double()
+    )
+    x = torch.randn(2, 4, 6, dtype=torch.float64)
+    torch.testing.assert_close(target.log_prob(x), reference.log_prob(x), rtol=1e-12, atol=1e-12)
+    assert target.energy(torch.zeros(0, 6)).shape == (0,)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "ising"] + ["dense100"])
+def test_energy_gradients_match_finite_differences(name):
+    if name == "dense100":
+        target, x = energies.get("gaussian", dim=100, correlation=0.5), torch.randn(3, 100)
+    else:
+        target = energies.get(name)
+        x = torch.randn(4, *target.event_shape)
+    x = x.double().requires_grad_()
+    assert torch.autograd.gradcheck(target.energy, (x,), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_gaussian_covariance_errors():
+    with pytest.raises(ValueError, match="positive variances"):
+        energies.Gaussian([0.0, 0.0], [1.0, 0.0])
+    with pytest.raises(ValueError, match=r"covariance \(D, D\) or \(D,\)"):
+        energies.Gaussian([0.0, 0.0], [1.0, 1.0, 1.0])

@@ -17,15 +17,17 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from pyroflows.validation import check_int, check_tensor
+
 
 class Target(nn.Module):
-    """Base class of the energy targets: subclasses implement :meth:`_energy`.
+    """Base class of the energy targets: subclasses implement ``_energy``.
 
     Attributes:
         event_shape: shape of one point ``x``.
         log_normalizer: $\\log Z = \\log \\int e^{-U(x)}\\,dx$ (a sum for discrete targets), or
             ``None`` where it is not known.
-        model_scale: scale of the Normal carrier of :meth:`model` (where its prior mass lies).
+        model_scale: scale of the Normal carrier of `model` (where its prior mass lies).
     """
 
     #: whether :meth:`sample` draws exact samples
@@ -47,14 +49,7 @@ class Target(nn.Module):
         return None
 
     def _check(self, x: Any) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-        if x.dim() < self.event_dim or x.shape[x.dim() - self.event_dim :] != self.event_shape:
-            shape = ", ".join(map(str, self.event_shape))
-            raise ValueError(f"x must have shape (..., {shape}) for {self.name}, got {tuple(x.shape)}")
-        return x
+        return check_tensor(x, "x", event_shape=self.event_shape)
 
     def energy(self, x: torch.Tensor) -> torch.Tensor:
         """$U(x)$ of shape ``x.shape[:-event_dim]`` (any leading batch dimensions)."""
@@ -64,7 +59,7 @@ class Target(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Same as :meth:`energy`, so a target is itself an energy callable."""
+        """Same as `energy`, so a target is itself an energy callable."""
         return self.energy(x)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,9 +70,9 @@ class Target(nn.Module):
 
     @torch.no_grad()
     def sample(self, num_samples: int) -> torch.Tensor:
-        """``num_samples`` exact draws, shape ``(num_samples, *event_shape)``, on the target's device."""
-        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 0:
-            raise ValueError(f"num_samples must be a non-negative int, got {num_samples!r}")
+        """``num_samples`` exact draws, shape ``(num_samples, *event_shape)``, on the target's
+        device."""
+        check_int(num_samples, "num_samples", minimum=0)
         if not self.has_sampler:
             raise NotImplementedError(f"{self.name} has no exact sampler; use pyroflows.mcmc")
         return self._sample(num_samples)
@@ -86,9 +81,9 @@ class Target(nn.Module):
         raise NotImplementedError
 
     def model(self) -> torch.Tensor:
-        """The target as a Pyro model with one latent site ``"x"`` whose value is the energy's ``x``.
+        """The target as a Pyro model with one latent site ``"x"``, the energy's ``x``.
 
-        The site is a Normal of scale :attr:`model_scale` with its log-density masked out
+        The site is a Normal of scale `model_scale` with its log-density masked out
         (``.mask(False)``, so it contributes nothing), and ``pyro.factor("energy", -U(x))`` adds
         the target: the model's joint log-density is exactly $-U(x)$. The Normal only makes the
         site samplable (for autoguide initialisation and ``init_to_sample``); running the model

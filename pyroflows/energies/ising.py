@@ -17,12 +17,14 @@ import pyro.distributions as dist
 import torch
 
 from pyroflows.energies.base import Target
+from pyroflows.validation import check_int, check_number
 
 MAX_ENUMERATED_SPINS = 20
 
 
 class Ising(Target):
-    """Ising model with coupling $J$ and field $h$ on an $L \\times L$ lattice, event shape ``(L, L)``.
+    """Ising model with coupling $J$ and field $h$ on an $L \\times L$ lattice, event shape
+    ``(L, L)``.
 
     Args:
         size: lattice side $L \\ge 2$.
@@ -31,13 +33,14 @@ class Ising(Target):
         periodic: wrap the lattice into a torus (needs $L \\ge 3$ so no bond is counted twice).
     """
 
-    def __init__(self, size: int = 3, coupling: float = 0.4, field: float = 0.1, periodic: bool = False) -> None:
-        if not isinstance(size, int) or isinstance(size, bool) or size < 2:
-            raise ValueError(f"size must be an int >= 2, got {size!r}")
-        if periodic and size < 3:
-            raise ValueError("periodic=True needs size >= 3")
+    def __init__(
+        self, size: int = 3, coupling: float = 0.4, field: float = 0.1, periodic: bool = False
+    ) -> None:
+        size = check_int(size, "size", minimum=3 if periodic else 2)
         super().__init__((size, size))
-        self.coupling, self.field, self.periodic = float(coupling), float(field), bool(periodic)
+        self.coupling = check_number(coupling, "coupling")
+        self.field = check_number(field, "field")
+        self.periodic = bool(periodic)
 
     @property
     def num_spins(self) -> int:
@@ -51,21 +54,25 @@ class Ising(Target):
         if self.periodic:
             bonds = (s * s.roll(1, -1)).sum((-2, -1)) + (s * s.roll(1, -2)).sum((-2, -1))
         else:
-            bonds = (s[..., :, 1:] * s[..., :, :-1]).sum((-2, -1)) + (s[..., 1:, :] * s[..., :-1, :]).sum((-2, -1))
+            rows = (s[..., :, 1:] * s[..., :, :-1]).sum((-2, -1))
+            bonds = rows + (s[..., 1:, :] * s[..., :-1, :]).sum((-2, -1))
         return -self.coupling * bonds - self.field * s.sum((-2, -1))
 
     def states(self) -> torch.Tensor:
         """All $2^n$ configurations, shape ``(2**n, L, L)``, values $\\pm 1$ (state $k$ has spin
         $i$ up iff bit $i$ of $k$ is set)."""
         if not self.has_sampler:
-            raise ValueError(f"{self.num_spins} spins are too many to enumerate (at most {MAX_ENUMERATED_SPINS})")
+            raise ValueError(
+                f"{self.num_spins} spins are too many to enumerate "
+                f"(at most {MAX_ENUMERATED_SPINS})"
+            )
         device = self._anchor.device
         codes = torch.arange(2**self.num_spins, device=device)[:, None]
         bits = (codes >> torch.arange(self.num_spins, device=device)) & 1
         return (2 * bits - 1).to(self._anchor.dtype).reshape(-1, *self.event_shape)
 
     def probs(self) -> torch.Tensor:
-        """The exact probabilities of :meth:`states`."""
+        """The exact probabilities of `states`."""
         return torch.softmax(-self._energy(self.states()).double(), 0)
 
     @property
@@ -96,9 +103,25 @@ class Ising(Target):
         return "ising"
 
     def extra_repr(self) -> str:
-        return f"size={self.event_shape[0]}, coupling={self.coupling}, field={self.field}, periodic={self.periodic}"
+        return (
+            f"size={self.event_shape[0]}, coupling={self.coupling}, field={self.field}, "
+            f"periodic={self.periodic}"
+        )
 
 
-def ising(size: int = 3, coupling: float = 0.4, field: float = 0.1, periodic: bool = False) -> Ising:
-    """An $L \\times L$ Ising model (default $3 \\times 3$, $J = 0.4$, $h = 0.1$, open boundaries)."""
+def ising(
+    size: int = 3, coupling: float = 0.4, field: float = 0.1, periodic: bool = False
+) -> Ising:
+    """An $L \\times L$ Ising model (default $3 \\times 3$, $J = 0.4$, $h = 0.1$, open
+    boundaries).
+
+    Args:
+        size: lattice side $L$ (at least 2; at least 3 when ``periodic``).
+        coupling: $J$.
+        field: $h$.
+        periodic: wrap the lattice into a torus.
+
+    Returns:
+        the target.
+    """
     return Ising(size, coupling, field, periodic)

@@ -8,8 +8,10 @@ $$
 U_1(z) &= \tfrac12\Bigl(\tfrac{\|z\| - 2}{0.4}\Bigr)^2
           - \log\Bigl(e^{-\frac12((z_1 - 2)/0.6)^2} + e^{-\frac12((z_1 + 2)/0.6)^2}\Bigr) \\
 U_2(z) &= \tfrac12\Bigl(\tfrac{z_2 - w_1}{0.4}\Bigr)^2 + E(z_1) \\
-U_3(z) &= -\log\Bigl(e^{-\frac12((z_2 - w_1)/0.35)^2} + e^{-\frac12((z_2 - w_1 + w_2)/0.35)^2}\Bigr) + E(z_1) \\
-U_4(z) &= -\log\Bigl(e^{-\frac12((z_2 - w_1)/0.4)^2} + e^{-\frac12((z_2 - w_1 + w_3)/0.35)^2}\Bigr) + E(z_1)
+U_3(z) &= -\log\Bigl(e^{-\frac12((z_2 - w_1)/0.35)^2}
+          + e^{-\frac12((z_2 - w_1 + w_2)/0.35)^2}\Bigr) + E(z_1) \\
+U_4(z) &= -\log\Bigl(e^{-\frac12((z_2 - w_1)/0.4)^2}
+          + e^{-\frac12((z_2 - w_1 + w_3)/0.35)^2}\Bigr) + E(z_1)
 \end{aligned}
 $$
 
@@ -18,8 +20,8 @@ $w_i$, so $e^{-U}$ is not integrable (it is flat in $z_1$; the paper only plots 
 $[-4, 4]^2$). The built-ins add $E(z_1) = z_1^2 / (2 \cdot 2^2)$, a $\mathcal N(0, 2^2)$
 envelope that keeps about 95% of $z_1$'s mass inside $[-4, 4]$ and leaves the shapes in the window
 essentially as drawn. With it, $U_2$–$U_4$ are "$z_1 \sim \mathcal N(0, 2^2)$, then $z_2 \mid z_1$
-a mixture of Gaussians", so their normalizers are exact,
-$Z = 4\pi \sum_k \sigma_k$ (the $\sigma_k$ being the component widths above), and so are their samples.
+a mixture of Gaussians", so their normalizers are exact, $Z = 4\pi \sum_k \sigma_k$ (the
+$\sigma_k$ being the component widths above), and so are their samples.
 $U_1$ (a ring cut by two bumps) is already integrable; its normalizer comes from a
 $1000 \times 1000$ midpoint grid on $[-6, 6]^2$, accurate to better than $10^{-10}$ in $\log Z$
 (the same grid reproduces the closed forms of $U_2$–$U_4$ to that accuracy; see the tests).
@@ -103,14 +105,16 @@ class WaveTarget(Target):
     def __init__(self, name: str, shifts: Sequence, scales: Sequence[float]) -> None:
         super().__init__((2,))
         self._name, self.shifts, self.scales = name, tuple(shifts), tuple(scales)
+        # a buffer, not a tensor built from the tuple per call (a host-to-device copy on a GPU)
+        widths = torch.tensor(self.scales, dtype=torch.float64, device="cpu")
+        self.register_buffer("_widths", widths, persistent=False)
 
     def _centres(self, z1: torch.Tensor) -> torch.Tensor:
         return torch.stack([_w1(z1) - s(z1) for s in self.shifts], -1)
 
     def _energy(self, z: torch.Tensor) -> torch.Tensor:
         z1, z2 = z[..., 0], z[..., 1]
-        scales = z.new_tensor(self.scales)
-        components = -0.5 * ((z2[..., None] - self._centres(z1)) / scales) ** 2
+        components = -0.5 * ((z2[..., None] - self._centres(z1)) / self._widths.to(z)) ** 2
         return 0.5 * (z1 / ENVELOPE_SCALE) ** 2 - torch.logsumexp(components, -1)
 
     @property
@@ -137,7 +141,8 @@ def u1() -> U1:
 
 
 def u2() -> WaveTarget:
-    """$U_2$: a sine wave, $z_2 \\mid z_1 \\sim \\mathcal N(w_1, 0.4^2)$, with the $z_1$ envelope."""
+    """$U_2$: a sine wave, $z_2 \\mid z_1 \\sim \\mathcal N(w_1, 0.4^2)$, with the $z_1$
+    envelope."""
     return WaveTarget("u2", [_zero], [0.4])
 
 
