@@ -21,11 +21,13 @@ _FAMILIES: dict[str, str] = {
     "realnvp": "pyroflows.transforms.realnvp:build_realnvp",
     "glow": "pyroflows.transforms.glow:build_glow",
     "mintnet": "pyroflows.transforms.mintnet:build_mintnet",
-    "maf": "pyroflows.transforms.maf:build_maf",
-    "iaf": "pyroflows.transforms.iaf:build_iaf",
+    "maf": "pyroflows.transforms.autoregressive:build_maf",
+    "iaf": "pyroflows.transforms.autoregressive:build_iaf",
     "gaussianization": "pyroflows.transforms.gaussianization:build_gaussianization",
     "residual": "pyroflows.transforms.residual:build_residual",
     "cnf": "pyroflows.transforms.cnf:build_cnf",
+    "nsf": "pyroflows.transforms.spline:build_nsf",
+    "nsf_ar": "pyroflows.transforms.spline:build_nsf_ar",
 }
 
 

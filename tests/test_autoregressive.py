@@ -9,10 +9,12 @@ from conftest import default_device_trap
 
 import pyroflows
 from pyroflows.nn.made import MADE
-from pyroflows.transforms.autoregressive import Autoregressive
+from pyroflows.transforms.autoregressive import (
+    Autoregressive,
+    inverse_autoregressive,
+    masked_autoregressive,
+)
 from pyroflows.transforms.elementwise import Affine
-from pyroflows.transforms.iaf import inverse_autoregressive
-from pyroflows.transforms.maf import masked_autoregressive
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU
 
@@ -85,8 +87,10 @@ def test_sequential_inversion_gradients():
 @pytest.mark.parametrize("name,parallel_op", [("maf", "log_prob"), ("iaf", "rsample_and_log_prob")])
 def test_fast_direction_is_one_pass_per_layer(name, parallel_op):
     flow = pyroflows.build_flow(name, 6, num_layers=3, hidden_dims=(16,))
-    with mock.patch.object(MADE, "autoregress", side_effect=AssertionError("sequential")), \
-            mock.patch.object(MADE, "forward", autospec=True, side_effect=MADE.forward) as forward:
+    with (
+        mock.patch.object(MADE, "autoregress", side_effect=AssertionError("sequential")),
+        mock.patch.object(MADE, "forward", autospec=True, side_effect=MADE.forward) as forward,
+    ):
         if parallel_op == "log_prob":
             flow.log_prob(torch.randn(5, 6))
         else:
@@ -149,14 +153,18 @@ def test_conditional_flow_under_the_device_trap():
     assert lp.device.type == "cpu" and xs.shape == (5, 4)
 
 
-@pytest.mark.parametrize("helper,parallel", [(masked_autoregressive, "inverse"), (inverse_autoregressive, "forward")])
+@pytest.mark.parametrize(
+    "helper,parallel", [(masked_autoregressive, "inverse"), (inverse_autoregressive, "forward")]
+)
 def test_helpers(helper, parallel):
     layer = helper(3, hidden_dims=(8,), context_dim=2, ordering=[2, 0, 1])
     assert isinstance(layer, Autoregressive) and layer.parallel == parallel
     assert layer.made.ordering.tolist() == [2, 0, 1]
 
 
-@pytest.mark.parametrize("ordering", [[0, 0, 1], [0, 1], [1, 2, 3], [0.0, 1.0, 2.0], [[0, 1, 2]], "sideways"])
+@pytest.mark.parametrize(
+    "ordering", [[0, 0, 1], [0, 1], [1, 2, 3], [0.0, 1.0, 2.0], [[0, 1, 2]], "sideways"]
+)
 def test_bad_ordering(ordering):
     with pytest.raises(ValueError, match="ordering"):
         pyroflows.build_flow("maf", 3, ordering=ordering)

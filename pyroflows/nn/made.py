@@ -46,7 +46,9 @@ def check_ordering(ordering: Sequence[int] | torch.Tensor | None, dim: int) -> t
     try:
         order = torch.as_tensor(ordering, device="cpu")
     except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"ordering must be a permutation of 0..{dim - 1}, got {ordering!r}") from None
+        raise ValueError(
+            f"ordering must be a permutation of 0..{dim - 1}, got {ordering!r}"
+        ) from None
     if (
         order.dim() != 1
         or order.is_floating_point()
@@ -99,7 +101,7 @@ class MADE(nn.Module):
             raise ValueError("hidden_dims must not be empty")
         self.input_dim, self.num_params, self.context_dim = input_dim, int(num_params), context_dim
         order = check_ordering(ordering, input_dim)
-        # Degree-0 units see only the context; without one they are constants, useful only at D == 1.
+        # Degree-0 units see only the context; without one they are constants (useful at D == 1).
         low = 0 if context_dim or input_dim == 1 else 1
         needed = input_dim - low
         if any(h < needed for h in hidden_dims):
@@ -115,13 +117,20 @@ class MADE(nn.Module):
         out_degree = in_degree.repeat(self.num_params)
 
         widths = [input_dim] + hidden_dims + [input_dim * self.num_params]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
-        masks = [d_out[:, None] >= d_in[None, :] for d_in, d_out in zip(degrees[:-1], degrees[1:])]
+        self.layers = nn.ModuleList(
+            nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)
+        )
+        masks = [
+            d_out[:, None] >= d_in[None, :]
+            for d_in, d_out in zip(degrees[:-1], degrees[1:], strict=True)
+        ]
         masks.append(out_degree[:, None] > degrees[-1][None, :])
         device = self.layers[0].weight.device
         for i, mask in enumerate(masks):
             self.register_buffer(f"mask{i}", mask.float().to(device))
-        self.context_layer = nn.Linear(context_dim, hidden_dims[0], bias=False) if context_dim else None
+        self.context_layer = (
+            nn.Linear(context_dim, hidden_dims[0], bias=False) if context_dim else None
+        )
         self.register_buffer("ordering", order.to(device))
         # Per-layer unit counts by degree low..D-1 (hidden degrees are sorted): the step sizes of
         # ``autoregress``. They depend on the widths only, never on the ordering.
@@ -135,13 +144,15 @@ class MADE(nn.Module):
         """The weight matrices with the autoregressive masks applied."""
         return [layer.weight * getattr(self, f"mask{i}") for i, layer in enumerate(self.layers)]
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """All outputs in one pass: ``num_params`` tensors of ``x``'s shape."""
         weights = self.masked_weights()
         h = F.linear(x, weights[0], self.layers[0].bias)
         if self.context_layer is not None:
             h = h + self.context_layer(context)
-        for weight, layer in zip(weights[1:], self.layers[1:]):
+        for weight, layer in zip(weights[1:], self.layers[1:], strict=True):
             h = F.linear(F.relu(h, inplace=True), weight, layer.bias)  # h is this pass's own tensor
         return h.split(self.input_dim, dim=-1)
 
@@ -169,7 +180,9 @@ class MADE(nn.Module):
         weights = [w.t() for w in self.masked_weights()]  # (in, out), rows picked per step
         order = self.ordering
         # output columns sorted by degree: the num_params outputs of ordering[k] come k-th
-        out_cols = (order[:, None] + dim * torch.arange(self.num_params, device=order.device)).reshape(-1)
+        out_cols = (
+            order[:, None] + dim * torch.arange(self.num_params, device=order.device)
+        ).reshape(-1)
         weights[-1] = weights[-1][:, out_cols]
         pending = [layer.bias.expand(n, -1) for layer in self.layers]
         pending[-1] = pending[-1][:, out_cols]
@@ -181,7 +194,9 @@ class MADE(nn.Module):
         order_list = order.tolist()  # python ints: plain views, not gathers, in the loop
         for k in range(dim):  # find variable order[k], of degree k + 1
             if k >= 1:  # variable order[k - 1] was just found: feed it to the first layer
-                pending[0] = torch.addmm(pending[0], ys[-1][:, None], weights[0][order_list[k - 1], starts[0]:][None, :])
+                pending[0] = torch.addmm(
+                    pending[0], ys[-1][:, None], weights[0][order_list[k - 1], starts[0] :][None, :]
+                )
             for i in range(len(self.layers) - 1 if k >= low else 0):
                 count = self._counts[i][k - low]  # units of degree k: they see variables <= k
                 if count == 0:
@@ -190,7 +205,9 @@ class MADE(nn.Module):
                 pending[i] = pending[i][:, count:]
                 rows = slice(starts[i], starts[i] + count)
                 starts[i] += count
-                pending[i + 1] = torch.addmm(pending[i + 1], done, weights[i + 1][rows, starts[i + 1]:])
+                pending[i + 1] = torch.addmm(
+                    pending[i + 1], done, weights[i + 1][rows, starts[i + 1] :]
+                )
             params = pending[-1][:, : self.num_params].unbind(-1)
             pending[-1] = pending[-1][:, self.num_params :]
             starts[-1] += self.num_params

@@ -1,7 +1,11 @@
 """Flow layers: one family per module, each a Pyro ``TransformModule``."""
 
 from pyroflows.transforms.actnorm import ActNorm, actnorm
-from pyroflows.transforms.autoregressive import Autoregressive
+from pyroflows.transforms.autoregressive import (
+    Autoregressive,
+    inverse_autoregressive,
+    masked_autoregressive,
+)
 from pyroflows.transforms.base import BoundTransform, FlowTransform
 from pyroflows.transforms.cnf import ContinuousFlow, cnf
 from pyroflows.transforms.coupling import Coupling, coupling_mask
@@ -11,8 +15,6 @@ from pyroflows.transforms.gaussianization import (
     gaussianization,
 )
 from pyroflows.transforms.glow import InvertibleConv1x1, invertible_conv1x1
-from pyroflows.transforms.iaf import inverse_autoregressive
-from pyroflows.transforms.maf import masked_autoregressive
 from pyroflows.transforms.mintnet import MaskedInvertibleConv, masked_invertible_conv
 from pyroflows.transforms.multiscale import FactorOut, Squeeze
 from pyroflows.transforms.nice import Rescale, additive_coupling
@@ -20,6 +22,11 @@ from pyroflows.transforms.planar import Planar, planar
 from pyroflows.transforms.radial import Radial, radial
 from pyroflows.transforms.realnvp import affine_coupling
 from pyroflows.transforms.residual import ResidualBlock, residual
+from pyroflows.transforms.spline import (
+    RationalQuadraticSpline,
+    spline_autoregressive,
+    spline_coupling,
+)
 
 __all__ = [
     "BoundTransform", "Coupling", "FlowTransform", "Planar", "Radial", "Rescale",
@@ -29,4 +36,5 @@ __all__ = [
     "actnorm", "invertible_conv1x1", "masked_invertible_conv",
     "ContinuousFlow", "HouseholderRotation", "MarginalGaussianization", "ResidualBlock",
     "cnf", "gaussianization", "residual",
+    "RationalQuadraticSpline", "spline_autoregressive", "spline_coupling",
 ]

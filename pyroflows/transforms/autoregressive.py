@@ -1,8 +1,9 @@
-r"""The autoregressive mechanism shared by MAF and IAF.
+r"""The autoregressive mechanism: MAF, IAF and the autoregressive spline flow are one layer.
 
-One layer is an elementwise bijection $f$ (:mod:`pyroflows.transforms.elementwise`) whose
-parameters a MADE network (:class:`pyroflows.nn.made.MADE`) predicts from the variables
-*before* $i$ in an ordering, on one side of the map:
+One layer is an elementwise bijection $f$ (`pyroflows.transforms.elementwise`: affine,
+additive, rational-quadratic spline, ...) whose ``f.num_params`` parameters per coordinate a
+MADE network ([`MADE`][pyroflows.nn.made.MADE]) predicts from the variables *before* $i$ in an
+ordering, on one side of the map:
 
 $$
 \text{IAF:}\quad x_i = f\big(z_i;\ \theta_i(z_{<i}, c)\big), \qquad
@@ -13,34 +14,44 @@ $$
 The Jacobian is triangular, so the log-determinant is a sum either way. The side the network
 reads is known in one direction only, and that direction costs one parallel MADE pass:
 $z \to x$ (sampling) for IAF, $x \to z$ (density) for MAF. The other direction solves for the
-variables one at a time, exactly, with :meth:`MADE.autoregress` ($D$ small steps that compute
-every hidden unit once). MAF and IAF are therefore the *same* layer with ``parallel`` set to
-``"inverse"`` or ``"forward"``.
+variables one at a time, exactly, with [`MADE.autoregress`][pyroflows.nn.made.MADE.autoregress]
+($D$ small steps that compute every hidden unit once). MAF and IAF are therefore the *same*
+layer with ``parallel`` set to ``"inverse"`` or ``"forward"``; ``maf`` and ``iaf`` are the
+affine map, ``nsf_ar`` the spline (`pyroflows.transforms.spline`).
 
+**MAF** (``"maf"``): ``log_prob`` is one pass per layer, ``sample`` exact and sequential.
+**IAF** (``"iaf"``): ``sample`` and ``rsample_and_log_prob`` are one pass per layer (what VI and
+distillation need), ``log_prob`` of an external point exact and sequential. Orderings alternate
+between layers (identity, reversed) unless ``ordering="random"`` or an explicit permutation.
 With the default soft-clamped affine map, $f(z; s, t) = z\, e^{B \tanh(s/B)} + t$, no layer
 scales by more than $e^{B}$, and a freshly built layer is the identity (zero-initialised output).
 
-Reference: Kingma et al. (2016), *Improved Variational Inference with Inverse Autoregressive
+References: Kingma et al. (2016), *Improved Variational Inference with Inverse Autoregressive
 Flow*; Papamakarios, Pavlakou, Murray (2017), *Masked Autoregressive Flow for Density
 Estimation*.
 
 Example:
+    >>> import pyroflows
     >>> layer = Autoregressive(4, parallel="inverse", hidden_dims=(16,))  # a MAF layer
     >>> z = torch.randn(8, 4)
     >>> x, ladj = layer.forward_and_log_det(z)  # sequential
     >>> torch.allclose(layer.inverse_and_log_det(x)[0], z, atol=1e-5)  # one pass
     True
+    >>> x, log_q = pyroflows.build_flow("iaf", 4).rsample_and_log_prob((10,))  # one pass
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from pyroflows.nn.made import MADE, check_ordering
+from pyroflows.registry import flow_family
 from pyroflows.transforms.base import FlowTransform, expand_context
-from pyroflows.transforms.elementwise import ELEMENTWISE, Affine
+from pyroflows.transforms.elementwise import Affine, ElementwiseMap, resolve_elementwise
+from pyroflows.validation import check_choice
 
 DIRECTIONS = ("forward", "inverse")
 
@@ -52,29 +63,32 @@ class Autoregressive(FlowTransform):
         input_dim: ``D``.
         parallel: ``"forward"`` (IAF: the network reads ``z``, sampling is one pass) or
             ``"inverse"`` (MAF: the network reads ``x``, density is one pass).
-        elementwise: ``"affine"`` (default), ``"additive"`` or an elementwise-bijection object.
+        elementwise: ``"affine"`` (default), ``"additive"``, ``"spline"`` or an elementwise map
+            (see `pyroflows.transforms.elementwise`).
         hidden_dims: MADE widths, each at least ``D - 1`` (``D`` with a context).
         context_dim: width of a context vector, or ``None``.
         ordering: permutation of ``0..D-1`` giving the autoregressive order (default identity).
+
+    Raises:
+        ValueError: an unknown ``parallel`` or ``elementwise``, a bad ordering or too narrow
+            ``hidden_dims``.
     """
 
     def __init__(
         self,
         input_dim: int,
         parallel: str = "inverse",
-        elementwise: str | object = "affine",
+        elementwise: str | ElementwiseMap = "affine",
         hidden_dims: Sequence[int] = (64, 64),
         context_dim: int | None = None,
         ordering: Sequence[int] | torch.Tensor | None = None,
     ) -> None:
-        if parallel not in DIRECTIONS:
-            raise ValueError(f"parallel must be one of {DIRECTIONS}, got {parallel!r}")
-        if isinstance(elementwise, str) and elementwise not in ELEMENTWISE:
-            raise ValueError(f"elementwise must be one of {tuple(ELEMENTWISE)} or an object, got {elementwise!r}")
+        direction = check_choice(parallel, "parallel", DIRECTIONS)
+        elementwise = resolve_elementwise(elementwise)
         super().__init__((input_dim,), context_dim)
-        self.parallel = parallel
-        self.elementwise = ELEMENTWISE[elementwise]() if isinstance(elementwise, str) else elementwise
-        self.made = MADE(input_dim, self.elementwise.num_params, hidden_dims, context_dim, ordering)
+        self.parallel = direction
+        self.elementwise = elementwise
+        self.made = MADE(input_dim, elementwise.num_params, hidden_dims, context_dim, ordering)
 
     def _transform(
         self, inputs: torch.Tensor, context: torch.Tensor | None, inverse: bool
@@ -86,17 +100,27 @@ class Autoregressive(FlowTransform):
             return out, ladj.sum(-1)
         return self.made.autoregress(inputs, apply, context)
 
-    def forward_and_log_det(self, z, context=None):
+    def forward_and_log_det(
+        self, z: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` and ``log|det dx/dz|``: one pass for IAF, sequential for MAF."""
         return self._transform(z, context, inverse=False)
 
-    def inverse_and_log_det(self, x, context=None):
+    def inverse_and_log_det(
+        self, x: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``z`` and the forward ``log|det dx/dz|``: one pass for MAF, sequential for IAF."""
         return self._transform(x, context, inverse=True)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, parallel={self.parallel!r}"
+        return (
+            f"{super().extra_repr()}, parallel={self.parallel!r}, elementwise={self.elementwise!r}"
+        )
 
 
-def layer_orderings(dim: int, num_layers: int, ordering: str | Sequence[int] | torch.Tensor = "reverse") -> list[torch.Tensor]:
+def layer_orderings(
+    dim: int, num_layers: int, ordering: str | Sequence[int] | torch.Tensor = "reverse"
+) -> list[torch.Tensor]:
     """The orderings of a stack of ``num_layers`` layers.
 
     Args:
@@ -105,6 +129,9 @@ def layer_orderings(dim: int, num_layers: int, ordering: str | Sequence[int] | t
         ordering: ``"reverse"`` (identity and reversed, alternating), ``"random"`` (a random
             permutation per layer, drawn from torch's global RNG; saved in the ``state_dict``), or
             one permutation of ``0..D-1`` used by every layer.
+
+    Returns:
+        ``num_layers`` CPU LongTensor permutations.
     """
     if isinstance(ordering, str):
         if ordering == "reverse":
@@ -112,8 +139,43 @@ def layer_orderings(dim: int, num_layers: int, ordering: str | Sequence[int] | t
             return [base if i % 2 == 0 else base.flip(0) for i in range(num_layers)]
         if ordering == "random":
             return [torch.randperm(dim, device="cpu") for _ in range(num_layers)]
-        raise ValueError(f"ordering must be 'reverse', 'random' or a permutation of 0..{dim - 1}, got {ordering!r}")
+        raise ValueError(
+            f"ordering must be 'reverse', 'random' or a permutation of 0..{dim - 1}, "
+            f"got {ordering!r}"
+        )
     return [check_ordering(ordering, dim)] * num_layers
+
+
+def autoregressive_layers(
+    shape: Sequence[int],
+    parallel: str,
+    elementwise: str | ElementwiseMap,
+    *,
+    num_layers: int,
+    hidden_dims: Sequence[int],
+    context_dim: int | None = None,
+    ordering: str | Sequence[int] | torch.Tensor = "reverse",
+) -> list[Autoregressive]:
+    """``num_layers`` autoregressive layers over vectors of ``shape = (D,)``: the builder behind
+    ``maf``, ``iaf`` and ``nsf_ar``.
+
+    Args:
+        shape: ``(D,)``.
+        parallel: which direction is one pass, as in
+            [`Autoregressive`][pyroflows.transforms.autoregressive.Autoregressive].
+        elementwise: the elementwise map every layer uses (a name or an object).
+        num_layers: number of layers.
+        hidden_dims: MADE widths, each at least ``D - 1`` (``D`` with a context).
+        context_dim: width of a context vector, or ``None``.
+        ordering: ``"reverse"`` (identity and reversed, alternating), ``"random"`` or one
+            permutation for every layer (see
+            [`layer_orderings`][pyroflows.transforms.autoregressive.layer_orderings]).
+    """
+    (dim,) = shape
+    return [
+        Autoregressive(dim, parallel, elementwise, hidden_dims, context_dim, order)
+        for order in layer_orderings(dim, num_layers, ordering)
+    ]
 
 
 def affine_autoregressive(
@@ -124,7 +186,7 @@ def affine_autoregressive(
     ordering: Sequence[int] | torch.Tensor | None = None,
     scale_bound: float | None = 3.0,
 ) -> Autoregressive:
-    """One affine autoregressive layer with a soft-clamped log-scale (the MAF / IAF helpers).
+    """One affine autoregressive layer with a soft-clamped log-scale.
 
     Args:
         input_dim: ``D``.
@@ -134,34 +196,72 @@ def affine_autoregressive(
         ordering: permutation of ``0..D-1`` (default identity).
         scale_bound: bound ``B`` of the log-scale ``B tanh(s / B)`` (``None``: unclamped).
     """
-    return Autoregressive(input_dim, parallel, Affine(scale_bound), hidden_dims, context_dim, ordering)
+    return Autoregressive(
+        input_dim, parallel, Affine(scale_bound), hidden_dims, context_dim, ordering
+    )
 
 
-def autoregressive_layers(
-    shape: Sequence[int],
-    parallel: str,
-    *,
-    num_layers: int,
-    hidden_dims: Sequence[int],
-    context_dim: int | None = None,
-    ordering: str | Sequence[int] | torch.Tensor = "reverse",
-    scale_bound: float | None = 3.0,
-) -> list[Autoregressive]:
-    """``num_layers`` affine autoregressive layers over vectors of ``shape = (D,)``: the builder
-    behind ``maf`` (``parallel="inverse"``) and ``iaf`` (``parallel="forward"``).
+def masked_autoregressive(input_dim: int, **options: Any) -> Autoregressive:
+    """One MAF layer over vectors of ``input_dim`` (density in one pass; Pyro-style helper).
 
     Args:
-        shape: ``(D,)``.
-        parallel: which direction is one pass, as in :class:`Autoregressive`.
-        num_layers: number of layers.
-        hidden_dims: MADE widths, each at least ``D - 1`` (``D`` with a context).
-        context_dim: width of a context vector, or ``None``.
-        ordering: ``"reverse"`` (identity and reversed, alternating), ``"random"`` or one
-            permutation for every layer (see :func:`layer_orderings`).
+        input_dim: ``D``.
+        **options: ``hidden_dims``, ``context_dim``, ``ordering``, ``scale_bound``, as in
+            [`affine_autoregressive`][pyroflows.transforms.autoregressive.affine_autoregressive].
+    """
+    return affine_autoregressive(input_dim, "inverse", **options)
+
+
+def inverse_autoregressive(input_dim: int, **options: Any) -> Autoregressive:
+    """One IAF layer over vectors of ``input_dim`` (sampling in one pass; Pyro-style helper).
+
+    Args:
+        input_dim: ``D``.
+        **options: ``hidden_dims``, ``context_dim``, ``ordering``, ``scale_bound``, as in
+            [`affine_autoregressive`][pyroflows.transforms.autoregressive.affine_autoregressive].
+    """
+    return affine_autoregressive(input_dim, "forward", **options)
+
+
+def _affine_family(parallel: str, summary: str):
+    """The builder of an affine autoregressive family reading the ``parallel`` side."""
+
+    @flow_family(default_layers=5, default_hidden=(128, 128))
+    def build(
+        shape: tuple[int, ...],
+        *,
+        num_layers: int,
+        hidden_dims: Sequence[int],
+        context_dim: int | None = None,
+        ordering: str | Sequence[int] | torch.Tensor = "reverse",
+        scale_bound: float | None = 3.0,
+    ) -> list[FlowTransform]:
+        return autoregressive_layers(
+            shape,
+            parallel,
+            Affine(scale_bound),
+            num_layers=num_layers,
+            hidden_dims=hidden_dims,
+            context_dim=context_dim,
+            ordering=ordering,
+        )
+
+    build.__doc__ = f"""{summary}
+
+    Options:
+        ordering: ``"reverse"`` (alternate identity / reversed), ``"random"`` or a permutation.
         scale_bound: bound ``B`` of the soft-clamped log-scale (``None``: unclamped).
     """
-    (dim,) = shape
-    return [
-        affine_autoregressive(dim, parallel, hidden_dims, context_dim, order, scale_bound)
-        for order in layer_orderings(dim, num_layers, ordering)
-    ]
+    return build
+
+
+build_maf = _affine_family(
+    "inverse",
+    "MAF: ``num_layers`` affine autoregressive layers, density in one pass, exact "
+    "sequential sampling.",
+)
+build_iaf = _affine_family(
+    "forward",
+    "IAF: ``num_layers`` affine autoregressive layers, sampling in one pass, exact "
+    "sequential density.",
+)

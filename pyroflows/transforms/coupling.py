@@ -9,9 +9,11 @@ x_a = z_a, \qquad x_b = f(z_b;\ \theta(z_a, c)), \qquad
 $$
 
 where $\theta$ is a conditioner network of $z_a$ (and an optional context
-$c$) and $f$ an elementwise bijection (:mod:`pyroflows.transforms.elementwise`).
-Both directions cost one conditioner pass. NICE is the additive $f$, RealNVP the affine one;
-the mask choice (half, alternating, checkerboard, channel-wise) is a parameter, not a class.
+$c$) and $f$ an elementwise bijection (`pyroflows.transforms.elementwise`) with
+``f.num_params`` outputs of the network per transformed coordinate. Both directions cost one
+conditioner pass. NICE is the additive $f$, RealNVP the affine one, NSF the rational-quadratic
+spline; the mask choice (half, alternating, checkerboard, channel-wise) is a parameter, not a
+class.
 
 Reference: Dinh, Krueger, Bengio (2015), *NICE*; Dinh, Sohl-Dickstein, Bengio (2017), *Density
 estimation using Real NVP*.
@@ -26,7 +28,7 @@ import torch
 from pyroflows.nn.conv import ConvConditioner
 from pyroflows.nn.dense import DenseConditioner
 from pyroflows.transforms.base import FlowTransform, expand_context, sum_event
-from pyroflows.transforms.elementwise import ELEMENTWISE
+from pyroflows.transforms.elementwise import ElementwiseMap, resolve_elementwise
 
 VECTOR_MASKS = ("half", "alternate")
 IMAGE_MASKS = ("checkerboard", "channel")
@@ -57,7 +59,9 @@ def coupling_mask(event_shape: Sequence[int], kind: str, parity: int = 0) -> tor
             mask = (ij % 2 == 0).expand(channels, height, width)
         elif kind == "channel":
             if channels < 2:
-                raise ValueError(f"a channel mask needs at least 2 channels, got shape {event_shape}")
+                raise ValueError(
+                    f"a channel mask needs at least 2 channels, got shape {event_shape}"
+                )
             mask = (torch.arange(channels) < channels // 2)[:, None, None].expand(event_shape)
         else:
             raise ValueError(f"mask must be one of {IMAGE_MASKS} for image flows, got {kind!r}")
@@ -69,7 +73,8 @@ class Coupling(FlowTransform):
 
     Args:
         mask: boolean tensor of the event shape; ``True`` marks the conditioning part.
-        elementwise: ``"additive"``, ``"affine"`` or an elementwise-bijection object.
+        elementwise: ``"additive"``, ``"affine"``, ``"spline"`` or an elementwise map (see
+            `pyroflows.transforms.elementwise`).
         hidden_dims: conditioner widths (MLP for vectors; channel width and number of residual
             blocks for images).
         context_dim: width of a context vector, or ``None``.
@@ -85,12 +90,12 @@ class Coupling(FlowTransform):
     def __init__(
         self,
         mask: torch.Tensor,
-        elementwise: str | object = "affine",
+        elementwise: str | ElementwiseMap = "affine",
         hidden_dims: Sequence[int] = (64, 64),
         context_dim: int | None = None,
     ) -> None:
         super().__init__(tuple(mask.shape), context_dim)
-        self.elementwise = ELEMENTWISE[elementwise]() if isinstance(elementwise, str) else elementwise
+        self.elementwise = resolve_elementwise(elementwise)
         num_params = self.elementwise.num_params
         self.register_buffer("mask", mask.bool())
         if self.event_dim == 1:
@@ -113,7 +118,9 @@ class Coupling(FlowTransform):
         else:
             # Images: the conv net sees the masked image and predicts every position.
             channels = mask.shape[0]
-            self.conditioner = ConvConditioner(channels, channels, num_params, hidden_dims, context_dim)
+            self.conditioner = ConvConditioner(
+                channels, channels, num_params, hidden_dims, context_dim
+            )
 
     def _transform(
         self, inputs: torch.Tensor, context: torch.Tensor | None, inverse: bool
@@ -135,23 +142,40 @@ class Coupling(FlowTransform):
         out, ladj = apply(inputs, params)
         return torch.where(self.mask, inputs, out), sum_event(ladj * (1 - mask), 3)
 
-    def forward_and_log_det(self, z, context=None):
+    def forward_and_log_det(
+        self, z: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` and ``log|det dx/dz|`` (one conditioner pass)."""
         return self._transform(z, context, inverse=False)
 
-    def inverse_and_log_det(self, x, context=None):
+    def inverse_and_log_det(
+        self, x: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``z`` and the forward ``log|det dx/dz|`` (one conditioner pass)."""
         return self._transform(x, context, inverse=True)
 
 
 def coupling_layers(
     event_shape: Sequence[int],
     num_layers: int,
-    elementwise: str | object,
+    elementwise: str | ElementwiseMap,
     hidden_dims: Sequence[int],
     context_dim: int | None = None,
     mask: str | None = None,
 ) -> list[Coupling]:
     """``num_layers`` coupling layers whose masks alternate parity, so every coordinate is
-    transformed. ``mask`` defaults to ``"half"`` for vectors and ``"checkerboard"`` for images."""
+    transformed: the builder behind ``nice``, ``realnvp`` and ``nsf``.
+
+    Args:
+        event_shape: ``(D,)`` or ``(C, H, W)``.
+        num_layers: number of layers.
+        elementwise: the elementwise map every layer uses (a name or an object; one object may
+            be shared, it holds no parameters).
+        hidden_dims: conditioner widths.
+        context_dim: width of a context vector, or ``None``.
+        mask: mask kind (see [`coupling_mask`][pyroflows.transforms.coupling.coupling_mask]);
+            ``"half"`` for vectors and ``"checkerboard"`` for images by default.
+    """
     event_shape = tuple(event_shape)
     kind = mask or ("half" if len(event_shape) == 1 else "checkerboard")
     return [

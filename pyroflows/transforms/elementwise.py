@@ -1,14 +1,43 @@
-"""Elementwise bijections ``x_i = f(z_i; theta_i)`` shared by the coupling and autoregressive
-mechanisms. Each takes its parameters as a tuple of tensors shaped like its input and returns the
-output together with the *elementwise* ``log|df/dz|`` (the caller sums over the event).
+"""Elementwise bijections ``x_i = f(z_i; theta_i)``: the pluggable part of the coupling and
+autoregressive mechanisms.
 
-A new elementwise family (e.g. a spline) is one more class with ``num_params``, ``forward`` and
-``inverse``; every coupling and autoregressive layer can then use it.
+An elementwise map is any object with
+
+* ``num_params``: how many parameters it needs per transformed coordinate;
+* ``forward(z, params) -> (x, log|df/dz|)`` and ``inverse(x, params) -> (z, log|df/dz|)``,
+  where ``params`` is a tuple of ``num_params`` tensors shaped like the input (what the
+  conditioner networks produce) and the log-derivative is the *forward* one, elementwise (the
+  caller sums over the event).
+
+Every coupling and autoregressive layer takes one, so a new family is a choice of map plus a
+builder of a few lines: NICE is the additive map in a coupling, RealNVP the affine one, NSF the
+rational-quadratic spline (:class:`pyroflows.transforms.spline.RationalQuadraticSpline`); MAF,
+IAF and ``nsf_ar`` are the same maps in an autoregressive layer.
 """
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
+
+from pyroflows.validation import check_choice, check_positive
+
+Params = tuple[torch.Tensor, ...]
+
+
+class ElementwiseMap(Protocol):
+    """What the coupling and autoregressive mechanisms require of an elementwise bijection."""
+
+    num_params: int
+
+    def forward(self, z: torch.Tensor, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x = f(z)`` and ``log|f'(z)|``, elementwise."""
+        ...
+
+    def inverse(self, x: torch.Tensor, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        """``z = f^{-1}(x)`` and ``log|f'(z)|``, elementwise."""
+        ...
 
 
 class Additive:
@@ -16,17 +45,19 @@ class Additive:
 
     num_params = 1
 
-    def forward(self, z: torch.Tensor, params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, z: torch.Tensor, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x = z + t``."""
         (shift,) = params
         return z + shift, torch.zeros_like(z)
 
-    def inverse(self, x: torch.Tensor, params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def inverse(self, x: torch.Tensor, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        """``z = x - t``."""
         (shift,) = params
         return x - shift, torch.zeros_like(x)
 
 
 class Affine:
-    """``x = z * exp(s) + t`` (RealNVP) with a soft-clamped log-scale.
+    """``x = z * exp(s) + t`` (RealNVP, MAF, IAF) with a soft-clamped log-scale.
 
     ``s = bound * tanh(raw / bound)`` keeps ``|s| < bound`` so one layer can never scale by more
     than ``exp(bound)``: large raw outputs early in training cannot overflow, and near zero the
@@ -39,22 +70,45 @@ class Affine:
     num_params = 2
 
     def __init__(self, bound: float | None = 3.0) -> None:
-        if bound is not None and not bound > 0:
-            raise ValueError(f"scale_bound must be positive or None, got {bound}")
-        self.bound = bound
+        self.bound = None if bound is None else check_positive(bound, "scale_bound")
 
     def log_scale(self, raw: torch.Tensor) -> torch.Tensor:
+        """The clamped log-scale ``s`` from the network's raw output."""
         return raw if self.bound is None else self.bound * torch.tanh(raw / self.bound)
 
-    def forward(self, z: torch.Tensor, params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, z: torch.Tensor, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x = z * exp(s) + t``."""
         raw, shift = params
         s = self.log_scale(raw)
         return z * torch.exp(s) + shift, s
 
-    def inverse(self, x: torch.Tensor, params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def inverse(self, x: torch.Tensor, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        """``z = (x - t) * exp(-s)``."""
         raw, shift = params
         s = self.log_scale(raw)
         return (x - shift) * torch.exp(-s), s
 
 
-ELEMENTWISE = {"additive": Additive, "affine": Affine}
+ELEMENTWISE_NAMES = ("additive", "affine", "spline")
+
+
+def resolve_elementwise(elementwise: Any) -> ElementwiseMap:
+    """An elementwise map from a name (``"additive"``, ``"affine"``, ``"spline"``, each with
+    its defaults) or an object with ``num_params``, ``forward`` and ``inverse`` (returned as is).
+
+    Raises:
+        ValueError: an unknown name or an object without that interface.
+    """
+    if isinstance(elementwise, str):
+        check_choice(elementwise, "elementwise", ELEMENTWISE_NAMES)
+        if elementwise == "spline":  # spline.py builds on the mechanisms that import this module
+            from pyroflows.transforms.spline import RationalQuadraticSpline
+
+            return RationalQuadraticSpline()
+        return Additive() if elementwise == "additive" else Affine()
+    if not all(hasattr(elementwise, a) for a in ("num_params", "forward", "inverse")):
+        raise ValueError(
+            f"elementwise must be one of {', '.join(map(repr, ELEMENTWISE_NAMES))} or an object "
+            f"with num_params, forward and inverse, got {elementwise!r}"
+        )
+    return elementwise
