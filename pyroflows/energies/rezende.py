@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from pyroflows.energies.base import Target, grid_log_normalizer
+from pyroflows.validation import check_positive
 
 ENVELOPE_SCALE = 2.0
 
@@ -52,10 +53,6 @@ def _w2(z1: torch.Tensor) -> torch.Tensor:
 
 def _w3(z1: torch.Tensor) -> torch.Tensor:
     return 3 * torch.sigmoid((z1 - 1) / 0.3)
-
-
-def _zero(z1: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(z1)
 
 
 class U1(Target):
@@ -95,27 +92,40 @@ class WaveTarget(Target):
 
     Args:
         name: ``"u2"``, ``"u3"`` or ``"u4"``.
-        shifts: one function $s_k(z_1)$ per component.
+        shifts: one function $s_k(z_1)$ per component, or ``None`` for $s_k = 0$.
         scales: the widths $\sigma_k$.
     """
 
     has_sampler = True
     model_scale = 2.0
 
-    def __init__(self, name: str, shifts: Sequence, scales: Sequence[float]) -> None:
+    def __init__(
+        self,
+        name: str,
+        shifts: Sequence[Callable[[torch.Tensor], torch.Tensor] | None],
+        scales: Sequence[float],
+    ) -> None:
         super().__init__((2,))
-        self._name, self.shifts, self.scales = name, tuple(shifts), tuple(scales)
-        # a buffer, not a tensor built from the tuple per call (a host-to-device copy on a GPU)
-        widths = torch.tensor(self.scales, dtype=torch.float64, device="cpu")
-        self.register_buffer("_widths", widths, persistent=False)
+        self._name, self.shifts = name, tuple(shifts)
+        self.scales = tuple(check_positive(s, "scales") for s in scales)
+        if len(self.shifts) != len(self.scales) or not self.scales:
+            raise ValueError(f"shifts and scales must be non-empty and of one length, got "
+                             f"{len(self.shifts)} and {len(self.scales)}")
 
-    def _centres(self, z1: torch.Tensor) -> torch.Tensor:
-        return torch.stack([_w1(z1) - s(z1) for s in self.shifts], -1)
+    def _offsets(self, z1: torch.Tensor) -> list[torch.Tensor]:
+        """$w_1(z_1) - s_k(z_1)$ per component (the component centres)."""
+        w1 = _w1(z1)
+        return [w1 if s is None else w1 - s(z1) for s in self.shifts]
 
     def _energy(self, z: torch.Tensor) -> torch.Tensor:
         z1, z2 = z[..., 0], z[..., 1]
-        components = -0.5 * ((z2[..., None] - self._centres(z1)) / self._widths.to(z)) ** 2
-        return 0.5 * (z1 / ENVELOPE_SCALE) ** 2 - torch.logsumexp(components, -1)
+        envelope = 0.5 * (z1 / ENVELOPE_SCALE) ** 2
+        # widths stay Python floats: scalar operands, no tensor to build or move per call
+        pairs = zip(self._offsets(z1), self.scales, strict=True)
+        halves = [0.5 * ((z2 - c) / w) ** 2 for c, w in pairs]
+        if len(halves) == 1:
+            return envelope + halves[0]
+        return envelope - torch.logsumexp(-torch.stack(halves, -1), -1)
 
     @property
     def log_normalizer(self) -> float:
@@ -126,7 +136,7 @@ class WaveTarget(Target):
         z1 = ENVELOPE_SCALE * torch.randn(n, dtype=ref.dtype, device=ref.device)
         scales = ref.new_tensor(self.scales)
         k = torch.multinomial(scales, n, replacement=True)
-        centre = self._centres(z1).gather(-1, k[:, None])[:, 0]
+        centre = torch.stack(self._offsets(z1), -1).gather(-1, k[:, None])[:, 0]
         z2 = centre + scales[k] * torch.randn_like(z1)
         return torch.stack([z1, z2], -1)
 
@@ -143,14 +153,14 @@ def u1() -> U1:
 def u2() -> WaveTarget:
     """$U_2$: a sine wave, $z_2 \\mid z_1 \\sim \\mathcal N(w_1, 0.4^2)$, with the $z_1$
     envelope."""
-    return WaveTarget("u2", [_zero], [0.4])
+    return WaveTarget("u2", [None], [0.4])
 
 
 def u3() -> WaveTarget:
     """$U_3$: the sine wave split by a bump $w_2$ around $z_1 = 1$, with the $z_1$ envelope."""
-    return WaveTarget("u3", [_zero, _w2], [0.35, 0.35])
+    return WaveTarget("u3", [None, _w2], [0.35, 0.35])
 
 
 def u4() -> WaveTarget:
     """$U_4$: the sine wave and a sigmoid-shifted copy $w_3$, with the $z_1$ envelope."""
-    return WaveTarget("u4", [_zero, _w3], [0.4, 0.35])
+    return WaveTarget("u4", [None, _w3], [0.4, 0.35])
