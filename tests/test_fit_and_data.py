@@ -74,7 +74,7 @@ def test_fit_is_deterministic_with_a_seed():
 def test_fit_early_stopping():
     data = toy("moons", 300)
     flow = build_flow("realnvp", 2, num_layers=2, hidden_dims=(64, 64))
-    history = fit(flow, data, num_steps=3000, lr=5e-3, eval_every=10, patience=3, progress=False, seed=0, cosine_schedule=False)
+    history = fit(flow, data, num_steps=3000, lr=5e-3, eval_every=10, patience=3, progress=False, seed=0, schedule="constant")
     assert history["stopped_early"] and len(history["train_loss"]) < 3000
 
 

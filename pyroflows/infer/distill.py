@@ -26,20 +26,21 @@ Example:
     >>> from pyroflows import build_flow
     >>> teacher, student = build_flow("maf", 2), build_flow("iaf", 2)
     >>> history = distill(teacher, student, num_steps=50, progress=False)
-    >>> len(history["loss"])
+    >>> len(history["train_loss"])
     50
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from pyroflows.flow import Flow
-from pyroflows.infer.fit import _positive
+from pyroflows.infer.loop import run_generator, train_loop
+from pyroflows.validation import check_int, check_number
 
 
 def _check_pair(teacher: Any, student: Any) -> None:
@@ -101,7 +102,7 @@ def kl_estimate(
     _check_pair(teacher, student)
     context = _check_context(context, student)
     if noise is None:
-        _positive(num_samples, "num_samples")
+        check_int(num_samples, "num_samples")
         n = len(context) if context is not None else num_samples
         noise = student.base_dist().sample((n,))
     with torch.no_grad():
@@ -123,11 +124,18 @@ def distill(
     eval_every: int | None = None,
     eval_size: int = 4096,
     max_grad_norm: float | None = 10.0,
-    cosine_schedule: bool = True,
+    schedule: str = "cosine",
     progress: bool = True,
     seed: int | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    distributed: bool = False,
 ) -> dict[str, Any]:
     """Train ``student`` (in place) to minimise ``KL(student || teacher)``; the teacher is frozen.
+
+    Runs [`train_loop`][pyroflows.infer.loop.train_loop] (non-finite steps, checkpoints,
+    distributed training and the history are described there); the validation loss is the KL
+    estimate on a fixed noise set, and the student with the lowest one is kept.
 
     Args:
         teacher: the trained flow; only its ``log_prob`` is used (its parameters are not
@@ -135,8 +143,8 @@ def distill(
         student: the flow to train; only its sampling pass (``z -> x`` with log-det) is used, so
             an IAF student never inverts anything.
         num_steps: number of Adam steps.
-        batch_size: student samples per step.
-        lr: Adam learning rate (cosine-annealed unless ``cosine_schedule`` is false).
+        batch_size: student samples per step (per rank when ``distributed``).
+        lr: peak Adam learning rate.
         context: ``(n, context_dim)`` contexts for conditional flows; each step draws
             ``batch_size`` rows.
         noise_pool: if given, draw this many base-noise vectors once and take every batch
@@ -147,89 +155,77 @@ def distill(
             the start). The reverse KL is mode-seeking: an identity-initialised student facing
             the sharp teacher at once tends to settle on some of its modes; the flatter
             tempered targets ``t^beta`` keep it spread over all of them while it takes shape.
-        eval_every: steps between evaluations of the KL on a fixed noise set (default
+        eval_every: steps between evaluations of the KL on the fixed noise set (default
             ``num_steps // 20``).
         eval_size: size of that fixed evaluation set.
         max_grad_norm: gradient-norm clip (``None``: no clipping).
-        cosine_schedule: anneal the learning rate with a cosine schedule.
+        schedule: learning-rate schedule (``"cosine"``, ``"exponential"``, ``"constant"``).
         progress: show a tqdm progress bar.
-        seed: seed of the noise and of torch's global RNG.
+        seed: seed of the run's generator (noise, context rows).
+        checkpoint: training checkpoint file (see ``train_loop``).
+        resume: continue from ``checkpoint`` when it exists.
+        distributed: average gradients over an initialised ``torch.distributed`` group.
 
     Returns:
-        The history: ``loss`` (the mini-batch KL estimate at each step, at ``beta = 1``;
-        ``beta`` holds the weight used in the objective), ``kl`` and
-        ``kl_stderr`` (on the fixed evaluation noise, at the steps in ``kl_step``; the first
-        entry is before training), ``skipped_steps`` (non-finite losses, not taken).
+        The history: ``train_loss`` (the mini-batch KL estimate at each step, at ``beta = 1``
+        whatever the weight in the objective), ``beta`` (that weight at each step),
+        ``val_loss`` and ``val_stderr`` (KL on the
+        fixed evaluation noise, at ``eval_step``; the first entry, at step 0, is before
+        training) and the rest of ``train_loop``'s keys.
     """
     _check_pair(teacher, student)
-    _positive(num_steps, "num_steps")
-    _positive(batch_size, "batch_size")
-    _positive(lr, "lr", float)
-    _positive(eval_size, "eval_size")
-    if eval_every is not None:
-        _positive(eval_every, "eval_every")
+    check_int(batch_size, "batch_size")
+    check_int(eval_size, "eval_size")
     if noise_pool is not None:
-        _positive(noise_pool, "noise_pool")
-    if isinstance(anneal, bool) or not isinstance(anneal, (int, float)) or not 0 <= anneal <= 1:
-        raise ValueError(f"anneal must be a fraction in [0, 1], got {anneal!r}")
+        check_int(noise_pool, "noise_pool")
+    check_number(anneal, "anneal", low=0.0, high=1.0)
     context = _check_context(context, student)
-    if seed is not None:
-        torch.manual_seed(seed)
-    base = student.base_dist()
-    eval_noise = base.sample((eval_size,) if context is None else (len(context),))
-    pool = base.sample((noise_pool,)) if noise_pool is not None else None
-    device = student.base_loc.device
-
-    history: dict[str, Any] = dict(loss=[], beta=[], kl=[], kl_stderr=[], kl_step=[], skipped_steps=0)
+    ref = student.base_loc
     anneal_steps = anneal * num_steps
 
-    def evaluate(step: int) -> None:
-        student.eval()
-        kl, stderr = kl_estimate(student, teacher, context=context, noise=eval_noise)
-        student.train()
-        history["kl"].append(kl)
-        history["kl_stderr"].append(stderr)
-        history["kl_step"].append(step)
+    with run_generator(seed, student) as g:
+        def noise(n: int) -> torch.Tensor:
+            z = torch.randn((n, *student.event_shape), generator=g, device="cpu", dtype=ref.dtype)
+            return student.base_loc + student.base_scale * z.to(ref.device)
 
-    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, num_steps) if cosine_schedule else None
-    eval_every = eval_every or max(1, num_steps // 20)
-    flags, was_training = [p.requires_grad for p in teacher.parameters()], teacher.training
-    teacher.eval()
-    try:
-        teacher.requires_grad_(False)  # gradients flow through the teacher to x, not into it
-        evaluate(0)
-        bar = tqdm(range(1, num_steps + 1), disable=not progress, desc="distill", dynamic_ncols=True)
-        for step in bar:
-            rows = None
-            if context is not None:
-                rows = torch.randint(len(context), (batch_size,), device=device)
-            if pool is not None:
-                z = pool[torch.randint(len(pool), (batch_size,), device=device)]
-            else:
-                z = base.rsample((batch_size,))
-            log_s, log_t = _student_and_teacher_log_prob(student, teacher, z, None if rows is None else context[rows])
+        def rows(n: int, size: int) -> torch.Tensor:
+            return torch.randint(n, (size,), generator=g, device="cpu").to(ref.device)
+
+        eval_noise = noise(eval_size if context is None else len(context))
+        pool = noise(noise_pool) if noise_pool is not None else None
+        stderr: list[float] = []
+
+        def loss_fn(step: int) -> torch.Tensor:
+            ctx = None if context is None else context[rows(len(context), batch_size)]
+            z = pool[rows(len(pool), batch_size)] if pool is not None else noise(batch_size)
+            log_s, log_t = _student_and_teacher_log_prob(student, teacher, z, ctx)
             beta = min(1.0, step / anneal_steps) if anneal_steps else 1.0
-            loss = (log_s - beta * log_t).mean()
-            optimizer.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
-                history["skipped_steps"] += 1
-                continue
-            loss.backward()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            history["loss"].append((log_s - log_t).mean().item())
-            history["beta"].append(beta)
-            if step % eval_every == 0 or step == num_steps:
-                evaluate(step)
-                bar.set_postfix(kl=f"{history['kl'][-1]:.4f}")
-        bar.close()
-    finally:
-        for p, flag in zip(teacher.parameters(), flags):
-            p.requires_grad_(flag)
-        teacher.train(was_training)
-    student.eval()
+            return (log_s - beta * log_t).mean() + (beta - 1) * log_t.detach().mean()
+
+        def validate() -> float:
+            kl, se = kl_estimate(student, teacher, context=context, noise=eval_noise)
+            stderr.append(se)
+            return kl
+
+        flags, was_training = [p.requires_grad for p in teacher.parameters()], teacher.training
+        teacher.eval()
+        try:
+            teacher.requires_grad_(False)  # gradients flow through the teacher to x, not into it
+            start = kl_estimate(student, teacher, context=context, noise=eval_noise)
+            history = train_loop(
+                student, loss_fn, num_steps=num_steps, lr=lr, generator=g, schedule=schedule,
+                final_lr=lr / 100 if schedule == "exponential" else 0.0,
+                max_grad_norm=max_grad_norm, validate=validate, eval_every=eval_every,
+                progress=progress, kind="distill", checkpoint=checkpoint, resume=resume,
+                distributed=distributed,
+            )
+        finally:
+            for p, flag in zip(teacher.parameters(), flags):
+                p.requires_grad_(flag)
+            teacher.train(was_training)
+    history["val_loss"].insert(0, start[0])
+    history["eval_step"].insert(0, 0)
+    history["val_stderr"] = [start[1], *stderr]
+    history["beta"] = [min(1.0, s / anneal_steps) if anneal_steps else 1.0
+                       for s in range(1, history["steps"] + 1)]
     return history

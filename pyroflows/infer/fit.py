@@ -1,23 +1,16 @@
-"""Maximum-likelihood training of a flow: ``fit``."""
+"""Maximum-likelihood training of a flow: ``fit``, a loss closure run by the one training loop."""
 
 from __future__ import annotations
 
-import copy
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from pyroflows.flow import Flow
-
-
-def _positive(value: Any, name: str, kind: type = int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or not value > 0:
-        raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
+from pyroflows.infer.loop import _world, run_generator, train_loop
+from pyroflows.validation import check_int, check_number
 
 
 def as_data(data: Any, flow: Flow, name: str = "data") -> torch.Tensor:
@@ -64,16 +57,6 @@ def _checked_context(flow: Flow, context: Any, data: torch.Tensor) -> torch.Tens
     return context
 
 
-def _world() -> tuple[int, int]:
-    """``(rank, world_size)`` of an initialised ``torch.distributed`` group."""
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(
-            "distributed=True needs torch.distributed initialised first, e.g. "
-            "dist.init_process_group('gloo') in each process started by torchrun"
-        )
-    return dist.get_rank(), dist.get_world_size()
-
-
 def fit(
     flow: Flow,
     data: torch.Tensor,
@@ -87,7 +70,7 @@ def fit(
     patience: int | None = 10,
     weight_decay: float = 0.0,
     max_grad_norm: float | None = 10.0,
-    cosine_schedule: bool = True,
+    schedule: str = "cosine",
     progress: bool = True,
     seed: int | None = None,
     checkpoint: str | Path | None = None,
@@ -96,13 +79,16 @@ def fit(
 ) -> dict[str, Any]:
     """Fit ``flow`` to ``data`` by maximum likelihood with Adam on random mini-batches.
 
+    Runs [`train_loop`][pyroflows.infer.loop.train_loop] (non-finite steps, checkpoints,
+    distributed training and the history are described there) on the mean negative
+    log-likelihood of each mini-batch.
+
     Args:
-        flow: the :class:`~pyroflows.Flow` to train (in place).
+        flow: the [`Flow`][pyroflows.Flow] to train (in place).
         data: ``(n, *event_shape)`` tensor or array; moved to the flow's device and dtype.
         num_steps: number of optimiser steps.
         batch_size: mini-batch size (the *global* batch when ``distributed``).
-        lr: Adam learning rate (annealed to 0 by a cosine schedule unless ``cosine_schedule``
-            is false).
+        lr: peak Adam learning rate.
         context: ``(n, context_dim)`` contexts of a conditional flow, row-aligned with ``data``.
         validation: fraction of ``data`` held out for validation (0 for none), or a separate
             validation tensor.
@@ -111,23 +97,24 @@ def fit(
             the parameters with the best validation loss are restored at the end.
         weight_decay: Adam weight decay.
         max_grad_norm: gradient-norm clip (``None``: no clipping).
-        cosine_schedule: anneal the learning rate with a cosine schedule.
+        schedule: learning-rate schedule, ``"cosine"`` (to 0), ``"exponential"`` (to
+            ``lr / 100``) or ``"constant"``.
         progress: show a tqdm progress bar.
-        seed: seed of the split, the mini-batches and torch's global RNG.
+        seed: seed of the run's generator (split, mini-batches, and stochastic layers).
         checkpoint: file written at every evaluation and at the end with everything needed to
-            resume (flow, optimiser, schedule, random states, history).
+            resume.
         resume: continue from ``checkpoint`` if it exists; with the same arguments the run
             continues exactly as if it had not been interrupted.
-        distributed: train data-parallel with ``DistributedDataParallel`` over an initialised
-            ``torch.distributed`` group (gloo on CPU, nccl on GPU; see the docs page). Every
-            rank passes the same ``data`` and ``seed``; each step draws one global batch, every
-            rank takes its equal share, and gradients are averaged, so the parameters match
-            single-process training on the same global batch.
+        distributed: train data-parallel over an initialised ``torch.distributed`` group (gloo
+            on CPU, nccl on GPU; see the docs page). Every rank passes the same ``data`` and
+            ``seed``; each step draws one global batch, every rank takes its equal share, and
+            gradients are averaged, so the parameters match single-process training on the
+            same global batch.
 
     Returns:
-        The history: ``train_loss`` (mean NLL per step), ``val_loss`` and ``val_step`` (at each
-        evaluation), ``best_val_loss``, ``best_step``, ``stopped_early``, ``skipped_steps``
-        (steps whose loss was not finite and were not taken).
+        The history of [`train_loop`][pyroflows.infer.loop.train_loop]: ``train_loss`` (mean
+        NLL per step), ``val_loss`` at ``eval_step``, ``best_val_loss``, ``best_step``,
+        ``stopped_early``, ``skipped_steps``, ``lr``.
 
     Example:
         >>> from pyroflows import build_flow
@@ -139,144 +126,59 @@ def fit(
     """
     if not isinstance(flow, Flow):
         raise TypeError(f"flow must be a pyroflows.Flow, got {type(flow).__name__}")
-    _positive(num_steps, "num_steps")
-    _positive(batch_size, "batch_size")
-    _positive(lr, "lr", float)
-    if eval_every is not None:
-        _positive(eval_every, "eval_every")
-    if patience is not None:
-        _positive(patience, "patience")
-    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-    if resume and checkpoint is None:
-        raise ValueError("resume=True needs a checkpoint path")
-    rank, world = _world() if distributed else (0, 1)
+    check_int(batch_size, "batch_size")
+    rank, world = _world(distributed)
     if batch_size % world:
         raise ValueError(f"batch_size={batch_size} must be divisible by the world size {world}")
     if distributed and seed is None:
         raise ValueError("distributed=True needs a seed (every rank must draw the same batches)")
     data = as_data(data, flow)
     context = _checked_context(flow, context, data)
-    if seed is not None:
-        torch.manual_seed(seed)
-    # mini-batch indices come from a CPU generator of their own (seeded from torch's global RNG)
-    g = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**31, (), device="cpu")))
-
-    val_data, val_context = None, None
     if isinstance(validation, torch.Tensor):
-        val_data = as_data(validation, flow, "validation")
         if context is not None:
-            raise ValueError("a separate validation tensor is not supported with context; pass a fraction")
-    elif isinstance(validation, bool) or not (isinstance(validation, (int, float)) and 0 <= validation < 1):
-        raise ValueError(f"validation must be a fraction in [0, 1) or a tensor, got {validation!r}")
-    elif validation > 0:
-        num_val = max(1, int(round(validation * len(data))))
-        if num_val >= len(data):
-            raise ValueError(f"validation={validation} leaves no training data out of {len(data)} points")
-        order = torch.randperm(len(data), generator=g, device="cpu").to(data.device)
-        val_data, data = data[order[:num_val]], data[order[num_val:]]
-        if context is not None:
-            val_context, context = context[order[:num_val]], context[order[num_val:]]
+            raise ValueError(
+                "a separate validation tensor is not supported with context; pass a fraction")
+        val_data, val_context = as_data(validation, flow, "validation"), None
+    else:
+        check_number(validation, "validation", low=0.0, high=1.0, high_open=True)
+        val_data = val_context = None
+    final_lr = lr / 100 if schedule == "exponential" else 0.0
+    with run_generator(seed, flow) as g:
+        if not isinstance(validation, torch.Tensor) and validation > 0:
+            num_val = max(1, int(round(validation * len(data))))
+            if num_val >= len(data):
+                raise ValueError(
+                    f"validation={validation} leaves no training data out of {len(data)} points")
+            order = torch.randperm(len(data), generator=g, device="cpu").to(data.device)
+            val_data, data = data[order[:num_val]], data[order[num_val:]]
+            if context is not None:
+                val_context, context = context[order[:num_val]], context[order[num_val:]]
 
-    def draw() -> torch.Tensor:
-        return torch.randint(len(data), (batch_size,), generator=g, device="cpu").to(data.device)
+        def draw() -> torch.Tensor:
+            return torch.randint(len(data), (batch_size,), generator=g, device="cpu").to(
+                data.device)
 
-    model: torch.nn.Module = flow
-    if distributed:
-        # data-dependent initialisation (ActNorm, marginal CDFs) on the first *global* batch, so
-        # every rank starts identical -- exactly what a single process would see first
-        state = g.get_state()
-        with torch.no_grad():
-            idx = draw()
-            flow.log_prob(data[idx], None if context is None else context[idx])
-        g.set_state(state)
-        device_ids = [data.device.index] if data.device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(flow, device_ids=device_ids)
+        if distributed:
+            # data-dependent initialisation (ActNorm, marginal CDFs) on the first *global*
+            # batch, so every rank starts where a single process would
+            state = g.get_state()
+            with torch.no_grad():
+                idx = draw()
+                flow.log_prob(data[idx], None if context is None else context[idx])
+            g.set_state(state)
 
-    optimizer = torch.optim.Adam(flow.parameters(), lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, num_steps) if cosine_schedule else None
-    eval_every = eval_every or max(1, num_steps // 20)
-    history: dict[str, Any] = dict(
-        train_loss=[], val_loss=[], val_step=[], best_val_loss=math.inf, best_step=None,
-        stopped_early=False, skipped_steps=0,
-    )
-    best_state, since_best, first_step = None, 0, 1
-    if resume and Path(checkpoint).is_file():
-        saved = _load_checkpoint(checkpoint, flow)
-        optimizer.load_state_dict(saved["optimizer"])
-        if scheduler is not None and saved["scheduler"] is not None:
-            scheduler.load_state_dict(saved["scheduler"])
-        g.set_state(saved["generator"])
-        torch.set_rng_state(saved["torch_rng"])
-        history, best_state, since_best = saved["history"], saved["best_state"], saved["since_best"]
-        first_step = saved["step"] + 1
+        def loss_fn(step: int) -> torch.Tensor:
+            idx = draw().chunk(world)[rank]
+            return -flow(data[idx], None if context is None else context[idx]).mean()
 
-    def save(step: int) -> None:
-        if checkpoint is not None and rank == 0:
-            torch.save(dict(
-                format=CHECKPOINT_FORMAT, flow=flow.state_dict(), optimizer=optimizer.state_dict(),
-                scheduler=None if scheduler is None else scheduler.state_dict(), generator=g.get_state(),
-                torch_rng=torch.get_rng_state(), history=history, best_state=best_state,
-                since_best=since_best, step=step,
-            ), checkpoint)
+        validate = None
+        if val_data is not None:
+            def validate() -> float:
+                return _mean_nll(flow, val_data, val_context)
 
-    flow.train()
-    bar = tqdm(range(first_step, num_steps + 1), disable=not progress or rank != 0, desc="fit", dynamic_ncols=True)
-    step = first_step - 1
-    for step in bar:
-        idx = draw().chunk(world)[rank]
-        loss = -model(data[idx], None if context is None else context[idx]).mean()
-        value = loss.detach().clone()
-        if distributed:  # the global mean, so every rank logs (and skips) the same
-            dist.all_reduce(value)
-            value /= world
-        optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(value):
-            history["skipped_steps"] += 1
-            continue
-        loss.backward()
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(flow.parameters(), max_grad_norm)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        history["train_loss"].append(value.item())
-        if val_data is not None and (step % eval_every == 0 or step == num_steps):
-            flow.eval()
-            val = _mean_nll(flow, val_data, val_context)
-            flow.train()
-            history["val_loss"].append(val)
-            history["val_step"].append(step)
-            if val < history["best_val_loss"]:
-                history["best_val_loss"], history["best_step"], since_best = val, step, 0
-                best_state = copy.deepcopy(flow.state_dict())
-            else:
-                since_best += 1
-            bar.set_postfix(loss=f"{value.item():.3f}", val=f"{val:.3f}")
-            save(step)
-            if patience is not None and since_best >= patience:
-                history["stopped_early"] = True
-                break
-        elif step % 10 == 0:
-            bar.set_postfix(loss=f"{value.item():.3f}")
-    bar.close()
-    save(step)
-    if best_state is not None:
-        flow.load_state_dict(best_state)
-    flow.eval()
-    return history
-
-
-CHECKPOINT_FORMAT = "pyroflows.fit/1"
-
-
-def _load_checkpoint(path: str | Path, flow: Flow) -> dict[str, Any]:
-    """A training checkpoint written by :func:`fit`, checked before anything is restored."""
-    try:
-        saved = torch.load(path, map_location=flow.base_loc.device, weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ValueError(f"checkpoint {path} is not readable: {' '.join(str(err).split())}") from None
-    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path} is not a pyroflows fit checkpoint")
-    flow.load_state_dict(saved["flow"])  # validated as a whole by Flow.load_state_dict
-    return saved
+        return train_loop(
+            flow, loss_fn, num_steps=num_steps, lr=lr, generator=g, schedule=schedule,
+            final_lr=final_lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+            validate=validate, eval_every=eval_every, patience=patience, progress=progress,
+            kind="fit", checkpoint=checkpoint, resume=resume, distributed=distributed,
+        )
