@@ -1,0 +1,13 @@
+"""Lossless compression with latent-variable models: bits-back ANS coding
+([`BitsBackCodec`][pyroflows.compress.BitsBackCodec]) with a trained VAE, the discrete
+likelihoods it codes with, and the generic compressors it is measured against
+([`baseline_sizes`][pyroflows.compress.baseline_sizes]).
+
+Needs the ``compress`` extra (``constriction``; ``zstandard`` for that baseline).
+"""
+
+from pyroflows.compress.baselines import baseline_sizes
+from pyroflows.compress.codec import BitsBackCodec
+from pyroflows.compress.likelihood import DiscreteLikelihood, dequantize
+
+__all__ = ["BitsBackCodec", "DiscreteLikelihood", "baseline_sizes", "dequantize"]
