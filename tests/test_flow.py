@@ -122,7 +122,8 @@ def test_flow_is_a_pyro_distribution_in_a_model():
     trace = pyro.poutine.trace(lambda: pyro.sample("x", flow.dist())).get_trace()
     node = trace.nodes["x"]
     assert node["value"].shape == (2,)
-    assert torch.allclose(node["fn"].log_prob(node["value"]), flow.log_prob(node["value"]), atol=1e-5)
+    value = node["value"]
+    assert torch.allclose(node["fn"].log_prob(value), flow.log_prob(value), atol=1e-5)
 
 
 def test_flow_requires_flow_transforms():
@@ -143,14 +144,15 @@ def test_coupling_layers_cover_every_coordinate():
 @pytest.mark.parametrize("name", ["realnvp", "planar"])
 def test_transforms_validate_their_inputs_under_pyro_validation(name):
     layer = build_flow(name, 3, num_layers=1, hidden_dims=(8,)).layers[0]
-    with pytest.raises(ValueError, match=r"\(\.\.\., 3\)"):
+    with pytest.raises(ValueError, match=r"\(\*batch, 3\)"):
         layer(torch.randn(4, 2))
-    with pytest.raises(ValueError, match="NaN"):
-        layer.inv(torch.full((2, 3), float("nan")))
     with pytest.raises(TypeError, match="floating"):
         layer(torch.ones(2, 3, dtype=torch.long))
-    with pyro.validation_enabled(False):  # the hot path pays nothing and checks nothing
-        assert torch.isnan(layer(torch.full((2, 3), float("nan")))).all()
+    # finiteness costs a host sync: checked once by the distribution, not by every layer
+    assert torch.isnan(layer(torch.full((2, 3), float("nan")))).all()
+    flow = pyroflows.Flow((3,), [layer])
+    with pytest.raises(ValueError, match="support"):
+        flow.dist().log_prob(torch.full((2, 3), float("nan")))
     assert layer(torch.randn(2, 3)).shape == (2, 3)  # still usable
 
 

@@ -7,19 +7,106 @@ the *forward* map ``z -> x`` summed over the event dimensions:
 * ``inverse_and_log_det(x, context) -> (z, log|det dx/dz|)``
 
 From those two, the class derives Pyro's whole interface: ``_call``, ``_inverse``,
-``log_abs_det_jacobian`` (a :class:`~pyro.distributions.torch_transform.TransformModule`) and
-``condition(context)`` (a :class:`~pyro.distributions.conditional.ConditionalTransform`), so one
-class serves both the unconditional and the conditional case: a layer built with a
-``context_dim`` reads the context, a layer built without one ignores it.
+``log_abs_det_jacobian`` (a Pyro ``TransformModule``) and ``condition(context)`` (a Pyro
+``ConditionalTransform``), so one class serves both the unconditional and the conditional case:
+a layer built with a ``context_dim`` reads the context, a layer built without one ignores it.
+
+Pyro asks for a map and its log-determinant in separate calls, while every layer computes both in
+one pass. The layer therefore remembers its last pass (input, output, log-determinant) and
+answers a later call from it only when that call is provably about the same computation: the
+same input or output tensor *object*, the same context object, no in-place change to any of
+them or to any parameter or buffer since (tensor ``_version`` counters), and no gradient
+wanted that the remembered pass did not record. Anything else recomputes.
 """
 
 from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
 
 import torch
 from pyro.distributions.conditional import ConditionalTransform
 from pyro.distributions.torch_transform import TransformModule
 from pyro.distributions.util import is_validation_enabled
 from torch.distributions import Transform, constraints
+
+from pyroflows.validation import check_tensor
+
+
+def _versions(tensors: tuple[torch.Tensor | None, ...]) -> tuple[int, ...] | None:
+    """The in-place modification counters of ``tensors`` (``None`` entries count as 0), or
+    ``None`` when one is an inference tensor, which keeps no counter and so cannot be trusted."""
+    if any(t is not None and t.is_inference() for t in tensors):
+        return None
+    return tuple(0 if t is None else t._version for t in tensors)
+
+
+def _same(given: torch.Tensor, remembered: torch.Tensor) -> bool:
+    """``given`` is ``remembered``, or the gradient-carrying replay of it (see `_Replay`)."""
+    return given is remembered or getattr(given, "_pyroflows_replay_of", None) is remembered
+
+
+@dataclass(eq=False)
+class _Pass:
+    """One remembered evaluation ``inputs -> outputs`` of a layer (see the module docstring)."""
+
+    inputs: torch.Tensor
+    outputs: torch.Tensor
+    log_det: torch.Tensor
+    context: torch.Tensor | None
+    state: tuple[torch.Tensor, ...]  # the layer's parameters and buffers, by identity
+    versions: tuple[int, ...]
+    with_grad: bool
+
+    def valid(self, layer: FlowTransform, context: torch.Tensor | None) -> bool:
+        """Whether this pass still describes ``layer`` at ``context`` right now."""
+        if context is not self.context:
+            return False
+        state = layer._state_tensors()
+        # a parameter replaced (e.g. by load_state_dict(assign=True)) is another parameter
+        if len(state) != len(self.state) or any(map(operator.is_not, state, self.state)):
+            return False
+        return _versions((self.inputs, self.outputs, self.context, *state)) == self.versions
+
+
+class _Replay(torch.autograd.Function):
+    """A pass recorded without gradients, replayed where gradients are wanted.
+
+    The values come from memory, so scoring a sample drawn under ``no_grad`` still needs no
+    (sequential) inverse; ``backward`` recomputes the pass with autograd on, so gradients are
+    exact and the recomputation is paid only when someone differentiates.
+    """
+
+    @staticmethod
+    def forward(ctx, layer, inverse, memory, context, inputs, *state):  # type: ignore[override]
+        ctx.layer, ctx.inverse, ctx.has_context = layer, inverse, context is not None
+        ctx.save_for_backward(inputs, *(() if context is None else (context,)), *state)
+        outputs, log_det = memory
+        return outputs.detach(), log_det.detach()
+
+    @staticmethod
+    def backward(ctx, grad_outputs, grad_log_det):  # type: ignore[override]
+        inputs, *rest = ctx.saved_tensors
+        context = rest.pop(0) if ctx.has_context else None
+        need_context, need_inputs, *need_state = ctx.needs_input_grad[3:]
+        with torch.enable_grad():
+            inputs = inputs.detach().requires_grad_(need_inputs)
+            if context is not None:
+                context = context.detach().requires_grad_(need_context)
+            layer = ctx.layer
+            run = layer.inverse_and_log_det if ctx.inverse else layer.forward_and_log_det
+            outputs, log_det = run(inputs, context)
+            wrt = [context, inputs, *rest]
+            needs = [need_context, need_inputs, *need_state]
+            needed = [t for t, need in zip(wrt, needs, strict=True) if need]
+            grads = iter(
+                torch.autograd.grad(
+                    (outputs, log_det), needed, (grad_outputs, grad_log_det), allow_unused=True
+                )
+            )
+        return (None, None, None) + tuple(
+            next(grads) if need else None for need in (need_context, need_inputs, *need_state)
+        )
 
 
 class FlowTransform(TransformModule, ConditionalTransform):
@@ -29,12 +116,11 @@ class FlowTransform(TransformModule, ConditionalTransform):
         event_shape: shape of one event, ``(D,)`` for vectors or ``(C, H, W)`` for images.
         context_dim: width of the context vector the layer is conditioned on, or ``None``.
 
-    Subclasses implement :meth:`forward_and_log_det` and :meth:`inverse_and_log_det`. The log
-    determinant that Pyro asks for after a call is taken from that call (matched by tensor
-    identity, never by value), so ``TransformedDistribution.log_prob`` costs one pass; and
-    inverting the very tensor the layer just produced returns its input, so scoring a
-    distribution's own sample (``pyro.sample`` of ``flow.dist()``) never runs a sequential
-    inverse. Only that one tensor object is remembered: a new tensor is always recomputed.
+    Subclasses implement ``forward_and_log_det`` and ``inverse_and_log_det``. Through
+    Pyro's interface a layer reuses its last pass where that is exact (module docstring):
+    ``TransformedDistribution.log_prob`` costs one pass per layer, and scoring a distribution's
+    own fresh sample (``flow.dist().sample()`` then ``.log_prob``) never runs a sequential
+    inverse; if that score is differentiated, the backward pass recomputes the layer.
     """
 
     bijective = True
@@ -43,19 +129,35 @@ class FlowTransform(TransformModule, ConditionalTransform):
         super().__init__(cache_size=0)
         self.event_shape = tuple(int(s) for s in event_shape)
         self.context_dim = context_dim
-        self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._pass: _Pass | None = None
 
     # -- what a family implements -------------------------------------------------------
     def forward_and_log_det(
         self, z: torch.Tensor, context: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Map ``z -> x``; return ``x`` and ``log|det dx/dz|`` of shape ``z``'s batch shape."""
+        """Map ``z -> x``.
+
+        Args:
+            z: input of shape ``(*batch, *event_shape)``.
+            context: context of shape ``(*batch, context_dim)`` for a conditional layer.
+
+        Returns:
+            ``x`` and ``log|det dx/dz|`` of shape ``batch``.
+        """
         raise NotImplementedError
 
     def inverse_and_log_det(
         self, x: torch.Tensor, context: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Map ``x -> z``; return ``z`` and the *forward* ``log|det dx/dz|`` at that ``z``."""
+        """Map ``x -> z``.
+
+        Args:
+            x: input of shape ``(*batch, *event_shape)``.
+            context: context of shape ``(*batch, context_dim)`` for a conditional layer.
+
+        Returns:
+            ``z`` and the *forward* ``log|det dx/dz|`` at that ``z``, of shape ``batch``.
+        """
         raise NotImplementedError
 
     # -- Pyro / torch.distributions interface -------------------------------------------
@@ -81,45 +183,94 @@ class FlowTransform(TransformModule, ConditionalTransform):
         return self._ladj_with_context(z, x, None)
 
     def condition(self, context: torch.Tensor) -> Transform:
-        """The layer bound to ``context``: a plain ``Transform`` for Pyro's conditional API."""
+        """The layer bound to ``context``.
+
+        Args:
+            context: the context, of shape ``(*batch, context_dim)``.
+
+        Returns:
+            A plain ``Transform`` for Pyro's conditional API.
+        """
         return BoundTransform(self, context)
 
-    def _call_with_context(self, inputs: torch.Tensor, context: torch.Tensor | None, inverse: bool) -> torch.Tensor:
+    # -- the remembered pass ---------------------------------------------------------------
+    def _state_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (*self.parameters(), *self.buffers())
+
+    def _remember(
+        self, z: torch.Tensor, x: torch.Tensor, log_det: torch.Tensor, context: torch.Tensor | None
+    ) -> _Pass | None:
+        state = self._state_tensors()
+        versions = _versions((z, x, context, *state))
+        grad = torch.is_grad_enabled()
+        self._pass = (
+            None if versions is None else _Pass(z, x, log_det, context, state, versions, grad)
+        )
+        return self._pass
+
+    def _recall(self, given: torch.Tensor, context: torch.Tensor | None, inverse: bool):
+        """``(other side, log_det)`` of a remembered pass that ``given`` enters from the output
+        side (``inverse``) or the input side, or ``None`` when there is none that is exact."""
+        last = self._pass
+        if last is None or not _same(given, last.outputs if inverse else last.inputs):
+            return None
+        if not last.valid(self, context):
+            return None
+        other = last.inputs if inverse else last.outputs
+        if not torch.is_grad_enabled() or last.with_grad:
+            return other, last.log_det
+        state = [t for t in last.state if t.requires_grad]
+        if not (given.requires_grad or state or (context is not None and context.requires_grad)):
+            return other, last.log_det
+        other_grad, log_det = _Replay.apply(
+            self, inverse, (other, last.log_det), context, given, *state
+        )
+        other_grad._pyroflows_replay_of = other  # the next layer's memory still matches it
+        z, x = (other_grad, given) if inverse else (given, other_grad)
+        self._remember(z, x, log_det, context)
+        return other_grad, log_det
+
+    def _call_with_context(
+        self, inputs: torch.Tensor, context: torch.Tensor | None, inverse: bool
+    ) -> torch.Tensor:
         if is_validation_enabled():
             self._validate(inputs, context)
+        recalled = self._recall(inputs, context, inverse)
+        if recalled is not None:
+            return recalled[0]
         if inverse:
-            last = self._last
-            if last is not None and last[1] is inputs:  # inverting this layer's own output
-                return last[0]
-            z, ladj = self.inverse_and_log_det(inputs, context)
-            self._last = (z, inputs, ladj)
+            z, log_det = self.inverse_and_log_det(inputs, context)
+            self._remember(z, inputs, log_det, context)
             return z
-        x, ladj = self.forward_and_log_det(inputs, context)
-        self._last = (inputs, x, ladj)
+        x, log_det = self.forward_and_log_det(inputs, context)
+        self._remember(inputs, x, log_det, context)
         return x
 
-    def _ladj_with_context(self, z: torch.Tensor, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        last = self._last
-        if last is not None and last[0] is z and last[1] is x:
-            return last[2]
+    def _ladj_with_context(
+        self, z: torch.Tensor, x: torch.Tensor, context: torch.Tensor | None
+    ) -> torch.Tensor:
+        last = self._pass
+        if last is not None and _same(x, last.outputs):
+            recalled = self._recall(z, context, inverse=False)
+            if recalled is not None:
+                return recalled[1]
         return self.forward_and_log_det(z, context)[1]
 
     def _validate(self, inputs: torch.Tensor, context: torch.Tensor | None) -> None:
-        """Input checks of the Pyro interface, run only under ``pyro.enable_validation(True)``
-        (the default); ``Flow`` checks once per call and then uses the unchecked methods."""
-        if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
-            raise TypeError(f"{type(self).__name__}: input must be a floating-point tensor")
-        n = self.event_dim
-        if inputs.dim() < n or tuple(inputs.shape[inputs.dim() - n:]) != self.event_shape:
-            raise ValueError(f"{type(self).__name__}: input must have shape (..., {', '.join(map(str, self.event_shape))}), got {tuple(inputs.shape)}")
-        if not torch.isfinite(inputs).all():
-            raise ValueError(f"{type(self).__name__}: input contains NaN or inf")
-        if self.context_dim and (context is None or context.shape[-1:] != (self.context_dim,)):
-            raise ValueError(f"{type(self).__name__}: context of shape (..., {self.context_dim}) is required, got {None if context is None else tuple(context.shape)}")
+        """Type and shape checks of the Pyro interface, under ``pyro.enable_validation(True)``
+        (the default). No finiteness check here: it would cost a host sync per layer; the
+        distribution checks its value once, and [`Flow`][pyroflows.Flow] checks its inputs."""
+        name = type(self).__name__
+        check_tensor(inputs, f"{name} input", event_shape=self.event_shape)
+        if self.context_dim:
+            if context is None:
+                raise ValueError(f"{name} context must be a tensor of shape "
+                                 f"(*batch, {self.context_dim}), got None")
+            check_tensor(context, f"{name} context", event_shape=(self.context_dim,))
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        state["_last"] = None  # never pickle a per-call intermediate
+        state["_pass"] = None  # never pickle or deep-copy a per-call intermediate
         return state
 
     def extra_repr(self) -> str:
