@@ -21,6 +21,7 @@ from pyroflows.mcmc.driver import sample, summarize
 from pyroflows.mcmc.gibbs import Gibbs
 from pyroflows.mcmc.hmc import HMC, MALA
 from pyroflows.mcmc.mh import MH
+from pyroflows.mcmc.potential import ModelPotential
 from pyroflows.mcmc.sgld import SGLD
 
-__all__ = ["BatchedKernel", "Gibbs", "HMC", "MALA", "MH", "SGLD", "sample", "summarize"]
+__all__ = ["BatchedKernel", "Gibbs", "HMC", "MALA", "MH", "ModelPotential", "SGLD", "sample", "summarize"]

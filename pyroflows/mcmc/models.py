@@ -1,0 +1,158 @@
+r"""The model path of [`sample`][pyroflows.mcmc.sample]: a Pyro model in, ``InferenceData`` out.
+
+A kernel built with ``model=`` (``HMC(model=fn)``) is bound to the model's
+[`ModelPotential`][pyroflows.mcmc.ModelPotential] energy, every chain starts from the init
+strategy (one model execution for all of them), the kernel runs on the unconstrained vector, and
+the draws are mapped back to the model's sites — constrained, in their own shapes, named after the
+model's plates — together with the deterministic sites, the pointwise log-likelihood of every
+observed site (for ``arviz.loo`` / ``arviz.waic`` / ``arviz.compare``) and the observed data.
+
+The posterior feeds Pyro's posterior predictive after flattening ``(chain, draw)``::
+
+    samples = {k: torch.as_tensor(v.values).flatten(0, 1) for k, v in idata.posterior.items()}
+    predictive = pyro.infer.Predictive(model, posterior_samples=samples)(*model_args)
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import arviz as az
+import numpy as np
+import torch
+
+from pyroflows.mcmc.potential import InitStrategy, ModelPotential
+from pyroflows.validation import check_int
+
+__all__ = ["sample_model", "to_inference_data"]
+
+#: draws x chains evaluated per model execution when mapping draws back to the sites
+CHUNK = 4096
+#: largest pointwise log-likelihood (entries over all draws) stored without being asked
+MAX_LOG_LIKELIHOOD = 50_000_000
+
+
+def sample_model(
+    kernel: Any,
+    *,
+    num_samples: int,
+    warmup_steps: int | None = None,
+    num_chains: int | None = None,
+    init: InitStrategy = None,
+    seed: int | None = None,
+    progress: bool = True,
+    thinning: int = 1,
+    model_args: tuple = (),
+    model_kwargs: dict[str, Any] | None = None,
+    log_likelihood: bool | None = None,
+) -> az.InferenceData:
+    """Run ``kernel`` (built with ``model=``) on its model; users call
+    [`sample`][pyroflows.mcmc.sample], which lands here.
+
+    Args:
+        kernel: a pyroflows kernel whose ``model`` is a Pyro model.
+        num_samples: draws kept per chain.
+        warmup_steps: adaptation steps, discarded (default: ``num_samples``).
+        num_chains: chains run at once (default 4).
+        init: a Pyro init strategy, a ``{site: value}`` dict, or ``None`` (``init_to_uniform``);
+            see [`ModelPotential.init`][pyroflows.mcmc.ModelPotential.init].
+        seed: seed of the run's ``torch.Generator`` (init and kernel); ``None`` draws one from
+            torch's global generator.
+        progress: show a progress bar.
+        thinning: keep every ``thinning``-th step.
+        model_args: the model's positional arguments.
+        model_kwargs: the model's keyword arguments.
+        log_likelihood: store the pointwise log-likelihood (default: when it has at most
+            ``MAX_LOG_LIKELIHOOD`` entries; many chains times large data can need gigabytes).
+
+    Returns:
+        ``InferenceData`` (see [`to_inference_data`][pyroflows.mcmc.models.to_inference_data]).
+    """
+    from pyroflows.mcmc.driver import make_generator, run_chains
+
+    check_int(num_samples, "num_samples", minimum=1)
+    warmup_steps = num_samples if warmup_steps is None else check_int(
+        warmup_steps, "warmup_steps", minimum=0
+    )
+    num_chains = 4 if num_chains is None else check_int(num_chains, "num_chains", minimum=1)
+    potential = ModelPotential(kernel.model, *model_args, **(model_kwargs or {}))
+    generator = make_generator(seed, potential._device)
+    start = potential.init(num_chains, init, generator)
+    kernel.bind(potential.energy)
+    draws, stats, attrs = run_chains(
+        kernel, start, num_samples, warmup_steps=warmup_steps, thinning=thinning,
+        progress=progress, generator=generator,
+    )
+    return to_inference_data(potential, draws, stats, attrs, log_likelihood=log_likelihood)
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().numpy()
+
+
+def to_inference_data(
+    potential: ModelPotential,
+    draws: torch.Tensor,
+    stats: dict[str, torch.Tensor] | None = None,
+    attrs: dict[str, Any] | None = None,
+    *,
+    log_likelihood: bool | None = None,
+) -> az.InferenceData:
+    """Map unconstrained draws of a model back to its sites, as ``arviz.InferenceData``.
+
+    Args:
+        potential: the model's potential.
+        draws: unconstrained draws ``(num_samples, num_chains, D)``.
+        stats: sampler statistics, name -> ``(num_chains, num_samples)``.
+        attrs: run attributes stored on the result.
+        log_likelihood: store the pointwise log-likelihood (``None``: when it has at most
+            ``MAX_LOG_LIKELIHOOD`` entries).
+
+    Returns:
+        ``posterior``: every latent and deterministic site by name, constrained, dims
+        ``(chain, draw, *site dims)`` (plate names where a plate indexes a dimension);
+        ``log_likelihood``: per observed site, pointwise; ``observed_data``; ``sample_stats``
+        (the statistics given, plus ``lp`` $= -U$).
+    """
+    num_samples, num_chains, dim = draws.shape
+    flat = draws.reshape(-1, dim)
+    obs_sizes = sum(s["fn"].batch_shape.numel() for s in potential._observed.values())
+    if log_likelihood is None:
+        log_likelihood = flat.shape[0] * obs_sizes <= MAX_LOG_LIKELIHOOD
+        if not log_likelihood:
+            warnings.warn(
+                f"log_likelihood not stored: {flat.shape[0] * obs_sizes:,} entries (pass "
+                "log_likelihood=True to force it, or run fewer chains or draws)",
+                stacklevel=3,
+            )
+    parts: dict[str, list[torch.Tensor]] = {}
+    for chunk in flat.split(CHUNK):
+        latent, deterministic, loglik = potential._constrained(chunk)
+        values = {**latent, **deterministic, **(loglik if log_likelihood else {})}
+        for name, value in values.items():
+            parts.setdefault(name, []).append(value)
+
+    def chains_first(name: str) -> np.ndarray:
+        value = torch.cat(parts[name]).reshape(num_samples, num_chains, *parts[name][0].shape[1:])
+        return _numpy(value.transpose(0, 1))
+
+    dims = potential.dims()
+    # an observed site's name serves both groups: give its batch (plate) dims, and arviz names
+    # the event dims of observed_data "<site>_dim_<i>", as dims() does
+    for name, site in potential._observed.items():
+        dims[name] = dims[name][: len(site["fn"].batch_shape)]
+    posterior = {name: chains_first(name) for name in potential.shapes()}
+    groups: dict[str, Any] = {"posterior": posterior}
+    if log_likelihood and potential._observed:
+        groups["log_likelihood"] = {name: chains_first(name) for name in potential._observed}
+    if potential._observed:
+        groups["observed_data"] = {k: _numpy(v) for k, v in potential.observed_data().items()}
+    if stats:
+        sample_stats = {name: _numpy(value) for name, value in stats.items()}
+        if "energy" in sample_stats:
+            sample_stats["lp"] = -sample_stats["energy"]
+        groups["sample_stats"] = sample_stats
+    with warnings.catch_warnings():  # arviz warns whenever chains outnumber draws, our usual case
+        warnings.filterwarnings("ignore", message="More chains")
+        return az.from_dict(**groups, dims=dims, attrs=attrs or {})
