@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pyroflows.validation import check_int
+
 # name -> "module:builder"; imported lazily, so an unused family costs nothing at import time.
 _FAMILIES: dict[str, str] = {
     "planar": "pyroflows.transforms.planar:build_planar",
@@ -28,6 +30,7 @@ _FAMILIES: dict[str, str] = {
     "cnf": "pyroflows.transforms.cnf:build_cnf",
     "nsf": "pyroflows.transforms.spline:build_nsf",
     "nsf_ar": "pyroflows.transforms.spline:build_nsf_ar",
+    "bnaf": "pyroflows.transforms.bnaf:build_bnaf",
 }
 
 
@@ -72,7 +75,15 @@ def available_flows() -> list[str]:
 
 
 def get_builder(name: str) -> Callable:
-    """The builder of family ``name`` (``ValueError`` listing the families if unknown)."""
+    """The builder of family ``name``.
+
+    Args:
+        name: one of [`available_flows`][pyroflows.available_flows]; anything else is a
+            ``ValueError`` listing the families.
+
+    Returns:
+        The builder function, with its [`FamilySpec`][pyroflows.registry.FamilySpec] as ``.spec``.
+    """
     if not isinstance(name, str) or name not in _FAMILIES:
         raise ValueError(f"unknown flow {name!r}; available flows: {', '.join(_FAMILIES)}")
     module, attr = _FAMILIES[name].split(":")
@@ -85,39 +96,39 @@ def family_spec(name: str) -> FamilySpec:
 
 
 def normalize_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
-    """``D`` -> ``(D,)``; ``(C, H, W)`` stays; anything else is a ``ValueError``."""
-    if isinstance(shape, bool):
+    """The event shape as a tuple.
+
+    Args:
+        shape: ``D`` for vectors or ``(C, H, W)`` for images, every size a positive int.
+
+    Returns:
+        ``(D,)`` or ``(C, H, W)``.
+    """
+    dims = (shape,) if isinstance(shape, int) else shape
+    if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or len(dims) not in (1, 3):
         raise ValueError(f"shape must be an int D or a tuple (C, H, W), got {shape!r}")
-    if isinstance(shape, int):
-        shape = (shape,)
-    try:
-        shape = tuple(shape)
-    except TypeError:
-        raise ValueError(f"shape must be an int D or a tuple (C, H, W), got {shape!r}") from None
-    if len(shape) not in (1, 3) or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
-        raise ValueError(f"shape must be a positive int D or a tuple (C, H, W) of positive ints, got {shape!r}")
-    return shape
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return tuple(check_int(s, "shape") for s in dims)
 
 
 def normalize_hidden(hidden_dims: int | Sequence[int]) -> tuple[int, ...]:
-    """``h`` -> ``(h,)``; a non-empty sequence of positive ints stays."""
-    if isinstance(hidden_dims, int) and not isinstance(hidden_dims, bool):
-        hidden_dims = (hidden_dims,)
-    try:
-        hidden = tuple(hidden_dims)
-    except TypeError:
-        raise ValueError(f"hidden_dims must be a positive int or a sequence of them, got {hidden_dims!r}") from None
-    if not hidden:
-        raise ValueError("hidden_dims must not be empty")
-    for h in hidden:
-        _positive_int(h, "hidden_dims")
-    return hidden
+    """The conditioner widths as a tuple.
+
+    Args:
+        hidden_dims: one positive int, or a non-empty sequence of them.
+
+    Returns:
+        ``(h,)`` for an int, else the widths as a tuple.
+    """
+    dims = (hidden_dims,) if isinstance(hidden_dims, int) else hidden_dims
+    if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or not dims:
+        raise ValueError(
+            f"hidden_dims must be a positive int or a non-empty sequence of them, got {hidden_dims!r}"
+        )
+    return tuple(check_int(h, "hidden_dims") for h in dims)
+
+
+# Transitional: modules that still import the old private name get the public check.
+_positive_int = check_int
 
 
 def build_flow(
@@ -160,12 +171,12 @@ def build_flow(
         raise ValueError(f"flow {name!r} works on vectors: shape must be an int D, got {shape}")
     if len(shape) == 1 and shape[0] < spec.min_dim:
         raise ValueError(f"flow {name!r} needs shape >= {spec.min_dim}, got {shape[0]}")
-    num_layers = _positive_int(spec.default_layers if num_layers is None else num_layers, "num_layers")
+    num_layers = check_int(spec.default_layers if num_layers is None else num_layers, "num_layers")
     if hidden_dims is None:  # the family default, widened so networks over D inputs stay wide enough
         hidden_dims = tuple(max(h, 2 * shape[0]) for h in spec.default_hidden) if len(shape) == 1 else spec.default_hidden
     hidden = normalize_hidden(hidden_dims)
     if context_dim is not None:
-        _positive_int(context_dim, "context_dim")
+        check_int(context_dim, "context_dim")
         if not spec.conditional:
             raise ValueError(f"flow {name!r} has no conditional form: context_dim must be None")
     layers = builder(shape, num_layers=num_layers, hidden_dims=hidden, context_dim=context_dim, **family_options)
