@@ -7,6 +7,7 @@ from pyroflows.transforms.autoregressive import (
     masked_autoregressive,
 )
 from pyroflows.transforms.base import BoundTransform, FlowTransform
+from pyroflows.transforms.bnaf import BlockNeuralAutoregressive, block_autoregressive
 from pyroflows.transforms.cnf import ContinuousFlow, cnf
 from pyroflows.transforms.coupling import Coupling, coupling_mask
 from pyroflows.transforms.gaussianization import (
@@ -37,4 +38,5 @@ __all__ = [
     "ContinuousFlow", "HouseholderRotation", "MarginalGaussianization", "ResidualBlock",
     "cnf", "gaussianization", "residual",
     "RationalQuadraticSpline", "spline_autoregressive", "spline_coupling",
+    "BlockNeuralAutoregressive", "block_autoregressive",
 ]
