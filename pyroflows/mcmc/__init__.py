@@ -1,4 +1,4 @@
-r"""Batched-chain MCMC for energy-based targets.
+r"""Batched-chain MCMC for energy-based targets and Pyro models.
 
 Every kernel is a Pyro ``MCMCKernel`` whose state is a whole batch of chains,
 ``(num_chains, *event_shape)``: one batched energy (and gradient) evaluation advances all of
@@ -7,16 +7,18 @@ GPU — or on a CPU, where per-call overhead dominates small energies.
 
 | kernel | needs | use for |
 |---|---|---|
-| :class:`HMC` (``num_steps=1``: MALA) | $\nabla U$ | smooth continuous targets |
-| :class:`SGLD` | $\nabla U$, possibly stochastic | mini-batch energies, EBM training |
-| :class:`MH` | $U$ (and a flow, for the independence sampler) | gradient-free targets, flow proposals |
-| :class:`Gibbs` | $U$ (and values, or conditionals) | discrete targets, RBMs |
+| `HMC` (``num_steps=1``: MALA) | $\nabla U$ | smooth continuous targets |
+| `SGLD` | $\nabla U$, possibly stochastic | mini-batch energies, EBM training |
+| `MH` | $U$ (and a flow, for an independence sampler) | gradient-free targets, flows |
+| `Gibbs` | $U$ (and values, or conditionals) | discrete targets, RBMs |
 
-:func:`sample` runs a kernel and returns ``arviz.InferenceData``; ``pyro.infer.MCMC`` runs the
-same kernels (see :mod:`pyroflows.mcmc.base` for how chains map).
+[`sample`][pyroflows.mcmc.sample] runs a kernel on an energy, or on a Pyro model given as
+``HMC(model=fn)``, and returns ``arviz.InferenceData``; ``pyro.infer.MCMC`` runs the same kernels
+(see `pyroflows.mcmc.base` for how chains map). Under the kernel classes is a pure core of
+explicit states and transitions (`pyroflows.mcmc.core`, `pyroflows.mcmc.adapt`).
 """
 
-from pyroflows.mcmc.base import BatchedKernel
+from pyroflows.mcmc.base import BatchedKernel, RunState
 from pyroflows.mcmc.driver import sample, summarize
 from pyroflows.mcmc.gibbs import Gibbs
 from pyroflows.mcmc.hmc import HMC, MALA
@@ -24,4 +26,14 @@ from pyroflows.mcmc.mh import MH
 from pyroflows.mcmc.potential import ModelPotential
 from pyroflows.mcmc.sgld import SGLD
 
-__all__ = ["BatchedKernel", "Gibbs", "HMC", "MALA", "MH", "ModelPotential", "SGLD", "sample", "summarize"]
+__all__ = [
+    "BatchedKernel",
+    "Gibbs",
+    "HMC",
+    "MALA",
+    "MH",
+    "ModelPotential",
+    "SGLD",
+    "sample",
+    "summarize",
+]

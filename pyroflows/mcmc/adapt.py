@@ -1,31 +1,49 @@
-r"""Warm-up adaptation shared by every kernel: step size (or proposal scale) by dual averaging and a
-diagonal variance estimate in Stan-style windows, both pooled over the batch of chains.
+r"""Warm-up adaptation as explicit state: every adapter is a configuration object with
+``init(...) -> state`` and ``update(state, ...) -> state`` over [`NamedTuple`][typing.NamedTuple]
+states, pooled over the batch of chains. Nothing is kept on the kernel, so a second run starts
+exactly where a fresh one would.
 
 **Step size.** Dual averaging (Nesterov 2009; Hoffman & Gelman 2014, section 3.2) on
-$\log \epsilon$ drives the mean acceptance probability $\bar a$ to a target $\delta$ with the
-statistic $g_t = \delta - \bar a_t$; the iterate is used during warm-up and the running average
-after it. With $C$ chains $\bar a_t$ averages $C$ acceptance probabilities, so it is far less
-noisy than a single chain's. Pyro's ``DualAveraging`` does the arithmetic; it is elementwise, so
-the same adapter also tunes one scale per coordinate (Metropolis-within-Gibbs).
+$\log \epsilon$ drives an acceptance statistic $\bar a$ to a target $\delta$ with
+$g_t = \delta - \bar a_t$; the iterate is used during warm-up and the running average after it.
+With $C$ chains $\bar a_t$ pools $C$ acceptance probabilities, so it is far less noisy than a
+single chain's. The update is elementwise, so the same code tunes one scale per coordinate
+(Metropolis-within-Gibbs).
 
-**Variance.** Warm-up is cut like Stan's: a fast initial buffer (15%), slow windows doubling in
-length, a terminal buffer (10%). In each slow window a batched Welford estimator (Chan et al.'s
-pairwise update, one merge per step for all chains — Pyro's ``WelfordCovariance`` takes one
-sample at a time) accumulates the chains' states; at the window's end the diagonal variance,
-shrunk towards $10^{-3}$ as Stan does, becomes the new inverse mass matrix (HMC) or proposal
-variance (random-walk MH), and dual averaging restarts from ten times the current step size.
+**Variance windows** ([`WindowAdaptation`][pyroflows.mcmc.adapt.WindowAdaptation]). Warm-up is
+cut like Stan's: a fast initial buffer (15%), slow windows doubling in length, a terminal buffer
+(10%). In each slow window a batched Welford estimator (Chan et al.'s pairwise update, one merge
+per step for all chains) accumulates the chains' states; at the window's end the diagonal
+variance, shrunk towards $10^{-3}$ as Stan does, becomes the new inverse mass matrix (HMC) or
+proposal variance (random-walk MH), and dual averaging restarts from ten times the current step.
 
-References: Hoffman & Gelman (2014), *The No-U-Turn Sampler*, JMLR; Stan Reference Manual,
-"HMC algorithm parameters"; Chan, Golub & LeVeque (1983), *Algorithms for computing the sample
-variance*.
+**ChEES** ([`ChEESAdaptation`][pyroflows.mcmc.adapt.ChEESAdaptation]; Hoffman, Radul &
+Sountsov 2021). HMC's trajectory length $T$ is tuned by Adam ascent on $\log T$ of the *change
+in the estimator of the expected square*,
+$\mathrm{ChEES} = \tfrac14 \mathbb E\bigl[(\|z' - \bar z'\|^2 - \|z - \bar z\|^2)^2\bigr]$,
+estimated across the chains in the whitened coordinates $z = M^{1/2} x$; its gradient per chain is
+$h\,T\,(\|z'-\bar z'\|^2 - \|z-\bar z\|^2)\,(z'-\bar z')\cdot\dot z'$ for a transition jittered
+to length $hT$, weighted by acceptance probabilities (divergent transitions weigh 0), and each
+update is clipped to $\pm 0.35$ in $\log T$. The step size follows dual averaging on the
+**harmonic mean** of the acceptance probabilities (a few chains stuck at low acceptance pull it
+down, unlike the arithmetic mean), and the diagonal mass matrix comes from the chains' pooled
+variance in the same windows as above. The trajectory length used after warm-up is the
+moving average of $\log T$ with weights $t^{-1/2}$ since the last mass-matrix update.
+
+References: Hoffman & Gelman (2014), *The No-U-Turn Sampler*, JMLR; Hoffman, Radul & Sountsov
+(2021), *An adaptive MCMC scheme for setting trajectory lengths in Hamiltonian Monte Carlo*,
+AISTATS; Stan Reference Manual, "HMC algorithm parameters"; Chan, Golub & LeVeque (1983),
+*Algorithms for computing the sample variance*.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from typing import NamedTuple
 
 import torch
-from pyro.ops.dual_averaging import DualAveraging
+
+from pyroflows.mcmc.core import expand_as
 
 
 def window_ends(warmup_steps: int) -> tuple[int, list[int]]:
@@ -47,98 +65,290 @@ def window_ends(warmup_steps: int) -> tuple[int, list[int]]:
     return init, ends
 
 
-class BatchWelford:
-    """Running mean and variance over a stream of batches ``(batch, *shape)`` (pairwise merge)."""
+# -- dual averaging ----------------------------------------------------------------------------
+class DualAveragingState(NamedTuple):
+    """Dual averaging of $\\log \\epsilon$: the iterate, its average, the averaged statistic,
+    the step count and the shrinkage point $\\mu$."""
 
-    def __init__(self) -> None:
-        self.count, self.mean, self.m2 = 0, None, None
-
-    def update(self, batch: torch.Tensor) -> None:
-        n = batch.shape[0]
-        mean_b = batch.mean(0)
-        m2_b = ((batch - mean_b) ** 2).sum(0)
-        if self.mean is None:
-            self.count, self.mean, self.m2 = n, mean_b, m2_b
-            return
-        total = self.count + n
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2_b + delta**2 * (self.count * n / total)
-        self.count = total
-
-    def variance(self, regularize: bool = True) -> torch.Tensor:
-        """The sample variance, shrunk like Stan's: $\\frac{n}{n+5} s^2 + 10^{-3}\\frac{5}{n+5}$."""
-        var = self.m2 / max(self.count - 1, 1)
-        if not regularize:
-            return var
-        n = self.count
-        return (n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))
+    log_step: torch.Tensor
+    log_avg: torch.Tensor
+    h_avg: torch.Tensor
+    t: int
+    prox_center: torch.Tensor
 
 
-class Adapter:
-    """Step-size and diagonal-variance adaptation for one warm-up.
+def dual_averaging_init(step_size: torch.Tensor) -> DualAveragingState:
+    """Start dual averaging at ``step_size``, shrinking towards ten times it (Stan's choice)."""
+    log_step = step_size.log()
+    return DualAveragingState(
+        log_step, log_step, torch.zeros_like(log_step), 0, log_step + math.log(10)
+    )
+
+
+def dual_averaging_update(
+    state: DualAveragingState,
+    statistic: torch.Tensor,
+    gamma: float = 0.05,
+    t0: float = 10.0,
+    kappa: float = 0.75,
+) -> DualAveragingState:
+    """One dual-averaging step with ``statistic`` $= \\delta - \\bar a$ (Stan's constants)."""
+    t = state.t + 1
+    eta = 1.0 / (t + t0)
+    h_avg = (1 - eta) * state.h_avg + eta * statistic
+    log_step = state.prox_center - math.sqrt(t) / gamma * h_avg
+    weight = t**-kappa
+    log_avg = weight * log_step + (1 - weight) * state.log_avg
+    return DualAveragingState(log_step, log_avg, h_avg, t, state.prox_center)
+
+
+# -- pooled variance ---------------------------------------------------------------------------
+class WelfordState(NamedTuple):
+    """Running count, mean and sum of squared deviations over a stream of batches."""
+
+    count: int
+    mean: torch.Tensor | None
+    m2: torch.Tensor | None
+
+
+EMPTY_WELFORD = WelfordState(0, None, None)
+
+
+def welford_update(state: WelfordState, batch: torch.Tensor) -> WelfordState:
+    """Merge ``batch`` (``(n, *shape)``) into ``state`` (Chan et al.'s pairwise update)."""
+    n = batch.shape[0]
+    mean_b = batch.mean(0)
+    m2_b = ((batch - mean_b) ** 2).sum(0)
+    if state.mean is None:
+        return WelfordState(n, mean_b, m2_b)
+    total = state.count + n
+    delta = mean_b - state.mean
+    mean = state.mean + delta * (n / total)
+    m2 = state.m2 + m2_b + delta**2 * (state.count * n / total)
+    return WelfordState(total, mean, m2)
+
+
+def welford_variance(state: WelfordState, regularize: bool = True) -> torch.Tensor:
+    """The sample variance, shrunk like Stan's: $\\frac{n}{n+5} s^2 + 10^{-3}\\frac{5}{n+5}$."""
+    var = state.m2 / max(state.count - 1, 1)
+    if not regularize:
+        return var
+    n = state.count
+    return (n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))
+
+
+# -- step size and variance in windows --------------------------------------------------------
+class WindowState(NamedTuple):
+    """Step size (or per-coordinate scales), diagonal variance, dual averaging, the current
+    window's Welford estimate, and the warm-up steps done."""
+
+    step_size: torch.Tensor
+    variance: torch.Tensor
+    dual: DualAveragingState
+    welford: WelfordState
+    t: int
+
+
+class WindowAdaptation:
+    """Step-size (dual averaging of the mean acceptance) and windowed diagonal-variance
+    adaptation for one warm-up.
 
     Args:
-        step_size: initial step size (float, or a tensor for one per coordinate).
+        warmup_steps: the warm-up's length.
         target_accept_prob: the $\\delta$ that dual averaging aims at.
         adapt_step_size: tune the step size.
         adapt_variance: tune the diagonal variance in windows.
-        find_step_size: optional ``f(step_size) -> step_size`` run when the variance changes
-            (HMC's "reasonable step size" search), or ``None``.
     """
 
     def __init__(
         self,
-        step_size: float | torch.Tensor,
+        warmup_steps: int,
         target_accept_prob: float,
-        adapt_step_size: bool = True,
-        adapt_variance: bool = True,
-        find_step_size: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        adapt_step_size: bool,
+        adapt_variance: bool,
     ) -> None:
-        self.initial_step_size = step_size
-        self.target_accept_prob = target_accept_prob
-        self.adapt_step_size, self.adapt_variance = adapt_step_size, adapt_variance
-        self.find_step_size = find_step_size
-        self.step_size: torch.Tensor | None = None
-        self.variance: torch.Tensor | None = None
+        self.warmup_steps, self.target_accept_prob = warmup_steps, target_accept_prob
+        self.adapt_step_size = adapt_step_size
+        self.first_start, ends = window_ends(warmup_steps) if adapt_variance else (0, [])
+        self.ends, self.last_end = frozenset(ends), max(ends, default=0)
 
-    def configure(self, warmup_steps: int, x: torch.Tensor) -> None:
-        """Start a warm-up of ``warmup_steps`` for chains like ``x`` (``(C, *event)``)."""
-        self.warmup_steps, self._t = warmup_steps, 0
-        self._first_start, ends = window_ends(warmup_steps) if self.adapt_variance else (0, [])
-        self._ends, self._last_end = set(ends), max(ends, default=0)
-        if self.variance is None or self.variance.shape != x.shape[1:]:
-            self.variance = torch.ones_like(x[0])
-        if self.step_size is None or self.step_size.device != x.device:
-            self.step_size = torch.as_tensor(self.initial_step_size, dtype=x.dtype, device=x.device)
-        if self.find_step_size is not None and self.adapt_step_size and warmup_steps > 0:
-            self.step_size = self.find_step_size(self.step_size)
-        self._restart_averaging()
-        self._welford = BatchWelford()
+    def init(self, step_size: torch.Tensor, variance: torch.Tensor) -> WindowState:
+        """The state at the start of warm-up."""
+        return WindowState(step_size, variance, dual_averaging_init(step_size), EMPTY_WELFORD, 0)
 
-    def _restart_averaging(self) -> None:
-        self._dual = DualAveraging(prox_center=torch.log(10 * self.step_size))
+    def update(
+        self, state: WindowState, position: torch.Tensor, accept_prob: torch.Tensor
+    ) -> tuple[WindowState, bool]:
+        """One warm-up step: ``position`` the chains after the move, ``accept_prob`` their
+        acceptance probabilities (``(C,)``, or ``(C, n)`` for per-coordinate scales).
 
-    @property
-    def warming_up(self) -> bool:
-        return self._t < self.warmup_steps
-
-    def step(self, x: torch.Tensor, accept_prob: torch.Tensor) -> None:
-        """One warm-up step: ``x`` the chains after the move, ``accept_prob`` their acceptance
-        probabilities (``(C,)``, or ``(C, n)`` for per-coordinate step sizes)."""
-        if not self.warming_up:
-            return
-        self._t += 1
+        Returns:
+            the new state and whether a variance window ended at this step (the caller may then
+            search a new step size and [`restart`][pyroflows.mcmc.adapt.WindowAdaptation.restart]).
+        """
+        t = state.t + 1
+        step_size, dual = state.step_size, state.dual
         if self.adapt_step_size:
-            self._dual.step(self.target_accept_prob - accept_prob.mean(0))
-            log_step, log_avg = self._dual.get_state()
-            self.step_size = torch.exp(log_avg if self._t == self.warmup_steps else log_step)
-        if self._first_start < self._t <= self._last_end:
-            self._welford.update(x.detach())
-        if self._t in self._ends:
-            self.variance = self._welford.variance()
-            self._welford = BatchWelford()
-            if self.find_step_size is not None and self.adapt_step_size:
-                self.step_size = self.find_step_size(self.step_size)
-            self._restart_averaging()
+            dual = dual_averaging_update(dual, self.target_accept_prob - accept_prob.mean(0))
+            step_size = (dual.log_avg if t == self.warmup_steps else dual.log_step).exp()
+        welford, variance = state.welford, state.variance
+        if self.first_start < t <= self.last_end:
+            welford = welford_update(welford, position)
+        ended = t in self.ends
+        if ended:
+            variance, welford = welford_variance(welford), EMPTY_WELFORD
+        return WindowState(step_size, variance, dual, welford, t), ended
 
+    def restart(self, state: WindowState, step_size: torch.Tensor) -> WindowState:
+        """Restart dual averaging from ``step_size`` (after a variance update)."""
+        return state._replace(step_size=step_size, dual=dual_averaging_init(step_size))
+
+
+# -- ChEES ------------------------------------------------------------------------------------
+class ChEESState(NamedTuple):
+    """ChEES-HMC warm-up: dual averaging of $\\log \\epsilon$, $\\log T$ with its Adam moments
+    and moving average, the mass-matrix window, and step counters (all warm-up steps, and steps
+    since the last mass-matrix update)."""
+
+    dual: DualAveragingState
+    log_trajectory: torch.Tensor
+    log_trajectory_avg: torch.Tensor
+    adam_m: torch.Tensor
+    adam_v: torch.Tensor
+    variance: torch.Tensor
+    welford: WelfordState
+    t: int
+    t_window: int
+
+
+class ChEESAdaptation:
+    """Trajectory length, step size and diagonal mass matrix for jittered HMC (see the module
+    docs).
+
+    Args:
+        warmup_steps: the warm-up's length.
+        target_accept_prob: the harmonic-mean acceptance aimed at.
+        learning_rate: Adam's learning rate on $\\log T$.
+        max_steps: the most leapfrog steps one trajectory may take.
+        adapt_mass_matrix: tune the diagonal mass matrix in windows.
+        decay: the moving average's weights are $t^{-\\text{decay}}$.
+    """
+
+    #: Adam's constants and the largest change of $\log T$ per step
+    betas, adam_eps, max_log_update = (0.9, 0.999), 1e-8, 0.35
+
+    def __init__(
+        self,
+        warmup_steps: int,
+        target_accept_prob: float,
+        learning_rate: float,
+        max_steps: int,
+        adapt_mass_matrix: bool,
+        decay: float = 0.5,
+    ) -> None:
+        self.warmup_steps, self.target_accept_prob = warmup_steps, target_accept_prob
+        self.learning_rate, self.max_steps, self.decay = learning_rate, max_steps, decay
+        self.first_start, ends = window_ends(warmup_steps) if adapt_mass_matrix else (0, [])
+        self.ends, self.last_end = frozenset(ends), max(ends, default=0)
+
+    def init(self, step_size: torch.Tensor, variance: torch.Tensor) -> ChEESState:
+        """Start with one leapfrog step's trajectory, $T = \\epsilon$."""
+        log_t = step_size.log()
+        zero = torch.zeros_like(log_t)
+        return ChEESState(
+            dual_averaging_init(step_size), log_t, log_t, zero, zero, variance, EMPTY_WELFORD, 0, 0
+        )
+
+    def step_size(self, state: ChEESState, final: bool = False) -> torch.Tensor:
+        """$\\epsilon$: the dual-averaging iterate during warm-up, its average at the end."""
+        return (state.dual.log_avg if final else state.dual.log_step).exp()
+
+    def trajectory_length(self, state: ChEESState, final: bool = False) -> torch.Tensor:
+        """$T$ (its moving average at the end), within $[\\epsilon, L_{max}\\epsilon]$."""
+        step = self.step_size(state, final)
+        length = (state.log_trajectory_avg if final else state.log_trajectory).exp()
+        return torch.minimum(torch.maximum(length, step), self.max_steps * step)
+
+    def update(
+        self,
+        state: ChEESState,
+        initial: torch.Tensor,
+        proposal: torch.Tensor,
+        velocity: torch.Tensor,
+        accept_prob: torch.Tensor,
+        diverging: torch.Tensor,
+        jitter: float,
+    ) -> tuple[ChEESState, bool]:
+        """One warm-up step from one jittered HMC transition.
+
+        Args:
+            state: the adaptation state the transition ran with.
+            initial: the chains before the transition ``(C, *event)``.
+            proposal: the trajectories' end points ``(C, *event)``.
+            velocity: $M^{-1}p'$ at the end points.
+            accept_prob: the transition's acceptance probabilities ``(C,)``.
+            diverging: its divergence flags ``(C,)``.
+            jitter: the fraction $h$ of $T$ the transition ran.
+
+        Returns:
+            the new state and whether a mass-matrix window ended (then the caller searches a
+            new step size and calls [`restart`][pyroflows.mcmc.adapt.ChEESAdaptation.restart]).
+        """
+        t, t_window = state.t + 1, state.t_window + 1
+        ok = ~diverging & torch.isfinite(proposal.flatten(1)).all(1)
+        # harmonic mean of the acceptance probabilities over the non-divergent chains
+        inverse = torch.where(ok, 1 / accept_prob.clamp_min(1e-20), 0.0)
+        harmonic = torch.nan_to_num(ok.sum() / inverse.sum(), nan=0.0)
+        dual = dual_averaging_update(state.dual, self.target_accept_prob - harmonic)
+        gradient = self._gradient(state, initial, proposal, velocity, accept_prob, ok, jitter)
+        beta1, beta2 = self.betas
+        m = beta1 * state.adam_m + (1 - beta1) * gradient
+        v = beta2 * state.adam_v + (1 - beta2) * gradient**2
+        m_hat, v_hat = m / (1 - beta1**t_window), v / (1 - beta2**t_window)
+        step = (self.learning_rate * m_hat / (v_hat.sqrt() + self.adam_eps)).clamp(
+            -self.max_log_update, self.max_log_update
+        )
+        finite = torch.isfinite(step)
+        log_t = torch.where(finite, state.log_trajectory + step, state.log_trajectory)
+        m, v = torch.where(finite, m, state.adam_m), torch.where(finite, v, state.adam_v)
+        weight = t_window**-self.decay
+        log_t_avg = weight * log_t + (1 - weight) * state.log_trajectory_avg
+        welford, variance = state.welford, state.variance
+        if self.first_start < t <= self.last_end:
+            welford = welford_update(welford, initial)
+        ended = t in self.ends
+        if ended:
+            variance, welford = welford_variance(welford), EMPTY_WELFORD
+        new = ChEESState(dual, log_t, log_t_avg, m, v, variance, welford, t, t_window)
+        return new, ended
+
+    def _gradient(
+        self,
+        state: ChEESState,
+        initial: torch.Tensor,
+        proposal: torch.Tensor,
+        velocity: torch.Tensor,
+        accept_prob: torch.Tensor,
+        ok: torch.Tensor,
+        jitter: float,
+    ) -> torch.Tensor:
+        """The acceptance-weighted ChEES gradient with respect to $\\log T$."""
+        scale = state.variance.sqrt()
+        weight = torch.where(ok, accept_prob, 0.0)
+        z0 = (initial / scale).flatten(1)
+        z1 = torch.where(expand_as(ok, proposal), proposal / scale, 0.0).flatten(1)
+        dz = torch.where(expand_as(ok, velocity), velocity / scale, 0.0).flatten(1)
+        c0 = z0 - z0.mean(0)
+        c1 = z1 - (weight[:, None] * z1).sum(0) / (weight.sum() + 1e-20)
+        per_chain = (c1.square().sum(1) - c0.square().sum(1)) * (c1 * dz).sum(1)
+        per_chain = torch.where(ok, per_chain, 0.0)
+        length = state.log_trajectory.exp()
+        return jitter * length * (weight * per_chain).sum() / (weight.sum() + 1e-20)
+
+    def restart(self, state: ChEESState, step_size: torch.Tensor) -> ChEESState:
+        """Restart dual averaging from ``step_size``, Adam and the moving average of $\\log T$
+        after a mass-matrix update (the trajectory length itself carries over)."""
+        zero = torch.zeros_like(state.adam_m)
+        return state._replace(
+            dual=dual_averaging_init(step_size), adam_m=zero, adam_v=zero, t_window=0
+        )

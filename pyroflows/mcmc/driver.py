@@ -15,7 +15,7 @@ from pyroflows.mcmc.base import BatchedKernel
 from pyroflows.validation import check_int
 
 #: per-draw statistics recorded in ``sample_stats`` (arviz names where arviz has one)
-STATS = ("acceptance_rate", "step_size", "diverging", "energy", "nonfinite")
+STATS = ("acceptance_rate", "step_size", "diverging", "energy", "lp", "nonfinite", "n_steps")
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator:
@@ -39,7 +39,7 @@ def run_chains(
     progress: bool = True,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
-    """Run ``kernel`` from ``init``: the loop both the energy and the model path of [`sample`][pyroflows.mcmc.sample] use.
+    """Run ``kernel`` from ``init``: the loop under both paths of [`sample`][pyroflows.mcmc.sample].
 
     Args:
         kernel: a pyroflows kernel with its energy bound.
@@ -69,39 +69,49 @@ def run_chains(
         generator = make_generator(None, device)
     calls, evals = kernel.num_energy_calls, kernel.num_energy_evals
     start = time.perf_counter()
-    kernel.generator = generator
-    kernel.setup(warmup_steps)
-    kernel.initial_params = {kernel.site: init}
-    params = kernel.initial_params
-    draws = init.new_empty((num_samples, *init.shape))
+    run = kernel.start(init, warmup_steps, generator)
+    init = run.chains.position
     num_chains = init.shape[0]
+    draws = init.new_empty((num_samples, *init.shape))
     stats = {name: init.new_empty((num_samples, num_chains)) for name in STATS}
     stats["diverging"] = init.new_empty((num_samples, num_chains), dtype=torch.bool)
     stats["nonfinite"] = init.new_empty((num_samples, num_chains), dtype=torch.long)
+    # warm-up totals per chain: divergences and non-finite rejections
     nonfinite = init.new_zeros(num_chains, dtype=torch.long)
-    warmup_nonfinite = init.new_zeros((), dtype=torch.long)
+    warmup_totals = {
+        name: init.new_zeros(num_chains, dtype=torch.long) for name in ("diverging", "nonfinite")
+    }
     total = warmup_steps + num_samples * thinning
-    bar = tqdm(range(total), disable=not progress, desc="warmup" if warmup_steps else "sample", leave=False)
+    bar = tqdm(
+        range(total), disable=not progress, desc="warmup" if warmup_steps else "sample", leave=False
+    )
+    step: dict[str, torch.Tensor] = {}
     for t in bar:
-        params = kernel.sample(params)
-        nonfinite += kernel.stats["nonfinite"].long()
+        run, info = kernel.advance(run, generator)
+        step = kernel.stats_of(run, info)
+        nonfinite += step["nonfinite"].long()
+        if t < warmup_steps:
+            warmup_totals["diverging"] += step["diverging"].long()
         if t == warmup_steps - 1:
-            warmup_nonfinite = nonfinite.sum()
+            warmup_totals["nonfinite"] = nonfinite
             nonfinite = torch.zeros_like(nonfinite)
             bar.set_description("sample")
         kept = t - warmup_steps + 1
         if kept > 0 and kept % thinning == 0:
             i = kept // thinning - 1
-            draws[i] = params[kernel.site]
-            _record(stats, i, kernel.stats, nonfinite)
+            draws[i] = run.chains.position
+            _record(stats, i, step, nonfinite)
             nonfinite = torch.zeros_like(nonfinite)
         if progress and t % 100 == 0:
-            bar.set_postfix(acc=f"{kernel.stats['accept_prob'].mean().item():.2f}")
+            bar.set_postfix(acc=f"{step['accept_prob'].mean().item():.2f}")
+    kernel.run, kernel.params, kernel.stats = run, run.params, step
     attrs = {
         "sampling_time": time.perf_counter() - start,
         "num_energy_calls": kernel.num_energy_calls - calls,
         "num_energy_evals": kernel.num_energy_evals - evals,
-        "warmup_nonfinite": int(warmup_nonfinite),
+        "warmup_nonfinite": int(warmup_totals["nonfinite"].sum()),
+        "warmup_divergences": int(warmup_totals["diverging"].sum()),
+        "warmup_diverging_chains": int((warmup_totals["diverging"] > 0).sum()),
         "kernel": type(kernel).__name__,
         "warmup_steps": warmup_steps,
         "thinning": thinning,
@@ -122,7 +132,7 @@ def sample(
     model_args: tuple = (),
     model_kwargs: dict[str, Any] | None = None,
 ) -> az.InferenceData:
-    """Run ``kernel`` on its energy, or on its Pyro model, and collect ``num_samples`` draws of every chain.
+    """Run ``kernel`` on its energy or its Pyro model; collect ``num_samples`` draws per chain.
 
     Args:
         kernel: a pyroflows kernel ([`HMC`][pyroflows.mcmc.HMC], [`SGLD`][pyroflows.mcmc.SGLD],
@@ -161,22 +171,36 @@ def sample(
         from pyroflows.mcmc.models import sample_model
 
         return sample_model(
-            kernel, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains,
-            init=init, seed=seed, progress=progress, thinning=thinning,
-            model_args=model_args, model_kwargs=model_kwargs or {},
+            kernel,
+            num_samples=num_samples,
+            warmup_steps=warmup_steps,
+            num_chains=num_chains,
+            init=init,
+            seed=seed,
+            progress=progress,
+            thinning=thinning,
+            model_args=model_args,
+            model_kwargs=model_kwargs or {},
         )
     if model_args or model_kwargs:
         raise ValueError("model_args and model_kwargs need a kernel built with model=...")
     init = _energy_init(kernel, init, num_chains)
     check_int(num_samples, "num_samples", minimum=1)
-    warmup_steps = num_samples if warmup_steps is None else check_int(warmup_steps, "warmup_steps", minimum=0)
+    warmup_steps = (
+        num_samples if warmup_steps is None else check_int(warmup_steps, "warmup_steps", minimum=0)
+    )
     generator = make_generator(seed, init.device)
     draws, stats, attrs = run_chains(
-        kernel, init, num_samples, warmup_steps=warmup_steps, thinning=thinning, progress=progress, generator=generator
+        kernel,
+        init,
+        num_samples,
+        warmup_steps=warmup_steps,
+        thinning=thinning,
+        progress=progress,
+        generator=generator,
     )
     posterior = {kernel.site: np.swapaxes(draws.detach().cpu().numpy(), 0, 1)}
     sample_stats = {name: value.cpu().numpy() for name, value in stats.items()}
-    sample_stats["lp"] = -sample_stats["energy"]
     with warnings.catch_warnings():  # arviz warns whenever chains outnumber draws, our usual case
         warnings.filterwarnings("ignore", message="More chains")
         return az.from_dict(posterior=posterior, sample_stats=sample_stats, attrs=attrs)
@@ -188,28 +212,44 @@ def _energy_init(kernel: BatchedKernel, init: Any, num_chains: int | None) -> to
     if init is None:
         event_shape = getattr(kernel.energy, "event_shape", None)
         if event_shape is None or num_chains is None:
-            raise ValueError("init must be given (num_chains, *event_shape), or num_chains for an energy with an event_shape")
+            raise ValueError(
+                "init must be given (num_chains, *event_shape), or num_chains for an energy "
+                "with an event_shape"
+            )
         anchor = next(iter(getattr(kernel.energy, "buffers", lambda: iter(()))()), None)
-        like = anchor if anchor is not None and anchor.is_floating_point() else torch.zeros((), device="cpu")
+        like = (
+            anchor
+            if anchor is not None and anchor.is_floating_point()
+            else torch.zeros((), device="cpu")
+        )
         return 4 * torch.rand((num_chains, *event_shape), device=like.device, dtype=like.dtype) - 2
-    if num_chains is not None and isinstance(init, torch.Tensor) and init.dim() >= 1 and init.shape[0] != num_chains:
-        raise ValueError(f"num_chains ({num_chains}) must match init's first dimension ({init.shape[0]})")
+    if (
+        num_chains is not None
+        and isinstance(init, torch.Tensor)
+        and init.dim() >= 1
+        and init.shape[0] != num_chains
+    ):
+        raise ValueError(
+            f"num_chains ({num_chains}) must match init's first dimension ({init.shape[0]})"
+        )
     return init
 
 
-def _record(stats: dict[str, torch.Tensor], i: int, step: dict[str, torch.Tensor], nonfinite: torch.Tensor) -> None:
-    """Write one draw's statistics into row ``i`` of the preallocated ``(num_samples, C)`` tensors."""
-    energy = step["energy"]
-    step_size = step.get("step_size", torch.full_like(energy, float("nan")))
-    stats["acceptance_rate"][i] = step["accept_prob"].to(energy)
-    stats["step_size"][i] = step_size.to(energy).flatten().mean().expand_as(energy)
+def _record(
+    stats: dict[str, torch.Tensor], i: int, step: dict[str, torch.Tensor], nonfinite: torch.Tensor
+) -> None:
+    """Write one draw's statistics into row ``i`` of the ``(num_samples, C)`` tensors."""
+    stats["acceptance_rate"][i] = step["accept_prob"]
+    stats["step_size"][i] = step["step_size"]
     stats["diverging"][i] = step["diverging"]
-    stats["energy"][i] = energy
+    stats["energy"][i] = step["energy"]
+    stats["lp"][i] = -step["potential"]
+    stats["n_steps"][i] = step["num_steps"]
     stats["nonfinite"][i] = nonfinite
 
 
 def summarize(idata: az.InferenceData) -> dict[str, float]:
-    """The headline numbers of a run of :func:`sample`: ``min_ess`` (the smallest bulk ESS over
+    """The headline numbers of a run of [`sample`][pyroflows.mcmc.sample]: ``min_ess`` (the smallest bulk ESS over
     the coordinates), ``min_ess_per_second``, ``max_rhat``, ``acceptance_rate``,
     ``divergences``, ``nonfinite`` and the energy-evaluation counts."""
     ess = float(az.ess(idata, var_names=["x"])["x"].min())

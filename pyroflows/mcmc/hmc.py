@@ -12,10 +12,24 @@ $$
 and accepts the end point per chain with probability $\min(1, e^{H(x, p) - H(x', p')})$. All
 chains share $\epsilon$ and $M$, so one leapfrog step is one batched energy-and-gradient
 evaluation. A transition whose energy error exceeds ``max_energy_error`` (or is not finite) is
-flagged divergent and rejected. During warm-up, $\epsilon$ is tuned by dual averaging of the
-acceptance probability averaged over the chains and $M^{-1}$ is set to the chains' pooled
-variance in Stan-style windows (see :mod:`pyroflows.mcmc.adapt`); a doubling/halving search for a
-"reasonable" $\epsilon$ (Hoffman & Gelman 2014, Algorithm 4) starts each window.
+flagged divergent and rejected.
+
+**Warm-up.** Two adaptations (see `pyroflows.mcmc.adapt`), chosen by ``adapt``:
+
+- ``"chees"`` (the default with 16 or more chains and no ``num_steps``): ChEES-HMC (Hoffman,
+  Radul & Sountsov 2021). The trajectory length $T$ is tuned by Adam on the ChEES criterion
+  across chains, every transition runs $L = \lceil h_t T / \epsilon \rceil$ leapfrog steps with
+  $h_t$ from a Halton sequence in $(0, 1)$ (jittered lengths, no periodicity, the same for all
+  chains so they stay one batched call), $\epsilon$ follows dual averaging on the harmonic mean
+  of the acceptance probabilities, and $M^{-1}$ is the chains' pooled variance in Stan-style
+  windows. The trajectories stay jittered after warm-up.
+- ``"fixed"``: $L$ = ``num_steps`` (default 10), $\epsilon$ by dual averaging of the mean
+  acceptance probability, $M^{-1}$ in the same windows.
+
+Both start each window with a doubling/halving search for a "reasonable" $\epsilon$ (Hoffman &
+Gelman 2014, Algorithm 4). During ChEES warm-up the number of leapfrog steps is read back from the
+adapted $T / \epsilon$ once per transition (one scalar sync); after warm-up no transition reads
+anything back.
 
 With ``num_steps=1`` this is the Metropolis-adjusted Langevin algorithm,
 $x' = x - \tfrac{\epsilon^2}{2} M^{-1}\nabla U(x) + \epsilon M^{-1/2}\xi$ with its MH correction
@@ -30,43 +44,79 @@ step per chain, through Pyro's model tracing); this one advances thousands per t
 ``benchmarks/mcmc.py`` measures the difference in effective samples per second.
 
 References: Neal (2011), *MCMC using Hamiltonian dynamics*; Hoffman & Gelman (2014), *The
-No-U-Turn Sampler*, JMLR.
+No-U-Turn Sampler*, JMLR; Hoffman, Radul & Sountsov (2021), *An adaptive MCMC scheme for
+setting trajectory lengths in Hamiltonian Monte Carlo*, AISTATS.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
-from pyroflows.mcmc.adapt import Adapter
-from pyroflows.mcmc.base import (
-    BatchedKernel,
+from pyroflows.mcmc.adapt import ChEESAdaptation, WindowAdaptation
+from pyroflows.mcmc.base import BatchedKernel, RunState, Warmup
+from pyroflows.mcmc.core import (
     Energy,
+    HMCInfo,
+    HMCState,
+    halton,
+    hmc_init,
+    hmc_step,
+    kinetic,
+    leapfrog,
+    log_accept_prob,
+    randn_like,
+)
+from pyroflows.validation import (
+    check_choice,
+    check_int,
+    check_number,
     check_positive,
     check_probability,
-    log_accept_prob,
 )
+
+#: the fewest chains with which ``adapt="auto"`` picks ChEES
+CHEES_MIN_CHAINS = 16
+
+
+class HMCParams(NamedTuple):
+    """What one HMC transition needs besides the chains: $\\epsilon$, the diagonal of
+    $M^{-1}$, the (un-jittered) number of leapfrog steps $T / \\epsilon$, and whether
+    trajectories are jittered."""
+
+    step_size: torch.Tensor
+    inverse_mass: torch.Tensor
+    num_steps: float
+    jittered: bool
 
 
 class HMC(BatchedKernel):
-    """Batched-chain HMC with step-size and diagonal mass-matrix adaptation.
+    """Batched-chain HMC with ChEES or fixed-length warm-up (see the module docs).
 
     Args:
-        energy: batched energy $U$ (e.g. a :mod:`pyroflows.energies` target); must be
+        energy: batched energy $U$ (e.g. a `pyroflows.energies` target); must be
             differentiable.
         step_size: leapfrog step size $\\epsilon$ (the starting value when adapted).
-        num_steps: leapfrog steps per transition $L$ (1: MALA).
-        adapt_step_size: tune $\\epsilon$ by dual averaging during warm-up.
+        num_steps: leapfrog steps per transition $L$ (fixed-length HMC; 1: MALA); with ChEES,
+            the initial trajectory length is ``num_steps * step_size`` (default: one step).
+        adapt_step_size: tune $\\epsilon$ during warm-up.
         adapt_mass_matrix: tune the diagonal inverse mass matrix during warm-up.
-        target_accept_prob: the acceptance rate aimed at (default 0.8, or 0.574 for MALA).
+        target_accept_prob: the acceptance aimed at (default: 0.651 for the harmonic mean
+            with ChEES, 0.8 for fixed-length HMC, 0.574 for MALA).
         max_energy_error: an energy error $H' - H$ above this is a divergence.
         jitter: per-chain, per-transition relative step-size jitter $j \\in [0, 1)$.
+        adapt: ``"chees"``, ``"fixed"``, or ``"auto"``: ChEES with at least 16 chains unless
+            ``num_steps`` is given.
+        learning_rate: ChEES's Adam learning rate on $\\log T$.
+        max_steps: the most leapfrog steps a ChEES trajectory may take.
+        model: a Pyro model instead of an energy (keyword only).
 
     Example:
         >>> from pyroflows import energies, mcmc
-        >>> target = energies.get("banana")
-        >>> kernel = mcmc.HMC(target, step_size=0.1, num_steps=10)
+        >>> kernel = mcmc.HMC(energies.get("banana"))
         >>> idata = mcmc.sample(kernel, torch.zeros(256, 2), 200, warmup_steps=200, progress=False)
         >>> idata.posterior["x"].shape
         (256, 200, 2)
@@ -76,64 +126,189 @@ class HMC(BatchedKernel):
         self,
         energy: Energy | None = None,
         step_size: float = 0.1,
-        num_steps: int = 10,
+        num_steps: int | None = None,
         adapt_step_size: bool = True,
         adapt_mass_matrix: bool = True,
         target_accept_prob: float | None = None,
         max_energy_error: float = 1000.0,
         jitter: float = 0.0,
         *,
+        adapt: str = "auto",
+        learning_rate: float = 0.025,
+        max_steps: int = 1000,
         model: Callable | None = None,
     ) -> None:
-        check_positive(step_size, "step_size")
-        check_positive(num_steps, "num_steps", int)
-        check_positive(max_energy_error, "max_energy_error")
-        if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0 <= jitter < 1:
-            raise ValueError(f"jitter must be a number in [0, 1), got {jitter!r}")
-        if target_accept_prob is None:
-            target_accept_prob = 0.574 if num_steps == 1 else 0.8
-        check_probability(target_accept_prob, "target_accept_prob")
+        self.initial_step_size = check_positive(step_size, "step_size")
+        self.num_steps = None if num_steps is None else check_int(num_steps, "num_steps")
+        self.max_energy_error = check_positive(max_energy_error, "max_energy_error")
+        self.jitter = check_number(jitter, "jitter", low=0.0, high=1.0, high_open=True)
+        self.adapt_mode = check_choice(adapt, "adapt", ("auto", "chees", "fixed"))
+        if target_accept_prob is not None:
+            check_probability(target_accept_prob, "target_accept_prob")
+        self.target_accept_prob = target_accept_prob
+        self.learning_rate = check_positive(learning_rate, "learning_rate")
+        self.max_steps = check_int(max_steps, "max_steps")
+        self.adapt_step_size, self.adapt_mass_matrix = (
+            bool(adapt_step_size),
+            bool(adapt_mass_matrix),
+        )
         super().__init__(energy, model=model)
-        self.num_steps, self.max_energy_error, self.jitter = num_steps, float(max_energy_error), jitter
-        self.adapter = Adapter(step_size, target_accept_prob, adapt_step_size, adapt_mass_matrix, self._find_step_size)
 
     @property
     def step_size(self) -> torch.Tensor | None:
-        return self.adapter.step_size
+        """$\\epsilon$ of the last run's sampling phase."""
+        return None if self.params is None else self.params.step_size
 
     @property
     def inverse_mass_matrix(self) -> torch.Tensor | None:
-        """The diagonal of $M^{-1}$, shape ``event_shape``."""
-        return self.adapter.variance
+        """The diagonal of $M^{-1}$ (shape ``event_shape``) of the last run's sampling phase."""
+        return None if self.params is None else self.params.inverse_mass
 
-    def _start(self) -> None:
-        self.u, self.grad = self.evaluate(self.x, grad=True)
+    def uses_chees(self, num_chains: int) -> bool:
+        """Whether a run of ``num_chains`` chains adapts by ChEES."""
+        if self.adapt_mode == "auto":
+            return self.num_steps is None and num_chains >= CHEES_MIN_CHAINS
+        return self.adapt_mode == "chees"
 
-    def _configure(self) -> None:
-        self.adapter.configure(self.warmup_steps, self.x)
+    def _target(self, chees: bool) -> float:
+        if self.target_accept_prob is not None:
+            return self.target_accept_prob
+        return 0.651 if chees else 0.574 if self.num_steps == 1 else 0.8
 
-    def _kinetic(self, p: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (self.adapter.variance * p**2).flatten(1).sum(1)
+    # -- pure interface -----------------------------------------------------------------------
+    def _init(self, position: torch.Tensor) -> HMCState:
+        return hmc_init(position, self.potential)
 
-    def _leapfrog(self, step_size: torch.Tensor, num_steps: int) -> tuple[torch.Tensor, ...]:
-        """From the current chains with fresh momenta: ``(x', u', grad', delta_H)``."""
-        inv_mass = self.adapter.variance
-        p = self.randn(self.x) / inv_mass.sqrt()
-        h0 = self.u + self._kinetic(p)
-        x, grad = self.x, self.grad
-        for _ in range(num_steps):
-            p = p - 0.5 * step_size * grad
-            x = x + step_size * inv_mass * p
-            u, grad = self.evaluate(x, grad=True)
-            p = p - 0.5 * step_size * grad
-        return x, u, grad, u + self._kinetic(p) - h0
+    def default_params(self, state: HMCState) -> HMCParams:
+        """The constructor's $\\epsilon$ and $L$ (10 if not given), unit mass matrix."""
+        x = state.position
+        step = torch.as_tensor(self.initial_step_size, dtype=x.dtype, device=x.device)
+        chees = self.uses_chees(x.shape[0])
+        return HMCParams(step, torch.ones_like(x[0]), float(self.num_steps or 10), chees)
 
-    def _find_step_size(self, step_size: torch.Tensor) -> torch.Tensor:
+    def step(
+        self, state: HMCState, generator: torch.Generator, params: HMCParams | None = None
+    ) -> tuple[HMCState, HMCInfo]:
+        """One HMC transition of every chain (see
+        [`BatchedKernel.step`][pyroflows.mcmc.base.BatchedKernel.step])."""
+        params = params or self.params or self.default_params(state)
+        fraction = halton(state.iteration + 1) if params.jittered else 1.0
+        num_steps = max(1, min(self.max_steps, math.ceil(fraction * params.num_steps - 1e-9)))
+        step_size = params.step_size
+        if self.jitter:
+            u = torch.rand(
+                state.energy.shape,
+                generator=generator,
+                device=step_size.device,
+                dtype=step_size.dtype,
+            )
+            shape = (-1,) + (1,) * (state.position.dim() - 1)
+            step_size = step_size * (1 + self.jitter * (2 * u - 1)).reshape(shape)
+        return hmc_step(
+            state,
+            generator,
+            self.potential,
+            step_size,
+            params.inverse_mass,
+            num_steps,
+            self.max_energy_error,
+        )
+
+    def init_warmup(self, state: HMCState, warmup_steps: int, generator: torch.Generator) -> Warmup:
+        """ChEES or windowed adaptation (module docs), starting from a searched $\\epsilon$."""
+        params = self.default_params(state)
+        step = params.step_size
+        if self.adapt_step_size:
+            step = self._find_step_size(state, generator, step, params.inverse_mass)
+        if self.uses_chees(state.position.shape[0]):
+            adapter = ChEESAdaptation(
+                warmup_steps,
+                self._target(True),
+                self.learning_rate,
+                self.max_steps,
+                self.adapt_mass_matrix,
+            )
+            adapt_state = adapter.init(step, params.inverse_mass)
+            if self.num_steps is not None:
+                adapt_state = adapt_state._replace(
+                    log_trajectory=(step * self.num_steps).log(),
+                    log_trajectory_avg=(step * self.num_steps).log(),
+                )
+            return Warmup(adapter, adapt_state)
+        adapter = WindowAdaptation(
+            warmup_steps, self._target(False), self.adapt_step_size, self.adapt_mass_matrix
+        )
+        return Warmup(adapter, adapter.init(step, params.inverse_mass))
+
+    def adapt(
+        self,
+        warmup: Warmup,
+        before: HMCState,
+        after: HMCState,
+        info: HMCInfo,
+        generator: torch.Generator,
+    ) -> tuple[Warmup, HMCState]:
+        """One warm-up step (see
+        [`BatchedKernel.adapt`][pyroflows.mcmc.base.BatchedKernel.adapt])."""
+        adapter = warmup.adapter
+        if isinstance(adapter, ChEESAdaptation):
+            fraction = halton(before.iteration + 1)
+            state, ended = adapter.update(
+                warmup.state,
+                before.position,
+                info.proposal,
+                info.velocity,
+                info.accept_prob,
+                info.diverging,
+                fraction,
+            )
+            step = adapter.step_size(state)
+        else:
+            state, ended = adapter.update(warmup.state, after.position, info.accept_prob)
+            step = state.step_size
+        if ended and self.adapt_step_size:
+            state = adapter.restart(
+                state, self._find_step_size(after, generator, step, state.variance)
+            )
+        return Warmup(adapter, state), after
+
+    def warmup_params(self, warmup: Warmup, final: bool = False) -> HMCParams:
+        """The parameters the warm-up gives now (``final``: for sampling)."""
+        adapter, state = warmup.adapter, warmup.state
+        if isinstance(adapter, ChEESAdaptation):
+            step = adapter.step_size(state, final)
+            steps = float(adapter.trajectory_length(state, final) / step)  # one scalar read-back
+            return HMCParams(step, state.variance, steps, True)
+        step = state.step_size
+        if final and adapter.adapt_step_size:
+            step = state.dual.log_avg.exp()
+        return HMCParams(step, state.variance, float(self.num_steps or 10), False)
+
+    def _stats(self, run: RunState, info: HMCInfo) -> dict[str, torch.Tensor]:
+        u = info.hamiltonian
+        return {
+            "diverging": info.diverging,
+            "energy": info.hamiltonian,
+            "step_size": run.params.step_size.to(u).expand_as(u),
+            "num_steps": torch.full_like(u, info.num_steps),
+        }
+
+    def _find_step_size(
+        self,
+        state: HMCState,
+        generator: torch.Generator,
+        step_size: torch.Tensor,
+        inverse_mass: torch.Tensor,
+    ) -> torch.Tensor:
         """Double or halve $\\epsilon$ until one leapfrog step's mean acceptance crosses 1/2."""
 
-        def mean_accept(eps):
-            with torch.no_grad():
-                return log_accept_prob(-self._leapfrog(eps, 1)[3]).exp().mean().item()
+        def mean_accept(eps: torch.Tensor) -> float:
+            p = randn_like(state.position, generator) / inverse_mass.sqrt()
+            _, p1, u1, _ = leapfrog(
+                self.potential, state.position, p, state.grad, eps, inverse_mass, 1
+            )
+            delta = u1 + kinetic(p1, inverse_mass) - state.energy - kinetic(p, inverse_mass)
+            return log_accept_prob(-delta).exp().mean().item()
 
         direction = 1.0 if mean_accept(step_size) > 0.5 else -1.0
         for _ in range(60):
@@ -143,18 +318,8 @@ class HMC(BatchedKernel):
             step_size = new
         return step_size
 
-    def _step(self) -> dict[str, torch.Tensor]:
-        step_size = self.adapter.step_size
-        if self.jitter:
-            step_size = step_size * (1 + self.jitter * (2 * self.rand(self.u) - 1)).reshape((-1,) + (1,) * self.event_dim)
-        x, u, grad, delta = self._leapfrog(step_size, self.num_steps)
-        accept_prob, _, nonfinite, self.grad = self.accept(x, u, -delta, (self.grad, grad))
-        diverging = ~(delta < self.max_energy_error)
-        self.adapter.step(self.x, accept_prob)
-        return {"accept_prob": accept_prob, "nonfinite": nonfinite, "diverging": diverging, "step_size": self.adapter.step_size}
 
-
-def MALA(energy: Energy, step_size: float = 0.1, **options) -> HMC:  # noqa: N802 - reads as a class
-    """The Metropolis-adjusted Langevin algorithm: :class:`HMC` with ``num_steps=1``."""
-    return HMC(energy, step_size=step_size, num_steps=1, **options)
-
+def MALA(energy: Energy | None = None, step_size: float = 0.1, **options) -> HMC:  # noqa: N802 - reads as a class
+    """The Metropolis-adjusted Langevin algorithm: [`HMC`][pyroflows.mcmc.HMC] with
+    ``num_steps=1`` and fixed-length warm-up (options as for HMC, ``model=`` included)."""
+    return HMC(energy, step_size=step_size, num_steps=1, adapt="fixed", **options)

@@ -15,7 +15,7 @@ $$
 
 using the flow's exact log-density (cached for the current points). It leaves the target
 invariant for any $q$ whose support covers it and mixes in one step when $q = p$; a flow fitted to
-the target (by ``AutoFlow``, by :func:`pyroflows.infer.distill`, or here: with ``refit_every``
+the target (by ``AutoFlow``, by `pyroflows.infer.distill`, or here: with ``refit_every``
 the flow is refitted by maximum likelihood on the chains' recent states during warm-up) makes
 a fast sampler whose acceptance rate measures the fit.
 
@@ -26,15 +26,30 @@ Metropolis algorithm*; Tierney (1994), *Markov chains for exploring posterior di
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
-from pyroflows.mcmc.adapt import Adapter
-from pyroflows.mcmc.base import BatchedKernel, Energy, check_positive, check_probability
+from pyroflows.mcmc.adapt import WindowAdaptation
+from pyroflows.mcmc.base import BatchedKernel, RunState, Warmup
+from pyroflows.mcmc.core import Energy, Info, MHState, independence_step, random_walk_step
+from pyroflows.validation import check_int, check_positive, check_probability
+
+
+class MHParams(NamedTuple):
+    """The random walk's scale $s$ and diagonal variance $\\sigma^2$ (proposal sd $s\\sigma$)."""
+
+    scale: torch.Tensor
+    variance: torch.Tensor
+
+
+class RefitState(NamedTuple):
+    """Flow-proposal warm-up: the chains' states since the last refit, and the steps done."""
+
+    recent: tuple
+    t: int
 
 
 class MH(BatchedKernel):
@@ -42,16 +57,18 @@ class MH(BatchedKernel):
 
     Args:
         energy: batched energy $U$ (no gradient needed).
-        proposal: ``None`` for the random walk, or a :class:`~pyroflows.Flow` (any object with
+        proposal: ``None`` for the random walk, or a [`Flow`][pyroflows.Flow] (any object with
             ``sample(sample_shape)`` and ``log_prob(x)`` works) on the chains' device and dtype.
+            A `Flow` draws from the run's generator; other objects draw from torch's global one.
         scale: the random walk's initial scale $s$ (default $2.38 / \\sqrt{d}$).
         adapt_scale: tune $s$ during warm-up.
         adapt_covariance: tune the diagonal proposal variance during warm-up.
         target_accept_prob: acceptance rate aimed at (default 0.234, or 0.44 in 1-D).
         refit_every: with a flow proposal, refit it every this many warm-up steps on the chains'
-            states since the last refit (``None``: never).
-        refit_steps: optimiser steps of each refit (:func:`pyroflows.infer.fit`).
+            states since the last refit (``None``: never). The refit trains the flow in place.
+        refit_steps: optimiser steps of each refit ([`fit`][pyroflows.infer.fit]).
         refit_lr: learning rate of each refit.
+        model: a Pyro model instead of an energy (keyword only).
 
     Example:
         >>> from pyroflows import energies, mcmc
@@ -77,11 +94,15 @@ class MH(BatchedKernel):
             check_positive(scale, "scale")
         if target_accept_prob is not None:
             check_probability(target_accept_prob, "target_accept_prob")
-        if proposal is not None and not (callable(getattr(proposal, "sample", None)) and callable(getattr(proposal, "log_prob", None))):
-            raise TypeError(f"proposal must be a Flow (or have sample() and log_prob()), got {type(proposal).__name__}")
+        has = lambda name: callable(getattr(proposal, name, None))  # noqa: E731
+        if proposal is not None and not (has("sample") and has("log_prob")):
+            raise TypeError(
+                "proposal must be a Flow (or have sample() and log_prob()), "
+                f"got {type(proposal).__name__}"
+            )
         if refit_every is not None:
-            check_positive(refit_every, "refit_every", int)
-            check_positive(refit_steps, "refit_steps", int)
+            check_int(refit_every, "refit_every")
+            check_int(refit_steps, "refit_steps")
             check_positive(refit_lr, "refit_lr")
             from pyroflows.flow import Flow
 
@@ -91,51 +112,139 @@ class MH(BatchedKernel):
         self.proposal, self.scale = proposal, scale
         self.refit_every, self.refit_steps, self.refit_lr = refit_every, refit_steps, refit_lr
         self.target_accept_prob = target_accept_prob
-        self.adapter = Adapter(1.0, 0.234, adapt_scale, adapt_covariance)
+        self.adapt_scale, self.adapt_covariance = bool(adapt_scale), bool(adapt_covariance)
 
-    def _start(self) -> None:
+    # -- pure interface -----------------------------------------------------------------------
+    def _init(self, position: torch.Tensor) -> MHState:
+        u = self.potential(position, guard=False)
+        log_q = self._proposal_log_prob(position) if self.proposal is not None else None
+        return MHState(position, u, log_q)
+
+    def default_params(self, state: MHState) -> MHParams | None:
+        """The constructor's scale (default $2.38/\\sqrt d$) and unit variances."""
         if self.proposal is not None:
-            self.log_q = self._proposal_log_prob(self.x)
-            return
-        dim = self.x[0].numel()
-        self.adapter.initial_step_size = self.scale or 2.38 / math.sqrt(dim)
-        self.adapter.target_accept_prob = self.target_accept_prob or (0.44 if dim == 1 else 0.234)
+            return None
+        x = state.position
+        scale = self.scale or 2.38 / math.sqrt(x[0].numel())
+        return MHParams(
+            torch.as_tensor(scale, dtype=x.dtype, device=x.device), torch.ones_like(x[0])
+        )
 
-    def _configure(self) -> None:
-        self.adapter.configure(self.warmup_steps if self.proposal is None else 0, self.x)
-        self._recent: list[torch.Tensor] = []
+    def step(
+        self, state: MHState, generator: torch.Generator, params: MHParams | None = None
+    ) -> tuple[MHState, Info]:
+        """One MH transition of every chain (see
+        [`BatchedKernel.step`][pyroflows.mcmc.base.BatchedKernel.step])."""
+        if self.proposal is not None:
+            return independence_step(state, generator, self.potential, self._propose)
+        params = params or self.params or self.default_params(state)
+        return random_walk_step(
+            state, generator, self.potential, params.scale * params.variance.sqrt()
+        )
+
+    def init_warmup(
+        self, state: MHState, warmup_steps: int, generator: torch.Generator
+    ) -> Warmup | None:
+        """Scale and variance windows (random walk), or the refit schedule (flow proposal)."""
+        if self.proposal is not None:
+            if self.refit_every is None:
+                return None
+            return Warmup(_RefitSchedule(warmup_steps), RefitState((), 0))
+        dim = state.position[0].numel()
+        target = self.target_accept_prob or (0.44 if dim == 1 else 0.234)
+        adapter = WindowAdaptation(warmup_steps, target, self.adapt_scale, self.adapt_covariance)
+        params = self.default_params(state)
+        return Warmup(adapter, adapter.init(params.scale, params.variance))
+
+    def adapt(
+        self,
+        warmup: Warmup,
+        before: MHState,
+        after: MHState,
+        info: Info,
+        generator: torch.Generator,
+    ) -> tuple[Warmup, MHState]:
+        """One warm-up step (see
+        [`BatchedKernel.adapt`][pyroflows.mcmc.base.BatchedKernel.adapt])."""
+        if isinstance(warmup.adapter, WindowAdaptation):
+            state, _ = warmup.adapter.update(warmup.state, after.position, info.accept_prob)
+            return Warmup(warmup.adapter, state), after
+        recent, t = (*warmup.state.recent, after.position), warmup.state.t + 1
+        if len(recent) == self.refit_every:
+            self._refit(torch.cat(recent))
+            after, recent = after._replace(log_q=self._proposal_log_prob(after.position)), ()
+        return Warmup(warmup.adapter, RefitState(recent, t)), after
+
+    def warmup_params(self, warmup: Warmup, final: bool = False) -> MHParams | None:
+        """The random walk's scale and variance now (``final``: for sampling)."""
+        if not isinstance(warmup.adapter, WindowAdaptation):
+            return None
+        state = warmup.state
+        scale = (
+            state.dual.log_avg.exp()
+            if final and warmup.adapter.adapt_step_size
+            else state.step_size
+        )
+        return MHParams(scale, state.variance)
+
+    def _stats(self, run: RunState, info: Info) -> dict[str, torch.Tensor]:
+        if run.params is None:
+            return {}
+        u = run.chains.energy
+        return {"step_size": run.params.scale.to(u).expand_as(u)}
+
+    # -- the proposal ---------------------------------------------------------------------------
+    def _propose(
+        self, like: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from pyroflows.flow import Flow
+
+        flow = self.proposal
+        with torch.no_grad():
+            if isinstance(flow, Flow):
+                shape = (like.shape[0], *flow.event_shape)
+                loc = flow.base_loc
+                noise = torch.randn(shape, generator=generator, device=loc.device, dtype=loc.dtype)
+                z = loc + flow.base_scale * noise
+                x, ladj = flow.forward_and_log_det(z)
+                log_q = flow.base_dist().log_prob(z) - ladj
+            else:
+                x = flow.sample((like.shape[0],))
+                log_q = self._proposal_log_prob(x)
+        if x.shape != like.shape or x.dtype != like.dtype or x.device != like.device:
+            raise ValueError(
+                f"proposal samples are {tuple(x.shape)} {x.dtype} on {x.device}; the chains are "
+                f"{tuple(like.shape)} {like.dtype} on {like.device}"
+            )
+        return x, log_q
 
     def _proposal_log_prob(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             log_q = self.proposal.log_prob(x)
         if log_q.shape != x.shape[:1]:
-            raise ValueError(f"proposal.log_prob must return shape ({x.shape[0]},) for the chains, got {tuple(log_q.shape)}")
+            raise ValueError(
+                f"proposal.log_prob must return shape ({x.shape[0]},) for the chains, "
+                f"got {tuple(log_q.shape)}"
+            )
         return log_q
 
-    def _step(self) -> dict[str, torch.Tensor]:
-        if self.proposal is None:
-            scale = self.adapter.step_size
-            x = self.x + scale * self.adapter.variance.sqrt() * self.randn(self.x)
-            u = self.evaluate(x)
-            accept_prob, _, nonfinite = self.accept(x, u, self.u - u)
-            self.adapter.step(self.x, accept_prob)
-            return {"accept_prob": accept_prob, "nonfinite": nonfinite, "step_size": scale}
-        x = self.proposal.sample((self.x.shape[0],))
-        if x.shape != self.x.shape or x.device != self.x.device or x.dtype != self.x.dtype:
-            raise ValueError(f"proposal samples are {tuple(x.shape)} {x.dtype} on {x.device}; the chains are {tuple(self.x.shape)} {self.x.dtype} on {self.x.device}")
-        u, log_q = self.evaluate(x), self._proposal_log_prob(x)
-        accept_prob, _, nonfinite, self.log_q = self.accept(x, u, self.u - u + self.log_q - log_q, (self.log_q, log_q))
-        if self.refit_every is not None and self.warming_up:
-            self._refit()
-        return {"accept_prob": accept_prob, "nonfinite": nonfinite}
-
-    def _refit(self) -> None:
+    def _refit(self, data: torch.Tensor) -> None:
         from pyroflows.infer import fit
 
-        self._recent.append(self.x)
-        if len(self._recent) < self.refit_every:
-            return
-        data, self._recent = torch.cat(self._recent), []
         with torch.enable_grad():
-            fit(self.proposal, data, num_steps=self.refit_steps, lr=self.refit_lr, batch_size=min(256, len(data)), validation=0.0, progress=False)
-        self.log_q = self._proposal_log_prob(self.x)
+            fit(
+                self.proposal,
+                data,
+                num_steps=self.refit_steps,
+                lr=self.refit_lr,
+                batch_size=min(256, len(data)),
+                validation=0.0,
+                progress=False,
+            )
+
+
+class _RefitSchedule:
+    """The flow proposal's warm-up configuration: its length (the state counts refits)."""
+
+    def __init__(self, warmup_steps: int) -> None:
+        self.warmup_steps = warmup_steps

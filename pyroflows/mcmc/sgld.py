@@ -15,7 +15,9 @@ order $\epsilon$. With ``preconditioned=True``, $G_t = \operatorname{diag}(1 / (
 (RMSprop; Li et al. 2016's pSGLD, without its small $\Gamma$ correction term).
 
 A step whose new point has a non-finite energy or gradient is not taken (the chain stays) and
-is counted; ``accept_prob`` is 1 for steps taken and 0 otherwise.
+is counted; ``accept_prob`` is 1 for steps taken and 0 otherwise. The schedule's step counter is
+part of the chain state: every run starts at $\epsilon_0$ and it runs on across warm-up and
+sampling.
 
 References: Welling & Teh (2011), *Bayesian learning via stochastic gradient Langevin
 dynamics*, ICML; Li, Chen, Carlson & Carin (2016), *Preconditioned stochastic gradient Langevin
@@ -28,7 +30,9 @@ from collections.abc import Callable
 
 import torch
 
-from pyroflows.mcmc.base import BatchedKernel, Energy, check_positive
+from pyroflows.mcmc.base import BatchedKernel, RunState
+from pyroflows.mcmc.core import Energy, Info, SGLDState, sgld_init, sgld_step
+from pyroflows.validation import check_number, check_positive
 
 
 class SGLD(BatchedKernel):
@@ -42,6 +46,7 @@ class SGLD(BatchedKernel):
         preconditioned: RMSprop preconditioning (pSGLD).
         alpha: RMSprop's decay $\\alpha$.
         eps: RMSprop's damping $\\lambda$.
+        model: a Pyro model instead of an energy (keyword only).
 
     Example:
         >>> from pyroflows import energies, mcmc
@@ -61,39 +66,30 @@ class SGLD(BatchedKernel):
         *,
         model: Callable | None = None,
     ) -> None:
-        check_positive(step_size, "step_size")
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
-            raise ValueError(f"decay must be a number in [0, 1], got {decay!r}")
-        check_positive(decay_steps, "decay_steps")
-        check_positive(eps, "eps")
-        if not 0 <= alpha < 1:
-            raise ValueError(f"alpha must lie in [0, 1), got {alpha!r}")
+        self.initial_step_size = check_positive(step_size, "step_size")
+        self.decay = check_number(decay, "decay", low=0.0, high=1.0)
+        self.decay_steps = check_positive(decay_steps, "decay_steps")
+        self.eps = check_positive(eps, "eps")
+        self.alpha = check_number(alpha, "alpha", low=0.0, high=1.0, high_open=True)
+        self.preconditioned = bool(preconditioned)
         super().__init__(energy, model=model)
-        self.initial_step_size, self.decay, self.decay_steps = float(step_size), float(decay), float(decay_steps)
-        self.preconditioned, self.alpha, self.eps = preconditioned, float(alpha), float(eps)
-        self._iteration = 0  # the schedule runs on across warm-up and sampling
 
     def step_size_at(self, t: int) -> float:
         """$\\epsilon_t$."""
         return self.initial_step_size * (1 + t / self.decay_steps) ** -self.decay
 
-    def _start(self) -> None:
-        self.u, self.grad = self.evaluate(self.x, grad=True)
-        self.square_avg = torch.ones_like(self.x)  # G starts at I: a first gradient of 0 must not explode it
+    def _init(self, position: torch.Tensor) -> SGLDState:
+        return sgld_init(position, self.potential)
 
-    def _step(self) -> dict[str, torch.Tensor]:
-        step = self.step_size_at(self._iteration)
-        self._iteration += 1
-        if self.preconditioned:
-            square_avg = self.alpha * self.square_avg + (1 - self.alpha) * self.grad**2
-            precond = 1 / (self.eps + square_avg.sqrt())
-        else:
-            square_avg, precond = self.square_avg, 1.0
-        noise = self.randn(self.x) * (step * precond) ** 0.5
-        x = self.x - 0.5 * step * precond * self.grad + noise
-        u, grad = self.evaluate(x, grad=True)
-        u = torch.where(torch.isfinite(grad.flatten(1)).all(1), u, torch.nan)  # a NaN gradient is not a move
-        accept_prob, _, nonfinite, self.grad, self.square_avg = self.accept(
-            x, u, torch.zeros_like(u), (self.grad, grad), (self.square_avg, square_avg)
+    def step(
+        self, state: SGLDState, generator: torch.Generator, params: None = None
+    ) -> tuple[SGLDState, Info]:
+        """One Langevin step of every chain at $\\epsilon_t$, $t$ = ``state.iteration``."""
+        step = self.step_size_at(state.iteration)
+        return sgld_step(
+            state, generator, self.potential, step, self.preconditioned, self.alpha, self.eps
         )
-        return {"accept_prob": accept_prob, "nonfinite": nonfinite, "step_size": self.u.new_tensor(step)}
+
+    def _stats(self, run: RunState, info: Info) -> dict[str, torch.Tensor]:
+        u = run.chains.energy
+        return {"step_size": torch.full_like(u, self.step_size_at(run.chains.iteration - 1))}
