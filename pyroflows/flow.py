@@ -17,21 +17,17 @@ from pyro.distributions.util import is_validation_enabled
 from torch import nn
 
 from pyroflows.transforms.base import FlowTransform
+from pyroflows.validation import check_finite, check_int, check_tensor
 
 SampleShape = int | Sequence[int] | torch.Size
 FLOW_FORMAT = "pyroflows.Flow/1"
 
 
 def _sample_shape(sample_shape: SampleShape) -> torch.Size:
-    if isinstance(sample_shape, int) and not isinstance(sample_shape, bool):
-        sample_shape = (sample_shape,)
-    try:
-        shape = torch.Size(sample_shape)
-    except TypeError:
-        raise ValueError(f"sample_shape must be an int or a tuple of ints, got {sample_shape!r}") from None
-    if any(s < 0 for s in shape):
-        raise ValueError(f"sample_shape must be non-negative, got {tuple(shape)}")
-    return shape
+    dims = (sample_shape,) if isinstance(sample_shape, int) else sample_shape
+    if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence):
+        raise ValueError(f"sample_shape must be an int or a tuple of ints, got {sample_shape!r}")
+    return torch.Size(check_int(s, "sample_shape", minimum=0) for s in dims)
 
 
 class Flow(nn.Module):
@@ -44,12 +40,12 @@ class Flow(nn.Module):
 
     Args:
         shape: event shape, ``(D,)`` or ``(C, H, W)``.
-        transforms: the layers, each a :class:`~pyroflows.transforms.base.FlowTransform`, in the
+        transforms: the layers, each a ``FlowTransform``, in the
             sampling direction ``z -> x``.
         context_dim: width of the context vector of a conditional flow, or ``None``.
         config: the options the flow was built with (kept for checkpoints and ``repr``).
 
-    Build flows with :func:`pyroflows.build_flow` rather than by hand.
+    Build flows with ``pyroflows.build_flow`` rather than by hand.
     """
 
     def __init__(
@@ -94,40 +90,30 @@ class Flow(nn.Module):
     def _param_like(self) -> torch.Tensor:
         return self.base_loc
 
-    def _check_x(self, x: Any, name: str = "x") -> None:
+    def _check_like_flow(self, value: Any, name: str, event_shape: Sequence[int]) -> None:
         ref = self._param_like()
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-        if x.dtype != ref.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but the flow is {ref.dtype}; convert one of them")
-        if x.device != ref.device:
-            raise ValueError(f"{name} is on {x.device} but the flow is on {ref.device}; move one of them")
-        if x.dim() < self.event_dim or x.shape[x.dim() - self.event_dim:] != self.event_shape:
-            raise ValueError(
-                f"{name} must have shape (..., {', '.join(map(str, self.event_shape))}), got {tuple(x.shape)}"
-            )
-        if is_validation_enabled() and not torch.isfinite(x).all():
-            raise ValueError(f"{name} contains NaN or inf")
+        check_tensor(value, name, event_shape=event_shape)
+        if value.dtype != ref.dtype:
+            raise TypeError(f"{name} must have the flow's dtype {ref.dtype}, got {value.dtype}")
+        if value.device != ref.device:
+            raise ValueError(f"{name} must be on the flow's device {ref.device}, got {value.device}")
+        if is_validation_enabled():  # one host sync per call, never per layer
+            check_finite(value, name)
+
+    def _check_x(self, x: Any, name: str = "x") -> None:
+        self._check_like_flow(x, name, self.event_shape)
 
     def _check_context(self, context: Any) -> torch.Size:
         """Validate ``context`` and return its batch shape."""
         if self.context_dim is None:
             if context is not None:
-                raise ValueError("context given to an unconditional flow (build it with context_dim)")
+                raise ValueError("context must be None for an unconditional flow "
+                                 "(build the flow with context_dim)")
             return torch.Size()
         if context is None:
-            raise ValueError(f"this flow is conditional: context of shape (..., {self.context_dim}) is required")
-        ref = self._param_like()
-        if not isinstance(context, torch.Tensor) or not context.is_floating_point():
-            raise TypeError("context must be a floating-point torch.Tensor")
-        if context.dtype != ref.dtype or context.device != ref.device:
-            raise TypeError(f"context must be {ref.dtype} on {ref.device}, got {context.dtype} on {context.device}")
-        if context.dim() < 1 or context.shape[-1] != self.context_dim:
-            raise ValueError(f"context must have shape (..., {self.context_dim}), got {tuple(context.shape)}")
-        if is_validation_enabled() and not torch.isfinite(context).all():
-            raise ValueError("context contains NaN or inf")
+            raise ValueError(f"context must be a tensor of shape (*batch, {self.context_dim}) "
+                             "for this conditional flow, got None")
+        self._check_like_flow(context, "context", (self.context_dim,))
         return context.shape[:-1]
 
     # -- densities and samples -----------------------------------------------------------
@@ -185,7 +171,7 @@ class Flow(nn.Module):
         return self.rsample(sample_shape, context)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Same as :meth:`log_prob`, so ``flow(x)`` works in ``nn`` code (and under DDP)."""
+        """Same as ``log_prob``, so ``flow(x)`` works in ``nn`` code (and under DDP)."""
         return self.log_prob(x, context)
 
     # -- Pyro integration ----------------------------------------------------------------
@@ -221,14 +207,14 @@ class Flow(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """Save the flow (its build options and every parameter and buffer, data-dependent
-        initialisation included) so that :meth:`Flow.load` restores it exactly."""
+        initialisation included) so that ``Flow.load`` restores it exactly."""
         if "name" not in self.config:
             raise ValueError("only flows made by build_flow can be saved with save(); use state_dict()")
         torch.save({"format": FLOW_FORMAT, "config": self.config, "state_dict": self.state_dict()}, path)
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device | None = None) -> Flow:
-        """Rebuild a flow saved by :meth:`save`. A missing, corrupted or mismatched file raises
+        """Rebuild a flow saved by ``save``. A missing, corrupted or mismatched file raises
         ``ValueError`` (``FileNotFoundError`` if absent) and returns nothing half-built."""
         from pyroflows.registry import build_flow
 

@@ -1,8 +1,8 @@
 """The flow families: name -> builder. The single place that lists them.
 
 A family is a builder function ``build(shape, *, num_layers, hidden_dims, context_dim,
-**options) -> list[FlowTransform]`` decorated with :func:`flow_family`, and one line in
-``_FAMILIES`` below. Registering is all it takes for :func:`build_flow`, the CLI, the docs page
+**options) -> list[FlowTransform]`` decorated with ``flow_family``, and one line in
+``_FAMILIES`` below. Registering is all it takes for ``build_flow``, the CLI, the docs page
 and the conformance test suite to pick a family up.
 """
 
@@ -60,7 +60,7 @@ class FamilySpec:
 
 
 def flow_family(**spec: Any) -> Callable[[Callable], Callable]:
-    """Decorator attaching a :class:`FamilySpec` to a builder function."""
+    """Decorator attaching a ``FamilySpec`` to a builder function."""
 
     def attach(builder: Callable) -> Callable:
         builder.spec = FamilySpec(**spec)
@@ -91,7 +91,7 @@ def get_builder(name: str) -> Callable:
 
 
 def family_spec(name: str) -> FamilySpec:
-    """The :class:`FamilySpec` of family ``name``."""
+    """The ``FamilySpec`` of family ``name``."""
     return get_builder(name).spec
 
 
@@ -143,7 +143,7 @@ def build_flow(
     """Build a normalizing flow of family ``name`` over events of ``shape``.
 
     Args:
-        name: one of :func:`available_flows`.
+        name: one of ``available_flows``.
         shape: ``D`` for vectors, ``(C, H, W)`` for images.
         num_layers: number of layers (family default if ``None``).
         hidden_dims: widths of the conditioner networks (if ``None``: the family default, each
@@ -153,7 +153,7 @@ def build_flow(
         **family_options: options of the family's builder (see its docs).
 
     Returns:
-        A :class:`pyroflows.Flow` on a standard-Normal base.
+        A ``pyroflows.Flow`` on a standard-Normal base.
 
     Example:
         >>> flow = build_flow("realnvp", 2)

@@ -164,7 +164,7 @@ def test_glow_structure_and_learned_prior():
 def test_glow_bad_shapes():
     with pytest.raises(ValueError, match=r"images: shape must be \(C, H, W\)"):
         pyroflows.build_flow("glow", 16)
-    with pytest.raises(ValueError, match=r"num_levels must be an int from 1 to 1 for shape \(1, 6, 6\)"):
+    with pytest.raises(ValueError, match=r"num_levels for shape \(1, 6, 6\) must be an int in \[1, 1\]"):
         pyroflows.build_flow("glow", (1, 6, 6), num_levels=2)
     with pytest.raises(ValueError, match=r"H and W must be even, got shape \(1, 5, 6\)"):
         pyroflows.build_flow("glow", (1, 5, 6))
@@ -173,7 +173,7 @@ def test_glow_bad_shapes():
     flow = pyroflows.build_flow("glow", (1, 8, 8), num_layers=1, hidden_dims=(4,))
     good = torch.rand(4, 1, 8, 8)
     before = flow.log_prob(good)
-    with pytest.raises(ValueError, match=r"\(\.\.\., 1, 8, 8\), got \(4, 3, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"\(\*batch, 1, 8, 8\), got \(4, 3, 8, 8\)"):
         flow.log_prob(torch.rand(4, 3, 8, 8))
     assert torch.equal(flow.log_prob(good), before)  # nothing corrupted, ActNorm not re-initialised
 

@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import torch
 
+from pyroflows.validation import check_choice, check_int
+
 Generator = torch.Generator
 
 
@@ -60,7 +62,7 @@ TOY: dict[str, Callable[[int, Generator], torch.Tensor]] = {
 
 
 def toy_names() -> list[str]:
-    """Names accepted by :func:`toy`."""
+    """Names accepted by ``toy``."""
     return list(TOY)
 
 
@@ -76,10 +78,8 @@ def toy(name: str, num_samples: int, *, seed: int = 0) -> torch.Tensor:
         >>> toy("moons", 1000).shape
         torch.Size([1000, 2])
     """
-    if name not in TOY:
-        raise ValueError(f"unknown toy dataset {name!r}; available: {', '.join(TOY)}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    check_choice(name, "name", TOY)
+    check_int(num_samples, "num_samples")
     g = torch.Generator().manual_seed(int(seed))
     with torch.device("cpu"):  # the generator is a CPU one, whatever the default device
         return TOY[name](num_samples, g).float()

@@ -1,4 +1,4 @@
-"""Dense conditioner networks built on Pyro's :class:`pyro.nn.DenseNN`."""
+"""Dense conditioner networks built on Pyro's ``pyro.nn.DenseNN``."""
 
 from __future__ import annotations
 

@@ -77,5 +77,5 @@ class ActNorm(FlowTransform):
 
 
 def actnorm(event_shape: Sequence[int]) -> ActNorm:
-    """An :class:`ActNorm` layer over events of ``event_shape`` (Pyro-style helper)."""
+    """An ``ActNorm`` layer over events of ``event_shape`` (Pyro-style helper)."""
     return ActNorm(event_shape)

@@ -30,7 +30,7 @@ from pyro.distributions.torch_transform import TransformModule
 from pyro.distributions.util import is_validation_enabled
 from torch.distributions import Transform, constraints
 
-from pyroflows.validation import check_tensor
+from pyroflows.validation import check_int, check_tensor
 
 
 def _versions(tensors: tuple[torch.Tensor | None, ...]) -> tuple[int, ...] | None:
@@ -127,8 +127,8 @@ class FlowTransform(TransformModule, ConditionalTransform):
 
     def __init__(self, event_shape: tuple[int, ...], context_dim: int | None = None) -> None:
         super().__init__(cache_size=0)
-        self.event_shape = tuple(int(s) for s in event_shape)
-        self.context_dim = context_dim
+        self.event_shape = tuple(check_int(s, "event_shape") for s in event_shape)
+        self.context_dim = None if context_dim is None else check_int(context_dim, "context_dim")
         self._pass: _Pass | None = None
 
     # -- what a family implements -------------------------------------------------------
@@ -279,7 +279,7 @@ class FlowTransform(TransformModule, ConditionalTransform):
 
 
 class BoundTransform(Transform):
-    """A :class:`FlowTransform` with its context fixed (what ``condition(context)`` returns)."""
+    """A ``FlowTransform`` with its context fixed (what ``condition(context)`` returns)."""
 
     bijective = True
 

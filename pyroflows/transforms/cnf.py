@@ -59,14 +59,8 @@ from torchdiffeq import odeint, odeint_adjoint
 from pyroflows.nn.dense import DenseConditioner
 from pyroflows.registry import flow_family
 from pyroflows.transforms.base import FlowTransform, expand_context
-from pyroflows.transforms.numerics import (
-    check_choice,
-    check_count,
-    check_positive,
-    exact_or_estimator,
-    jacobian,
-    rademacher_like,
-)
+from pyroflows.transforms.numerics import exact_or_estimator, jacobian, rademacher_like
+from pyroflows.validation import check_choice, check_int, check_positive
 
 TRACE_MODES = ("auto", "exact", "hutchinson")
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")
@@ -111,7 +105,7 @@ class ContinuousFlow(FlowTransform):
         self.atol = check_positive(atol, "atol")
         self.step_size = check_positive(step_size, "step_size", below=1.0 + 1e-12)
         self.adjoint = bool(adjoint)
-        self.max_num_steps = check_count(max_num_steps, "max_num_steps")
+        self.max_num_steps = check_int(max_num_steps, "max_num_steps")
         self.net = DenseConditioner(input_dim + 1, [input_dim], hidden_dims, context_dim, nonlinearity=nn.Tanh())
 
     def _dynamics(self, t, state, context, probe):
@@ -179,7 +173,7 @@ class ContinuousFlow(FlowTransform):
 def cnf(
     input_dim: int, hidden_dims: Sequence[int] = (64, 64), context_dim: int | None = None, **options
 ) -> ContinuousFlow:
-    """A continuous flow layer (Pyro-style helper); ``options`` as in :class:`ContinuousFlow`."""
+    """A continuous flow layer (Pyro-style helper); ``options`` as in ``ContinuousFlow``."""
     return ContinuousFlow(input_dim, hidden_dims, context_dim, **options)
 
 
@@ -200,7 +194,7 @@ def build_cnf(
     """``num_layers`` continuous flows in sequence (one is usually enough: the ODE is already
     free-form).
 
-    Options (see :class:`ContinuousFlow`): ``trace`` (``"auto"``), ``method`` (``"dopri5"``),
+    Options (see ``ContinuousFlow``): ``trace`` (``"auto"``), ``method`` (``"dopri5"``),
     ``rtol`` / ``atol`` (1e-5), ``step_size`` (0.05, fixed-step methods), ``adjoint`` (False),
     ``max_num_steps`` (10000).
     """

@@ -60,7 +60,8 @@ from torch import nn
 from pyroflows.nn.dense import ParamNet
 from pyroflows.registry import flow_family
 from pyroflows.transforms.base import FlowTransform
-from pyroflows.transforms.numerics import check_count, solve_increasing
+from pyroflows.transforms.numerics import solve_increasing
+from pyroflows.validation import check_int
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 # below this log-probability ndtri(exp(.)) loses accuracy in float32; use the asymptotic branch
@@ -109,7 +110,7 @@ class MarginalGaussianization(FlowTransform):
         data_init: bool = True,
     ) -> None:
         super().__init__((input_dim,), context_dim)
-        k = check_count(num_components, "num_components")
+        k = check_int(num_components, "num_components")
         self.num_components = k
         self.loc = nn.Parameter(torch.linspace(-2.0, 2.0, k).expand(input_dim, k).clone())
         self.log_scale = nn.Parameter(torch.full((input_dim, k), math.log(2.0 / k)))
@@ -205,7 +206,7 @@ class HouseholderRotation(FlowTransform):
         hidden_dims: Sequence[int] = (64,),
     ) -> None:
         super().__init__((input_dim,), context_dim)
-        m = check_count(input_dim if num_reflections is None else num_reflections, "num_reflections")
+        m = check_int(input_dim if num_reflections is None else num_reflections, "num_reflections")
         self.params = ParamNet({"v": (m, input_dim)}, context_dim, hidden_dims, init_std=1.0)
 
     def _reflect(self, inputs, context, inverse):

@@ -18,7 +18,7 @@ with $P$ a fixed permutation, $L$ unit lower triangular, $U$ strictly upper tria
 signs of $s$ fixed at initialisation (a random rotation), so the determinant can never cross zero
 and costs $O(C)$. Pyro's ``GeneralizedChannelPermute`` learns the diagonal of $U$ directly (it can
 reach 0, where the layer stops being invertible) and multiplies through a $(C, C, H, W)$
-broadcast; :class:`InvertibleConv1x1` is one ``einsum`` per direction
+broadcast; ``InvertibleConv1x1`` is one ``einsum`` per direction
 (``benchmarks/invconv.py`` compares the two).
 
 The factored-out half gets a learned prior: a channel-mask affine coupling conditioned on the kept

@@ -57,6 +57,7 @@ from pyroflows.registry import flow_family
 from pyroflows.transforms.actnorm import ActNorm
 from pyroflows.transforms.base import FlowTransform
 from pyroflows.transforms.multiscale import Squeeze, check_image_shape, max_halvings, scale_count
+from pyroflows.validation import check_choice, check_int, check_positive
 
 ORDERS = ("A", "B")
 
@@ -65,8 +66,7 @@ def masked_conv_mask(out_groups: torch.Tensor, in_groups: torch.Tensor, kernel: 
     """``(out, in, kernel, kernel)`` 0/1 mask of a convolution that is causal in the pixel-then-
     channel order: taps before the centre pixel (``"A"``; after it for ``"B"``) are free, the
     centre tap connects group ``i`` to group ``o`` only if ``i <= o`` (``i >= o`` for ``"B"``)."""
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    check_choice(order, "order", ORDERS)
     position = torch.arange(kernel * kernel).reshape(kernel, kernel)
     centre = kernel * kernel // 2
     before = position < centre if order == "A" else position > centre
@@ -79,8 +79,8 @@ def masked_conv_mask(out_groups: torch.Tensor, in_groups: torch.Tensor, kernel: 
 class MaskedInvertibleConv(FlowTransform):
     """One MintNet masked invertible layer (see the module docs for the map and its inverse).
 
-    The explicit map $g$ goes from data to latent, so :meth:`inverse_and_log_det` is one
-    pass and :meth:`forward_and_log_det` (sampling) is the iterative solve.
+    The explicit map $g$ goes from data to latent, so ``inverse_and_log_det`` is one
+    pass and ``forward_and_log_det`` (sampling) is the iterative solve.
 
     Args:
         event_shape: ``(C, H, W)``.
@@ -101,10 +101,10 @@ class MaskedInvertibleConv(FlowTransform):
         max_iter: int = 200,
     ) -> None:
         channels, _, _ = check_image_shape(event_shape, "MaskedInvertibleConv")
-        if kernel % 2 != 1 or kernel < 1:
+        if check_int(kernel, "kernel") % 2 != 1:
             raise ValueError(f"kernel must be a positive odd int, got {kernel!r}")
-        if tol is not None and not tol > 0:
-            raise ValueError(f"tol must be positive, got {tol!r}")
+        if tol is not None:
+            check_positive(tol, "tol")
         super().__init__(tuple(event_shape))
         hidden = channels * hidden_per_channel
         self.hidden_per_channel = hidden_per_channel

@@ -13,8 +13,8 @@ z = \big(f^{-1}(h_1),\ h_2\big), \qquad \log|\det J| = \log|\det J_f|.
 $$
 
 Both are wrappers, so every layer of a flow keeps the full event shape $(C, H, W)$ and
-:class:`~pyroflows.Flow` still maps a full-size latent: :class:`Squeeze` runs its inner layers
-on the squeezed tensor and unsqueezes the result, :class:`FactorOut` runs its inner layers on
+``Flow`` still maps a full-size latent: ``Squeeze`` runs its inner layers
+on the squeezed tensor and unsqueezes the result, ``FactorOut`` runs its inner layers on
 the kept channels only. Nesting them gives the multi-scale architecture of RealNVP and Glow.
 
 Reference: Dinh, Sohl-Dickstein, Bengio (2017), *Density estimation using Real NVP*, section 3.6.
@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from pyroflows.transforms.base import FlowTransform
+from pyroflows.validation import check_int
 
 
 def check_image_shape(shape: Sequence[int], name: str, *, even: bool = False, min_channels: int = 1) -> tuple[int, int, int]:
@@ -60,7 +61,7 @@ def squeeze(x: torch.Tensor) -> torch.Tensor:
 
 
 def unsqueeze(x: torch.Tensor) -> torch.Tensor:
-    """Depth-to-space, the exact inverse of :func:`squeeze`."""
+    """Depth-to-space, the exact inverse of ``squeeze``."""
     *batch, c, h, w = x.shape
     x = x.reshape(-1, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
     return x.reshape(*batch, c // 4, 2 * h, 2 * w)
@@ -69,8 +70,8 @@ def unsqueeze(x: torch.Tensor) -> torch.Tensor:
 class Nested(FlowTransform):
     """A layer that runs a stack of inner layers on a re-arranged or reduced view of its input.
 
-    Subclasses say how to enter the view (:meth:`enter`: input -> inner input plus whatever is
-    passed around the inner stack) and how to leave it (:meth:`leave`).
+    Subclasses say how to enter the view (``enter``: input -> inner input plus whatever is
+    passed around the inner stack) and how to leave it (``leave``).
 
     Args:
         event_shape: the outer event shape.
@@ -171,9 +172,6 @@ def scale_count(value: Any, option: str, shape: tuple[int, int, int], *, min_siz
         raise ValueError(f"{option}: at least one squeeze of 2x2 patches is needed, so H and W must be even, got shape {tuple(shape)}")
     if value is None:
         value = min(default, most)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
-        raise ValueError(
-            f"{option} must be an int from 1 to {most} for shape {tuple(shape)} (each squeeze halves H and W, "
-            f"which must be even and stay at least {min_size}), got {value!r}"
-        )
-    return value
+    # the bound depends on the image: each squeeze halves H and W, which must stay even and
+    # at least min_size
+    return check_int(value, f"{option} for shape {tuple(shape)}", maximum=most)

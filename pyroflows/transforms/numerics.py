@@ -9,6 +9,8 @@ from collections.abc import Callable
 
 import torch
 
+from pyroflows.validation import check_choice
+
 #: Largest event dimension for which a brute-force Jacobian (``D`` vector-Jacobian products per
 #: evaluation) is allowed; above it the estimators must be used.
 EXACT_MAX_DIM = 64
@@ -71,8 +73,8 @@ def rademacher_like(x: torch.Tensor) -> torch.Tensor:
 def exact_or_estimator(mode: str, option: str, choices: tuple[str, ...], dim: int, estimator: str) -> str:
     """Resolve an ``"auto" | "exact" | <estimators>`` option for an event of dimension ``dim``.
 
-    ``"auto"`` becomes ``"exact"`` up to :data:`AUTO_EXACT_MAX_DIM` and ``estimator`` above;
-    ``"exact"`` above :data:`EXACT_MAX_DIM` is a ``ValueError`` naming ``option``.
+    ``"auto"`` becomes ``"exact"`` up to ``AUTO_EXACT_MAX_DIM`` and ``estimator`` above;
+    ``"exact"`` above ``EXACT_MAX_DIM`` is a ``ValueError`` naming ``option``.
     """
     check_choice(mode, option, choices)
     if mode == "auto":
@@ -84,26 +86,3 @@ def exact_or_estimator(mode: str, option: str, choices: tuple[str, ...], dim: in
             f"up to dimension {EXACT_MAX_DIM}, got {dim}: use {others}"
         )
     return mode
-
-
-def check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
-    """``value`` if it is one of ``choices``, else a ``ValueError`` naming ``name``."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
-
-
-def check_positive(value: float, name: str, *, below: float | None = None) -> float:
-    """``value`` as a float if ``0 < value`` (and ``value < below``), else a ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if below is not None and not value < below:
-        raise ValueError(f"{name} must be < {below}, got {value!r}")
-    return float(value)
-
-
-def check_count(value: int, name: str, minimum: int = 1) -> int:
-    """``value`` if it is an int ``>= minimum``, else a ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value

@@ -13,8 +13,8 @@ Masks: ``"half"`` or ``"alternate"`` (even/odd) for vectors, ``"checkerboard"`` 
 each scale applies checkerboard couplings, squeezes $2 \times 2$ patches into channels
 ($(C, H, W) \to (4C, H/2, W/2)$), applies channel-wise couplings and factors half of the channels
 out to the latent; the next scale works on the other half. The last scale applies checkerboard
-couplings only. Conditioners are small ResNets (:class:`~pyroflows.nn.conv.ConvConditioner`).
-See :mod:`pyroflows.transforms.multiscale` for squeeze and factor-out.
+couplings only. Conditioners are small ResNets (``ConvConditioner``).
+See ``pyroflows.transforms.multiscale`` for squeeze and factor-out.
 
 Reference: Dinh, Sohl-Dickstein, Bengio (2017), *Density estimation using Real NVP*.
 
@@ -68,7 +68,7 @@ def multiscale_realnvp(
     2)`` channel couplings around a squeeze and a factor-out; the last has
     ``floor(num_layers / 2) + 1`` checkerboard couplings (the paper's 3 + 3 and 4 for 6). With
     ``actnorm``, every coupling's input (in the density direction) is normalised by an
-    :class:`~pyroflows.transforms.actnorm.ActNorm` layer, standing in for the paper's batch
+    ``ActNorm`` layer, standing in for the paper's batch
     normalisation without making the density depend on the batch.
     """
     c, h, w = shape

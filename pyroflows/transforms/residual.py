@@ -71,13 +71,8 @@ from torch import nn
 from pyroflows.registry import flow_family
 from pyroflows.transforms.actnorm import ActNorm
 from pyroflows.transforms.base import FlowTransform
-from pyroflows.transforms.numerics import (
-    check_count,
-    check_positive,
-    exact_or_estimator,
-    jacobian,
-    rademacher_like,
-)
+from pyroflows.transforms.numerics import exact_or_estimator, jacobian, rademacher_like
+from pyroflows.validation import check_int, check_positive
 
 LOG_DET_MODES = ("auto", "exact", "series", "roulette")
 ROULETTE_MAX_TERMS = 100
@@ -154,7 +149,7 @@ class ContractiveMLP(nn.Module):
         hidden_dims: hidden widths.
         lipschitz: the bound ``c`` on ``Lip(g)`` in ``x``.
         context_dim: width of a context added (unconstrained) to the first hidden layer.
-        power_iterations: see :class:`SpectralLinear`.
+        power_iterations: see ``SpectralLinear``.
     """
 
     def __init__(
@@ -217,12 +212,12 @@ class ResidualBlock(FlowTransform):
         super().__init__((input_dim,), context_dim)
         self.lipschitz = check_positive(lipschitz, "lipschitz", below=1.0)
         self.log_det = exact_or_estimator(log_det, "log_det", LOG_DET_MODES, input_dim, "roulette")
-        self.num_terms = check_count(num_terms, "num_terms")
-        self.exact_terms = check_count(exact_terms, "exact_terms", minimum=0)
+        self.num_terms = check_int(num_terms, "num_terms")
+        self.exact_terms = check_int(exact_terms, "exact_terms", minimum=0)
         self.roulette_p = check_positive(roulette_p, "roulette_p", below=1.0)
         self.tol = check_positive(tol, "tol")
-        self.max_iter = check_count(max_iter, "max_iter")
-        check_count(power_iterations, "power_iterations")
+        self.max_iter = check_int(max_iter, "max_iter")
+        check_int(power_iterations, "power_iterations")
         self.g = ContractiveMLP(input_dim, hidden_dims, self.lipschitz, context_dim, power_iterations)
 
     # -- log|det(I + J_g)| ---------------------------------------------------------------
@@ -307,7 +302,7 @@ def residual(
     **options,
 ) -> ResidualBlock:
     """An invertible residual block (Pyro-style helper); ``options`` as in
-    :class:`ResidualBlock`."""
+    ``ResidualBlock``."""
     return ResidualBlock(input_dim, hidden_dims, context_dim, **options)
 
 
@@ -322,7 +317,7 @@ def build_residual(
 ) -> list[FlowTransform]:
     """``num_layers`` residual blocks, each preceded (data side) by an ``ActNorm``.
 
-    Options (see :class:`ResidualBlock`): ``lipschitz`` (0.9), ``log_det`` (``"auto"``),
+    Options (see ``ResidualBlock``): ``lipschitz`` (0.9), ``log_det`` (``"auto"``),
     ``num_terms`` (10), ``exact_terms`` (2), ``roulette_p`` (0.1), ``tol`` (1e-6),
     ``max_iter`` (200), ``power_iterations`` (5).
     """
