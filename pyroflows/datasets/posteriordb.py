@@ -136,11 +136,13 @@ class OrderedIID(TorchDistribution):
 
 # -- the models (site names = Stan parameter names) ----------------------------------------
 def eight_schools_noncentered(J: int, y: torch.Tensor, sigma: torch.Tensor) -> None:
-    """Eight schools, non-centred: ``theta = mu + tau * theta_trans`` (a deterministic site)."""
-    mu = pyro.sample("mu", dist.Normal(y.new_tensor(0.0), 5.0))
-    tau = pyro.sample("tau", dist.HalfCauchy(y.new_tensor(5.0)))
+    """Eight schools, non-centred: ``theta = mu + tau * theta_trans`` (a deterministic site).
+
+    ``y=None`` draws the effects (posterior predictive)."""
+    mu = pyro.sample("mu", dist.Normal(sigma.new_tensor(0.0), 5.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(sigma.new_tensor(5.0)))
     with pyro.plate("school", J, dim=-1):
-        theta_trans = pyro.sample("theta_trans", dist.Normal(y.new_tensor(0.0), 1.0))
+        theta_trans = pyro.sample("theta_trans", dist.Normal(sigma.new_tensor(0.0), 1.0))
         theta = pyro.deterministic("theta", theta_trans * tau + mu)
         pyro.sample("y", dist.Normal(theta, sigma), obs=y)
 
@@ -148,10 +150,12 @@ def eight_schools_noncentered(J: int, y: torch.Tensor, sigma: torch.Tensor) -> N
 def kidscore_interaction(
     N: int, kid_score: torch.Tensor, mom_iq: torch.Tensor, mom_hs: torch.Tensor
 ) -> None:
-    """Kid's IQ regression with a mother's-IQ x high-school interaction; flat prior on ``beta``."""
-    like = dict(device=kid_score.device, dtype=kid_score.dtype)
+    """Kid's IQ regression with a mother's-IQ x high-school interaction; flat prior on ``beta``.
+
+    ``kid_score=None`` draws the scores (posterior predictive)."""
+    like = dict(device=mom_iq.device, dtype=mom_iq.dtype)
     beta = pyro.sample("beta", Flat(constraints.real, (), (4,), **like))
-    sigma = pyro.sample("sigma", dist.HalfCauchy(kid_score.new_tensor(2.5)))
+    sigma = pyro.sample("sigma", dist.HalfCauchy(mom_iq.new_tensor(2.5)))
     b = beta.unbind(-1)
     loc = b[0] + b[1] * mom_hs + b[2] * mom_iq + b[3] * (mom_hs * mom_iq)
     with pyro.plate("child", N, dim=-1):
@@ -159,9 +163,11 @@ def kidscore_interaction(
 
 
 def blr(N: int, D: int, X: torch.Tensor, y: torch.Tensor) -> None:
-    """Bayesian linear regression: N(0, 10) priors on ``beta``, half-N(0, 10) on ``sigma``."""
-    beta = pyro.sample("beta", dist.Normal(y.new_tensor(0.0), 10.0).expand([D]).to_event(1))
-    sigma = pyro.sample("sigma", dist.HalfNormal(y.new_tensor(10.0)))
+    """Bayesian linear regression: N(0, 10) priors on ``beta``, half-N(0, 10) on ``sigma``.
+
+    ``y=None`` draws the responses (posterior predictive)."""
+    beta = pyro.sample("beta", dist.Normal(X.new_tensor(0.0), 10.0).expand([D]).to_event(1))
+    sigma = pyro.sample("sigma", dist.HalfNormal(X.new_tensor(10.0)))
     # beta has batch shape (..., 1) outside the plate: (..., 1, D) * (N, D) summed over D
     loc = (beta * X).sum(-1)
     with pyro.plate("obs", N, dim=-1):
