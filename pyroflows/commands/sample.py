@@ -2,7 +2,8 @@
 
 Prints the smallest effective sample size over the coordinates, ESS per second, the largest
 R-hat, the acceptance rate and the energy-evaluation count, and writes a plot of the samples
-(over the density contours for 2-D targets) with a few traces.
+(over the density contours for 2-D targets) with a few traces, titled with the target and the
+kernel.
 
 Example:
     pyroflows sample --target u2 --kernel hmc --chains 1024
@@ -16,26 +17,51 @@ from typing import Any
 
 import torch
 
-from pyroflows.cli import add_common_arguments, output_dir, resolve_device
+from pyroflows.cli import (
+    add_common_arguments,
+    configure_threads,
+    int_flag,
+    output_dir,
+    output_files,
+    positive_float,
+    resolve_device,
+)
 
 KERNELS = ("hmc", "mala", "mh", "sgld", "gibbs")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``pyroflows sample``."""
+    """Arguments of ``pyroflows sample``.
+
+    Args:
+        parser: the subcommand's parser.
+    """
     from pyroflows import energies
 
-    add_common_arguments(parser, steps=1000)
-    parser.add_argument("--target", "--data", dest="target", default="u2", choices=energies.available(), help="energy target (default: u2)")
-    parser.add_argument("--kernel", default="hmc", choices=KERNELS, help="sampler (default: hmc; gibbs is exact on ising, Metropolis-within-Gibbs otherwise)")
-    parser.add_argument("--chains", type=int, default=256, help="chains run together (default: 256)")
-    parser.add_argument("--warmup", type=int, default=500, help="adaptation steps, discarded (default: 500)")
-    parser.add_argument("--step-size", type=float, default=0.1, help="initial step size / SGLD step (default: 0.1)")
-    parser.add_argument("--num-steps", type=int, default=10, help="HMC leapfrog steps (default: 10)")
-    parser.add_argument("--thinning", type=int, default=1, help="keep every n-th step (default: 1)")
+    targets = energies.available()
+    add_common_arguments(parser)
+    parser.add_argument("--target", "--data", dest="target", default="u2", choices=targets,
+                        metavar="TARGET",
+                        help=f"energy target: {', '.join(targets)} (default: u2)")
+    parser.add_argument("--kernel", default="hmc", choices=KERNELS,
+                        help="sampler (default: hmc; gibbs is exact on ising, "
+                             "Metropolis-within-Gibbs otherwise)")
+    parser.add_argument("--steps", type=int_flag(1), default=1000,
+                        help="draws kept per chain, after warm-up (default: 1000)")
+    parser.add_argument("--chains", type=int_flag(1), default=256,
+                        help="chains run together as one batch (default: 256)")
+    parser.add_argument("--warmup", type=int_flag(0), default=500,
+                        help="adaptation steps per chain, discarded (default: 500)")
+    parser.add_argument("--step-size", type=positive_float, default=0.1,
+                        help="initial step size of hmc/mala (adapted during warm-up) or the "
+                             "sgld step (default: 0.1)")
+    parser.add_argument("--num-steps", type=int_flag(1), default=10,
+                        help="leapfrog steps per hmc transition (default: 10)")
+    parser.add_argument("--thinning", type=int_flag(1), default=1,
+                        help="keep every n-th draw (default: 1)")
 
 
-def _kernel(name: str, target, args: argparse.Namespace):
+def _kernel(name: str, target: Any, args: argparse.Namespace) -> Any:
     from pyroflows import mcmc
 
     if name == "hmc":
@@ -51,20 +77,25 @@ def _kernel(name: str, target, args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """``pyroflows sample``: run, summarise, plot."""
+    """``pyroflows sample``: run, summarise, plot.
+
+    Args:
+        args: the parsed flags.
+
+    Returns:
+        the final metrics ([`summarize`][pyroflows.mcmc.summarize]'s numbers and ``plot``).
+    """
     from pyroflows import energies, mcmc
     from pyroflows.mcmc.plots import plot_chains
 
-    for name in ("chains", "steps", "num_steps", "thinning"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive int, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be a non-negative int, got {args.warmup}")
     device = resolve_device(args.device)
     out = output_dir(args.out)
     target = energies.get(args.target).to(device)
     if target.name == "ising" and args.kernel != "gibbs":
         raise ValueError("--target ising is discrete: use --kernel gibbs")
+    # work per step: every chain's event, once per leapfrog step: small, so one thread
+    threads = configure_threads(args.threads, args.chains * target.event_shape.numel()
+                                * args.num_steps)
     torch.manual_seed(args.seed)
     shape = (args.chains, *target.event_shape)
     if target.name == "ising":
@@ -72,16 +103,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         init = 0.5 * torch.randn(shape, device=device)
     kernel = _kernel(args.kernel, target, args)
-    idata = mcmc.sample(kernel, init, args.steps, warmup_steps=args.warmup, thinning=args.thinning, progress=not args.quiet)
-    metrics = dict(target=args.target, kernel=args.kernel, chains=args.chains, steps=args.steps, **mcmc.summarize(idata))
-    plot = plot_chains(idata, out / f"sample-{args.target}-{args.kernel}.png", energy=target if len(target.event_shape) == 1 else None)
-    metrics["plot"] = str(plot)
+    idata = mcmc.sample(kernel, init, args.steps, warmup_steps=args.warmup,
+                        thinning=args.thinning, progress=not args.quiet, seed=args.seed)
+    metrics = dict(target=args.target, kernel=args.kernel, chains=args.chains, steps=args.steps,
+                   threads=threads, **mcmc.summarize(idata))
+    (path,) = output_files(out, f"sample-{args.target}-{args.kernel}", [".png"],
+                           overwrite=args.overwrite)
+    title = (f"{args.kernel.upper()} on {args.target}: {args.chains} chains x {args.steps} draws, "
+             f"min ESS {metrics['min_ess']:.0f}")
+    energy = target if len(target.event_shape) == 1 else None
+    metrics["plot"] = str(plot_chains(idata, path, energy=energy, title=title))
     if not args.json:
         print(
             f"{args.kernel} on {args.target}, {args.chains} chains x {args.steps} draws: "
             f"min ESS {metrics['min_ess']:.0f} ({metrics['min_ess_per_second']:.0f}/s), "
             f"max R-hat {metrics['max_rhat']:.3f}, acceptance {metrics['acceptance_rate']:.2f}, "
             f"divergences {metrics['divergences']}, non-finite {metrics['nonfinite']}, "
-            f"{metrics['num_energy_evals']} energy evaluations in {metrics['sampling_time']:.1f} s; plot: {plot}"
+            f"{metrics['num_energy_evals']} energy evaluations in "
+            f"{metrics['sampling_time']:.1f} s; plot: {metrics['plot']}"
         )
     return metrics

@@ -10,9 +10,10 @@ import torch
 from matplotlib.figure import Figure
 
 
-def plot_chains(idata: az.InferenceData, path: str | Path, energy=None, max_points: int = 20_000, num_traces: int = 4) -> Path:
+def plot_chains(idata: az.InferenceData, path: str | Path, energy=None, max_points: int = 20_000, num_traces: int = 4, title: str | None = None) -> Path:
     """Samples (over the target's density contours when ``energy`` is given and the event is 2-D)
-    and traces of the first coordinate of a few chains. Returns the PNG path."""
+    and traces of the first coordinate of a few chains, under ``title`` (e.g. the target and
+    kernel). Returns the PNG path."""
     x = idata.posterior["x"].values
     chains, draws = x.shape[:2]
     flat = x.reshape(chains * draws, -1)
@@ -38,6 +39,8 @@ def plot_chains(idata: az.InferenceData, path: str | Path, energy=None, max_poin
     for c in range(min(num_traces, chains)):
         trace.plot(x[(c, slice(None)) + (0,) * (x.ndim - 2)], lw=0.6)
     trace.set(xlabel="draw", ylabel="first coordinate", title="traces")
+    if title:
+        fig.suptitle(title)
     path = Path(path)
     fig.savefig(path, dpi=110)
     return path
