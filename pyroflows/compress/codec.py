@@ -167,6 +167,7 @@ class BitsBackCodec:
         return layers
 
     # -- the three coding steps -----------------------------------------------------------
+    @torch.no_grad()
     def _posterior(self, x_in: torch.Tensor, choose: Choose) -> tuple[np.ndarray, np.ndarray]:
         """Walk the posterior over latent buckets for one image, calling ``choose`` for the
         bucket of each coordinate given its table.
@@ -193,8 +194,7 @@ class BitsBackCodec:
                 reads = ys[i] if layer.parallel == "forward" else ys[i + 1]  # IAF: in, MAF: out
                 params = tuple(p[:, j : j + 1] for p in layer.made(reads, t.context))
                 shift, log_a = layer.elementwise.forward(reads.new_zeros(1, 1), params)
-                a = math.exp(float(log_a))
-                b = float(shift)
+                a, b = math.exp(log_a.item()), shift.item()
                 coeffs.append((a, b))
                 total_a, total_b = a * total_a, a * total_b + b
             mean = quantise(loc.new_tensor([total_a * float(loc[j]) + total_b]))
@@ -217,7 +217,7 @@ class BitsBackCodec:
 
     def _likelihood_table(self, buckets: np.ndarray) -> np.ndarray:
         """$P(x_j = k \\mid \\bar z)$ at the bucket centres, ``(x_dim, num_levels)``."""
-        ref = self.likelihood._ref
+        ref = self.likelihood.reference
         z = self._centres[torch.as_tensor(buckets, device="cpu").long()]
         z = z.to(device=ref.device, dtype=ref.dtype)[None]
         return self.likelihood.log_table(z)[0].exp().numpy()
@@ -312,7 +312,7 @@ class BitsBackCodec:
                 "message failed its checksum after decoding: it was corrupted, or encoded on a "
                 "machine whose arithmetic differs from this one"
             )
-        ref = self.likelihood._ref
+        ref = self.likelihood.reference
         return levels.to(device=ref.device, dtype=ref.dtype).reshape(count, *shape)
 
     @staticmethod

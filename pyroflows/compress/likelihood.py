@@ -84,12 +84,15 @@ class DiscreteLikelihood:
             if num_levels is None:
                 raise ValueError("num_levels is required for a VAE with likelihood='normal'")
             self.num_levels = check_int(num_levels, "num_levels", minimum=2, maximum=65536)
-        ref = next(vae.parameters())
         levels = torch.arange(1, self.num_levels, device="cpu", dtype=torch.float64)
         inner = levels / self.num_levels
         inf = torch.tensor([torch.inf], device="cpu", dtype=torch.float64)
         self.edges = torch.cat([-inf, inner, inf])
-        self._ref = ref
+
+    @property
+    def reference(self) -> torch.Tensor:
+        """A parameter of the VAE: the device and dtype its inputs must have."""
+        return next(self.vae.parameters())
 
     def check(self, x: torch.Tensor, name: str = "x") -> torch.Tensor:
         """``x`` as an int64 CPU tensor of shape ``(n, x_dim)`` if every value is a level.
@@ -104,7 +107,7 @@ class DiscreteLikelihood:
                 ``0..num_levels-1``.
         """
         check_tensor(x, name, floating=False)
-        if x.dim() < 2 or x[0].numel() != self.vae.x_dim or len(x) == 0:
+        if x.dim() < 2 or len(x) == 0 or x[0].numel() != self.vae.x_dim:
             raise ValueError(
                 f"{name} must have shape (n, ...) with n >= 1 and {self.vae.x_dim} values per "
                 f"row (the VAE's x_dim), got {tuple(x.shape)}"
@@ -125,7 +128,8 @@ class DiscreteLikelihood:
         """What the encoder reads for integer ``levels`` ``(n, x_dim)``: the levels themselves
         (Bernoulli) or the bin centres $(k + \\frac12) / L$ (Normal), on the VAE's device and
         dtype."""
-        x = levels.to(device=self._ref.device, dtype=self._ref.dtype)
+        ref = self.reference
+        x = levels.to(device=ref.device, dtype=ref.dtype)
         return x if self.vae.likelihood == "bernoulli" else (x + 0.5) / self.num_levels
 
     def log_table(self, z: torch.Tensor) -> torch.Tensor:
