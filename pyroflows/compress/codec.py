@@ -404,12 +404,18 @@ class BitsBackCodec:
         return torch.cat(out)
 
     def rate(
-        self, x: torch.Tensor, *, num_samples: int = 100, importance_samples: int | None = None
+        self,
+        x: torch.Tensor,
+        *,
+        message: bytes | None = None,
+        num_samples: int = 100,
+        importance_samples: int | None = None,
     ) -> dict[str, Any]:
         """Encode ``x`` and compare the message's real size with the model's bounds.
 
         Args:
             x: ``(n, *shape)`` integer levels.
+            message: ``encode(x)`` if already made (it is not encoded again).
             num_samples: posterior draws per image for the ELBO estimate.
             importance_samples: draws per image for the importance-sampled $-\\log_2 P(x)$
                 (``None``: skipped).
@@ -422,8 +428,10 @@ class BitsBackCodec:
             (with ``importance_samples``), and the sizes ``"message_bytes"``,
             ``"header_bits"``, ``"initial_bits"``, ``"num_images"``, ``"num_dims"``.
         """
-        message = self.encode(x)
+        message = self.encode(x) if message is None else bytes(message)
         count, _, payload, _ = self._parse(message)
+        if count != len(x):
+            raise ValueError(f"message must hold the {len(x)} images of x, it holds {count}")
         dims = count * self.vae.x_dim
         bits = 1 / (dims * math.log(2))  # nats -> bits per dim, over all images
         elbo = -self.log_weights(x, num_samples).mean(0).sum().item() * bits
