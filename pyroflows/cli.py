@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "vi": ("pyroflows.commands.vi", "fit a flow guide to an energy target by VI"),
     "sample": ("pyroflows.commands.sample", "sample an energy target with batched MCMC"),
     "bench": ("pyroflows.commands.bench", "benchmark flows against Pyro, zuko, nflows, normflows"),
+    "compress": ("pyroflows.commands.compress", "bits-back compression of digits with a VAE"),
 }
 
 
