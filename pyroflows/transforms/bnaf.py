@@ -153,14 +153,18 @@ class BlockNeuralAutoregressive(FlowTransform):
 
     # -- the network, in the layer's own (natural) ordering ------------------------------------
     def _network(
-        self, u: torch.Tensor, context: torch.Tensor | None
+        self,
+        u: torch.Tensor,
+        context: torch.Tensor | None,
+        weights: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``y = gate * u + (1 - gate) * N(u)`` and ``log dy_i/du_i``, both ``(n, D)``."""
+        """``y = gate * u + (1 - gate) * N(u)`` and ``log dy_i/du_i``, both ``(n, D)``;
+        ``weights``: every layer's ``weights()``, when the caller evaluates many times."""
         n, dim = u.shape
         h, log_j = u, None
         last = len(self.linears) - 1
-        for i, linear in enumerate(self.linears):
-            weight, log_diag = linear.weights()
+        weights = weights or [linear.weights() for linear in self.linears]
+        for i, (linear, (weight, log_diag)) in enumerate(zip(self.linears, weights, strict=True)):
             h = F.linear(h, weight, linear.bias)
             if i == 0:
                 if self.context_layer is not None:
@@ -190,16 +194,18 @@ class BlockNeuralAutoregressive(FlowTransform):
             reach = (1 - gate) * self._bound() / gate
             margin = 1e-3 * (1 + target.abs())
             lo, hi = target / gate - reach - margin, target / gate + reach + margin
+        weights = [linear.weights() for linear in self.linears]  # once for all evaluations
         solved: list[torch.Tensor] = []
         for k in range(dim):
             rest = target.new_zeros(n, dim - k - 1)
 
             def fn(a, k=k, rest=rest):
-                return self._network(torch.cat([*solved, a[:, None], rest], -1), context)[0][:, k]
+                u = torch.cat([*solved, a[:, None], rest], -1)
+                return self._network(u, context, weights)[0][:, k]
 
             def dfn(a, k=k, rest=rest):
                 u = torch.cat([*solved, a[:, None], rest], -1)
-                return torch.exp(self._network(u, context)[1][:, k])
+                return torch.exp(self._network(u, context, weights)[1][:, k])
 
             solved.append(
                 solve_increasing(fn, dfn, target[:, k], lo[:, k], hi[:, k], self.bisection_steps)[
@@ -221,7 +227,7 @@ class BlockNeuralAutoregressive(FlowTransform):
             out, log_dy = self._network(u, ctx)
         else:
             out = self._solve(u, ctx)
-            log_dy = self._network(out, ctx)[1]
+            log_dy = self._network(out, ctx)[1]  # the log-det at the solution, with gradients
         out = out[:, self.unorder].reshape(inputs.shape)
         return out, log_dy.sum(-1).reshape(batch)
 
