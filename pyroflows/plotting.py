@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from matplotlib.figure import Figure
 
+from pyroflows._optional import require
 from pyroflows.flow import Flow
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def density_grid(
@@ -94,6 +98,7 @@ def density_fit_figure(
     Returns:
         the figure.
     """
+    Figure = require("matplotlib.figure").Figure  # noqa: N806 - the plot extra, on first use
     image = flow.event_dim == 3
     with torch.no_grad():
         samples = flow.sample((64 if image else num_samples,)).cpu()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from pyroflows._optional import require
+
 NUM_LEVELS = 17  # pixel values 0..16
 
 
@@ -21,7 +23,7 @@ def digits(*, binarize: bool = False, test_fraction: float = 0.2, seed: int = 0)
         >>> train.shape[1:], int(train.max())
         (torch.Size([1, 8, 8]), 16)
     """
-    from sklearn.datasets import load_digits
+    load_digits = require("sklearn.datasets").load_digits
 
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")

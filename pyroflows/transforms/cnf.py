@@ -54,13 +54,15 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torchdiffeq import odeint, odeint_adjoint
 
+from pyroflows._optional import require
 from pyroflows.nn.dense import DenseConditioner
 from pyroflows.registry import flow_family
 from pyroflows.transforms.base import FlowTransform, expand_context
 from pyroflows.transforms.numerics import exact_or_estimator, jacobian, rademacher_like
 from pyroflows.validation import check_choice, check_int, check_positive
+
+_torchdiffeq = require("torchdiffeq")  # the cnf extra: a clear error when it is missing
 
 TRACE_MODES = ("auto", "exact", "hutchinson")
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")
@@ -147,7 +149,7 @@ class ContinuousFlow(FlowTransform):
             if context is not None and context.requires_grad:
                 params.append(context)
             kwargs["adjoint_params"] = tuple(params)
-        solve = odeint_adjoint if self.adjoint else odeint
+        solve = _torchdiffeq.odeint_adjoint if self.adjoint else _torchdiffeq.odeint
         # torchdiffeq makes some tensors without a device: pin them to the inputs' device
         with torch.device(start.device):
             try:
