@@ -63,7 +63,10 @@ class Flow(nn.Module):
             if not isinstance(t, FlowTransform):
                 raise TypeError(f"transforms must be FlowTransform layers, got {type(t).__name__}")
             if tuple(t.event_shape) != tuple(self.event_shape):
-                raise ValueError(f"layer {type(t).__name__} has event shape {t.event_shape}, expected {tuple(self.event_shape)}")
+                raise ValueError(
+                    f"layer {type(t).__name__} has event shape {t.event_shape}, "
+                    f"expected {tuple(self.event_shape)}"
+                )
         compose = ConditionalComposeTransformModule if context_dim else ComposeTransformModule
         #: the ``z -> x`` transform (Pyro's compose module, conditional when ``context_dim``)
         self.transform = compose(list(transforms))
@@ -83,7 +86,9 @@ class Flow(nn.Module):
     def base_dist(self, batch_shape: Sequence[int] = ()) -> dist.Distribution:
         """The standard-Normal base with batch shape ``batch_shape``."""
         # validate_args=False: inputs are checked once by the flow; z is produced internally
-        base = dist.Normal(self.base_loc, self.base_scale, validate_args=False).to_event(self.event_dim)
+        base = dist.Normal(self.base_loc, self.base_scale, validate_args=False).to_event(
+            self.event_dim
+        )
         return base.expand(torch.Size(batch_shape)) if len(batch_shape) else base
 
     # -- validation ----------------------------------------------------------------------
@@ -96,7 +101,9 @@ class Flow(nn.Module):
         if value.dtype != ref.dtype:
             raise TypeError(f"{name} must have the flow's dtype {ref.dtype}, got {value.dtype}")
         if value.device != ref.device:
-            raise ValueError(f"{name} must be on the flow's device {ref.device}, got {value.device}")
+            raise ValueError(
+                f"{name} must be on the flow's device {ref.device}, got {value.device}"
+            )
         if is_validation_enabled():  # one host sync per call, never per layer
             check_finite(value, name)
 
@@ -107,12 +114,16 @@ class Flow(nn.Module):
         """Validate ``context`` and return its batch shape."""
         if self.context_dim is None:
             if context is not None:
-                raise ValueError("context must be None for an unconditional flow "
-                                 "(build the flow with context_dim)")
+                raise ValueError(
+                    "context must be None for an unconditional flow "
+                    "(build the flow with context_dim)"
+                )
             return torch.Size()
         if context is None:
-            raise ValueError(f"context must be a tensor of shape (*batch, {self.context_dim}) "
-                             "for this conditional flow, got None")
+            raise ValueError(
+                f"context must be a tensor of shape (*batch, {self.context_dim}) "
+                "for this conditional flow, got None"
+            )
         self._check_like_flow(context, "context", (self.context_dim,))
         return context.shape[:-1]
 
@@ -138,7 +149,15 @@ class Flow(nn.Module):
         return z, total
 
     def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """``log p(x | context)``, of shape ``x.shape[:-event_dim]`` (broadcast with the context)."""
+        """``log p(x | context)``, of shape ``x.shape[:-event_dim]`` (broadcast with the context).
+
+        Args:
+            x: points of shape ``(*batch, *event_shape)``, the flow's dtype and device.
+            context: context of shape ``(*batch, context_dim)`` for a conditional flow.
+
+        Returns:
+            The log-density, of shape ``batch`` (broadcast with the context's batch).
+        """
         self._check_x(x)
         ctx_batch = self._check_context(context)
         batch = x.shape[: x.dim() - self.event_dim]
@@ -160,13 +179,17 @@ class Flow(nn.Module):
         x, ladj = self.forward_and_log_det(z, context)
         return x, base.log_prob(z) - ladj
 
-    def rsample(self, sample_shape: SampleShape = (), context: torch.Tensor | None = None) -> torch.Tensor:
+    def rsample(
+        self, sample_shape: SampleShape = (), context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """A reparameterised sample of shape ``sample_shape + context batch + event_shape``."""
         shape = _sample_shape(sample_shape) + self._check_context(context)
         return self.forward_and_log_det(self.base_dist().rsample(shape), context)[0]
 
     @torch.no_grad()
-    def sample(self, sample_shape: SampleShape = (), context: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(
+        self, sample_shape: SampleShape = (), context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """A sample (no gradient) of shape ``sample_shape + context batch + event_shape``."""
         return self.rsample(sample_shape, context)
 
@@ -188,7 +211,9 @@ class Flow(nn.Module):
         return ConditionalTransformedDistribution(self.base_dist(), [self.transform])
 
     # -- checkpoints -----------------------------------------------------------------------
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ):
         """Like ``nn.Module.load_state_dict``, but a mismatched ``state_dict`` (missing or
         unexpected keys, wrong shapes) raises ``ValueError`` *before* anything is copied, so a
         failed load never leaves the flow half-loaded."""
@@ -196,21 +221,37 @@ class Flow(nn.Module):
             raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
         own = self.state_dict()
         if strict:
-            missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
+            missing, unexpected = (
+                sorted(set(own) - set(state_dict)),
+                sorted(set(state_dict) - set(own)),
+            )
             if missing or unexpected:
-                raise ValueError(f"state_dict does not match this flow: missing {missing[:5]}, unexpected {unexpected[:5]}")
+                raise ValueError(
+                    f"state_dict does not match this flow: missing {missing[:5]}, "
+                    f"unexpected {unexpected[:5]}"
+                )
         for key, value in state_dict.items():
-            if key in own and (not isinstance(value, torch.Tensor) or value.shape != own[key].shape):
-                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ValueError(f"state_dict[{key!r}] has shape {got}, expected {tuple(own[key].shape)}")
+            if key in own and (
+                not isinstance(value, torch.Tensor) or value.shape != own[key].shape
+            ):
+                got = (
+                    tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                )
+                raise ValueError(
+                    f"state_dict[{key!r}] has shape {got}, expected {tuple(own[key].shape)}"
+                )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def save(self, path: str | Path) -> None:
         """Save the flow (its build options and every parameter and buffer, data-dependent
         initialisation included) so that ``Flow.load`` restores it exactly."""
         if "name" not in self.config:
-            raise ValueError("only flows made by build_flow can be saved with save(); use state_dict()")
-        torch.save({"format": FLOW_FORMAT, "config": self.config, "state_dict": self.state_dict()}, path)
+            raise ValueError(
+                "only flows made by build_flow can be saved with save(); use state_dict()"
+            )
+        torch.save(
+            {"format": FLOW_FORMAT, "config": self.config, "state_dict": self.state_dict()}, path
+        )
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device | None = None) -> Flow:
@@ -223,7 +264,9 @@ class Flow(nn.Module):
         except FileNotFoundError:
             raise
         except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise ValueError(f"{path} is not a readable pyroflows checkpoint: {' '.join(str(err).split())[:200]}") from None
+            raise ValueError(
+                f"{path} is not a readable pyroflows checkpoint: {' '.join(str(err).split())[:200]}"
+            ) from None
         if not isinstance(saved, dict) or saved.get("format") != FLOW_FORMAT:
             raise ValueError(f"{path} is not a pyroflows flow checkpoint")
         config = dict(saved["config"])

@@ -133,8 +133,9 @@ def density_fit_figure(
         aspect = (limits[3] - limits[2]) / (limits[1] - limits[0])
         width = 3.6
         height = min(max(width * aspect, 1.6), 2 * width)
-        fig = Figure(figsize=(width * panels + (0.8 if density else 0), height + 0.9),
-                     layout="constrained")
+        fig = Figure(
+            figsize=(width * panels + (0.8 if density else 0), height + 0.9), layout="constrained"
+        )
         axes = fig.subplots(1, panels)
         suffix = "" if density else " (first two coordinates)"
         for ax, pts, name in [(axes[0], data, "held-out data"), (axes[1], samples, "flow samples")]:
@@ -142,8 +143,7 @@ def density_fit_figure(
             ax.set_title(name + suffix, fontsize=10)
         if density:
             xs, ys, dens = density_grid(flow.log_prob, limits, like=flow.base_loc)
-            mesh = axes[2].pcolormesh(xs, ys, dens, shading="auto", cmap="viridis",
-                                      rasterized=True)
+            mesh = axes[2].pcolormesh(xs, ys, dens, shading="auto", cmap="viridis", rasterized=True)
             fig.colorbar(mesh, ax=axes[2], label="density", shrink=0.9)
             axes[2].set_title("learned density", fontsize=10)
         for ax in axes:

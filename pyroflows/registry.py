@@ -122,7 +122,8 @@ def normalize_hidden(hidden_dims: int | Sequence[int]) -> tuple[int, ...]:
     dims = (hidden_dims,) if isinstance(hidden_dims, int) else hidden_dims
     if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or not dims:
         raise ValueError(
-            f"hidden_dims must be a positive int or a non-empty sequence of them, got {hidden_dims!r}"
+            "hidden_dims must be a positive int or a non-empty sequence of them, "
+            f"got {hidden_dims!r}"
         )
     return tuple(check_int(h, "hidden_dims") for h in dims)
 
@@ -172,16 +173,28 @@ def build_flow(
     if len(shape) == 1 and shape[0] < spec.min_dim:
         raise ValueError(f"flow {name!r} needs shape >= {spec.min_dim}, got {shape[0]}")
     num_layers = check_int(spec.default_layers if num_layers is None else num_layers, "num_layers")
-    if hidden_dims is None:  # the family default, widened so networks over D inputs stay wide enough
-        hidden_dims = tuple(max(h, 2 * shape[0]) for h in spec.default_hidden) if len(shape) == 1 else spec.default_hidden
+    if (
+        hidden_dims is None
+    ):  # the family default, widened so networks over D inputs stay wide enough
+        hidden_dims = (
+            tuple(max(h, 2 * shape[0]) for h in spec.default_hidden)
+            if len(shape) == 1
+            else spec.default_hidden
+        )
     hidden = normalize_hidden(hidden_dims)
     if context_dim is not None:
         check_int(context_dim, "context_dim")
         if not spec.conditional:
             raise ValueError(f"flow {name!r} has no conditional form: context_dim must be None")
-    layers = builder(shape, num_layers=num_layers, hidden_dims=hidden, context_dim=context_dim, **family_options)
+    layers = builder(
+        shape, num_layers=num_layers, hidden_dims=hidden, context_dim=context_dim, **family_options
+    )
     config = dict(
-        name=name, shape=shape, num_layers=num_layers, hidden_dims=hidden,
-        context_dim=context_dim, **family_options,
+        name=name,
+        shape=shape,
+        num_layers=num_layers,
+        hidden_dims=hidden,
+        context_dim=context_dim,
+        **family_options,
     )
     return Flow(shape, layers, context_dim=context_dim, config=config)

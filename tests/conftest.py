@@ -52,7 +52,11 @@ def small_flow(name, shape, context_dim=None, perturb=0.1, **options):
     spec = pyroflows.registry.family_spec(name)
     hidden = (8,) if isinstance(shape, int) else (4,)
     flow = pyroflows.build_flow(
-        name, shape, num_layers=2, hidden_dims=hidden, context_dim=context_dim,
+        name,
+        shape,
+        num_layers=2,
+        hidden_dims=hidden,
+        context_dim=context_dim,
         **{**spec.test_options, **options},
     )
     event = (shape,) if isinstance(shape, int) else tuple(shape)

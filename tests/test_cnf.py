@@ -35,12 +35,18 @@ def test_hutchinson_log_det_is_unbiased():
     with torch.no_grad():
         draws = hutch.inverse_and_log_det(x.expand(4000, 3))[1]  # one probe per row
     assert draws.std() > 0  # it is an estimate...
-    assert (draws.mean() - reference).abs() < 5 * draws.std() / len(draws) ** 0.5  # ...an unbiased one
+    assert (draws.mean() - reference).abs() < 5 * draws.std() / len(
+        draws
+    ) ** 0.5  # ...an unbiased one
     # and the sample path is the same ODE: only the log-det is estimated
-    assert torch.allclose(hutch.inverse_and_log_det(x)[0], exact.inverse_and_log_det(x)[0], atol=1e-6)
+    assert torch.allclose(
+        hutch.inverse_and_log_det(x)[0], exact.inverse_and_log_det(x)[0], atol=1e-6
+    )
 
 
-@pytest.mark.parametrize("dtype,tol,bound", [(torch.float64, 1e-8, 1e-6), (torch.float32, 1e-5, 1e-3)])
+@pytest.mark.parametrize(
+    "dtype,tol,bound", [(torch.float64, 1e-8, 1e-6), (torch.float32, 1e-5, 1e-3)]
+)
 def test_round_trip_within_documented_tolerance(dtype, tol, bound):
     layer = _layer(2, dtype=dtype, rtol=tol, atol=tol)
     z = torch.randn(64, 2, dtype=dtype)
@@ -87,7 +93,9 @@ def test_new_flow_is_the_identity():
     flow = pyroflows.build_flow("cnf", 2)
     x = torch.randn(5, 2)
     assert torch.allclose(flow.inverse_and_log_det(x)[0], x)
-    assert torch.allclose(flow.log_prob(x), torch.distributions.Normal(0.0, 1.0).log_prob(x).sum(-1))
+    assert torch.allclose(
+        flow.log_prob(x), torch.distributions.Normal(0.0, 1.0).log_prob(x).sum(-1)
+    )
 
 
 def test_trace_auto_and_step_cap():

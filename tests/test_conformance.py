@@ -56,7 +56,9 @@ def test_log_det_matches_autograd_jacobian(name, shape):
     # Pyro's log_abs_det_jacobian on fresh tensors (no cache) agrees, layer by layer
     for layer in flow.layers:
         out = layer.forward_and_log_det(z)[0]
-        assert torch.allclose(layer.log_abs_det_jacobian(z.clone(), out.clone()), layer.forward_and_log_det(z)[1])
+        assert torch.allclose(
+            layer.log_abs_det_jacobian(z.clone(), out.clone()), layer.forward_and_log_det(z)[1]
+        )
         z = out
     # and log_prob is the change of variables
     base = dist.Normal(0.0, 1.0).log_prob(flow.inverse_and_log_det(x)[0]).sum()

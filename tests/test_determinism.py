@@ -20,7 +20,13 @@ def test_flow_sample_is_deterministic_under_a_seed():
 def test_mcmc_driver_is_deterministic_under_a_seed():
     energy = get_energy("banana").energy
     for make in [lambda: HMC(energy, step_size=0.2, num_steps=5), lambda: MH(energy)]:
-        runs = [sample(make(), torch.zeros(8, 2), 30, warmup_steps=20, progress=False, seed=3) for _ in range(2)]
+        runs = [
+            sample(make(), torch.zeros(8, 2), 30, warmup_steps=20, progress=False, seed=3)
+            for _ in range(2)
+        ]
         a, b = (r.posterior["x"].values for r in runs)
         assert np.array_equal(a, b)
-        assert np.array_equal(runs[0].sample_stats["acceptance_rate"].values, runs[1].sample_stats["acceptance_rate"].values)
+        assert np.array_equal(
+            runs[0].sample_stats["acceptance_rate"].values,
+            runs[1].sample_stats["acceptance_rate"].values,
+        )

@@ -19,15 +19,18 @@ def test_unknown_flow_lists_available():
         build_flow("no-such-flow", 2)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(num_layers=0), "num_layers"),
-    (dict(num_layers=-2), "num_layers"),
-    (dict(num_layers=1.5), "num_layers"),
-    (dict(hidden_dims=0), "hidden_dims"),
-    (dict(hidden_dims=(16, -1)), "hidden_dims"),
-    (dict(hidden_dims=()), "hidden_dims"),
-    (dict(context_dim=0), "context_dim"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_layers=0), "num_layers"),
+        (dict(num_layers=-2), "num_layers"),
+        (dict(num_layers=1.5), "num_layers"),
+        (dict(hidden_dims=0), "hidden_dims"),
+        (dict(hidden_dims=(16, -1)), "hidden_dims"),
+        (dict(hidden_dims=()), "hidden_dims"),
+        (dict(context_dim=0), "context_dim"),
+    ],
+)
 def test_invalid_hyper_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         build_flow("realnvp", 2, **kwargs)

@@ -32,7 +32,9 @@ def _marginal(dtype=torch.float64, **kwargs):
 
 def test_ndtri_exp_matches_ndtri_and_inverts_log_ndtr_deep_in_the_tail():
     log_p = torch.linspace(-50, math.log(0.5), 200, dtype=torch.float64)
-    assert torch.allclose(ndtri_exp(log_p), torch.special.ndtri(log_p.exp()), rtol=1e-10, atol=1e-10)
+    assert torch.allclose(
+        ndtri_exp(log_p), torch.special.ndtri(log_p.exp()), rtol=1e-10, atol=1e-10
+    )
     deep = -torch.logspace(2, 6, 50, dtype=torch.float64)  # p = e^-100 .. e^-1e6: exp underflows
     z = ndtri_exp(deep)
     assert torch.isfinite(z).all()
@@ -96,7 +98,9 @@ def test_gradients_of_samples_are_exact_implicit_gradients():
                 param[i, j] -= 2 * eps
                 down = (layer.forward_and_log_det(z)[0] * weights).sum()
                 param[i, j] += eps
-            assert torch.isclose(param.grad[i, j], (up - down) / (2 * eps), atol=1e-6, rtol=1e-5), name
+            assert torch.isclose(param.grad[i, j], (up - down) / (2 * eps), atol=1e-6, rtol=1e-5), (
+                name
+            )
 
 
 @pytest.mark.parametrize("num_reflections", [1, 3, 5])
@@ -123,7 +127,12 @@ def test_data_dependent_init_uses_the_first_batch_and_lives_in_the_state_dict():
     assert torch.allclose(layer.loc.detach(), torch.quantile(data, levels, dim=0).T)
     # a one-layer flow initialised this way is already close to the Gaussian it was fitted to
     nll = -flow.log_prob(data).mean()
-    exact = -torch.distributions.Normal(torch.tensor([1.0, -2.0]), torch.tensor([3.0, 0.5])).log_prob(data).sum(-1).mean()
+    exact = (
+        -torch.distributions.Normal(torch.tensor([1.0, -2.0]), torch.tensor([3.0, 0.5]))
+        .log_prob(data)
+        .sum(-1)
+        .mean()
+    )
     assert nll < exact + 0.05
     # a second batch does not re-initialise, nor does loading into a fresh copy
     before = layer.loc.detach().clone()
@@ -148,7 +157,9 @@ def test_data_init_can_be_switched_off():
 def test_layer_structure_and_helper():
     flow = pyroflows.build_flow("gaussianization", 3, num_layers=3, num_reflections=2)
     kinds = [type(layer).__name__ for layer in flow.layers]
-    assert kinds == ["MarginalGaussianization", "HouseholderRotation"] * 2 + ["MarginalGaussianization"]
+    assert kinds == ["MarginalGaussianization", "HouseholderRotation"] * 2 + [
+        "MarginalGaussianization"
+    ]
     assert [type(t).__name__ for t in gaussianization(1)] == ["MarginalGaussianization"]
     assert len(pyroflows.build_flow("gaussianization", 1, num_layers=3).layers) == 3
 
@@ -163,7 +174,9 @@ def test_device_trap_covers_init_and_sampling():
     assert all(torch.isfinite(p.grad).all() for p in flow.parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize("option,value", [("num_components", 0), ("num_components", 2.5), ("num_reflections", 0)])
+@pytest.mark.parametrize(
+    "option,value", [("num_components", 0), ("num_components", 2.5), ("num_reflections", 0)]
+)
 def test_bad_options_name_the_option(option, value):
     with pytest.raises(ValueError, match=option):
         pyroflows.build_flow("gaussianization", 3, **{option: value})

@@ -78,9 +78,20 @@ def test_realnvp_image_is_multiscale():
     couplings = _modules(flow, Coupling)
     # 3 checkerboard + 3 channel per scale, 4 checkerboard at the last (the paper's counts)
     assert len(couplings) == 6 + 6 + 4 == len(_modules(flow, ActNorm))
-    assert len(_modules(pyroflows.build_flow("realnvp", (1, 8, 8), hidden_dims=(4,), actnorm=False), ActNorm)) == 0
+    assert (
+        len(
+            _modules(
+                pyroflows.build_flow("realnvp", (1, 8, 8), hidden_dims=(4,), actnorm=False), ActNorm
+            )
+        )
+        == 0
+    )
     shapes = [c.event_shape for c in couplings]
-    assert shapes.count((4, 2, 2)) == 4 and shapes.count((1, 8, 8)) == 3 and shapes.count((4, 4, 4)) == 3
+    assert (
+        shapes.count((4, 2, 2)) == 4
+        and shapes.count((1, 8, 8)) == 3
+        and shapes.count((4, 4, 4)) == 3
+    )
 
 
 def test_realnvp_multiscale_round_trip_and_log_det_on_digits_shape():
@@ -97,7 +108,14 @@ def test_realnvp_multiscale_round_trip_and_log_det_on_digits_shape():
 
 
 def test_realnvp_scales_option_and_errors():
-    assert len(_modules(pyroflows.build_flow("realnvp", (1, 8, 8), num_scales=1, hidden_dims=(4,)), Squeeze)) == 0
+    assert (
+        len(
+            _modules(
+                pyroflows.build_flow("realnvp", (1, 8, 8), num_scales=1, hidden_dims=(4,)), Squeeze
+            )
+        )
+        == 0
+    )
     with pytest.raises(ValueError, match=r"num_scales.*\(1, 6, 6\)"):
         pyroflows.build_flow("realnvp", (1, 6, 6), num_scales=3)
     # odd sizes: a single scale, no squeeze
@@ -113,13 +131,18 @@ def test_invertible_conv_is_lu_with_cheap_log_det():
         layer.log_abs_s.add_(0.3 * torch.randn_like(layer.log_abs_s))
     w = layer.weight()
     assert torch.equal(layer.perm @ layer.perm.T, torch.eye(4, dtype=torch.float64))
-    assert torch.allclose(torch.linalg.slogdet(w)[1] * 15, layer.forward_and_log_det(torch.randn(2, 4, 3, 5, dtype=torch.float64))[1])
+    assert torch.allclose(
+        torch.linalg.slogdet(w)[1] * 15,
+        layer.forward_and_log_det(torch.randn(2, 4, 3, 5, dtype=torch.float64))[1],
+    )
     z = torch.randn(2, 4, 3, 5, dtype=torch.float64)
     x, _ = layer.forward_and_log_det(z)
     assert torch.allclose(x, torch.nn.functional.conv2d(z, w[:, :, None, None]))
     assert torch.allclose(layer.inverse_and_log_det(x)[0], z, atol=1e-12)
     # the sign of s is a buffer: training moves log|s| only, so det W never crosses zero
-    assert "sign_s" in dict(layer.named_buffers()) and "sign_s" not in dict(layer.named_parameters())
+    assert "sign_s" in dict(layer.named_buffers()) and "sign_s" not in dict(
+        layer.named_parameters()
+    )
 
 
 def test_actnorm_data_dependent_init_is_state():
@@ -153,7 +176,9 @@ def test_glow_structure_and_learned_prior():
     assert [s.event_shape for s in _modules(flow, Squeeze)] == [(1, 8, 8), (2, 4, 4), (4, 2, 2)]
     assert len(_modules(flow, InvertibleConv1x1)) == 9 and len(_modules(flow, ActNorm)) == 9
     assert len(_modules(flow, Coupling)) == 9 + 2  # one per step, plus a prior per factor-out
-    no_prior = pyroflows.build_flow("glow", (1, 8, 8), num_layers=3, hidden_dims=(4,), learned_prior=False)
+    no_prior = pyroflows.build_flow(
+        "glow", (1, 8, 8), num_layers=3, hidden_dims=(4,), learned_prior=False
+    )
     assert len(_modules(no_prior, Coupling)) == 9
     # zero-initialised couplings: before any data, the couplings are the identity
     for c in _modules(flow, Coupling):
@@ -164,7 +189,9 @@ def test_glow_structure_and_learned_prior():
 def test_glow_bad_shapes():
     with pytest.raises(ValueError, match=r"images: shape must be \(C, H, W\)"):
         pyroflows.build_flow("glow", 16)
-    with pytest.raises(ValueError, match=r"num_levels for shape \(1, 6, 6\) must be an int in \[1, 1\]"):
+    with pytest.raises(
+        ValueError, match=r"num_levels for shape \(1, 6, 6\) must be an int in \[1, 1\]"
+    ):
         pyroflows.build_flow("glow", (1, 6, 6), num_levels=2)
     with pytest.raises(ValueError, match=r"H and W must be even, got shape \(1, 5, 6\)"):
         pyroflows.build_flow("glow", (1, 5, 6))
@@ -256,7 +283,9 @@ def test_image_flow_learns_digits_and_runs_under_device_trap(name):
     from pyroflows.infer import DequantizedFlow, bits_per_dim, fit
 
     train, test = digits()
-    model = DequantizedFlow(pyroflows.build_flow(name, (1, 8, 8), num_layers=1, hidden_dims=(8,)), NUM_LEVELS)
+    model = DequantizedFlow(
+        pyroflows.build_flow(name, (1, 8, 8), num_layers=1, hidden_dims=(8,)), NUM_LEVELS
+    )
     torch.manual_seed(1)
     start = bits_per_dim(model, test[:100], NUM_LEVELS).mean()
     fit(model, train, num_steps=40, batch_size=32, lr=3e-3, validation=0, progress=False, seed=0)
@@ -272,11 +301,36 @@ def test_image_flow_learns_digits_and_runs_under_device_trap(name):
 def test_cli_fit_digits_glow(capsys, tmp_path):
     from pyroflows.cli import main
 
-    code = main(["fit", "--data", "digits", "--flow", "glow", "--steps", "3", "--num-layers", "1",
-                 "--hidden", "4", "--batch-size", "16", "--quiet", "--json", "--out", str(tmp_path)])
+    code = main(
+        [
+            "fit",
+            "--data",
+            "digits",
+            "--flow",
+            "glow",
+            "--steps",
+            "3",
+            "--num-layers",
+            "1",
+            "--hidden",
+            "4",
+            "--batch-size",
+            "16",
+            "--quiet",
+            "--json",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["flow"] == "glow" and metrics["test_bits_per_dim"] > 0
     # bits/dim and NLL describe the same bound: nats per image / (64 ln 2)
-    assert abs(metrics["test_nll"] / (64 * torch.log(torch.tensor(2.0)).item()) - metrics["test_bits_per_dim"]) < 0.05
+    assert (
+        abs(
+            metrics["test_nll"] / (64 * torch.log(torch.tensor(2.0)).item())
+            - metrics["test_bits_per_dim"]
+        )
+        < 0.05
+    )
     assert (tmp_path / "fit-glow-digits.png").is_file()

@@ -28,8 +28,13 @@ def test_import_pyroflows_loads_no_family_and_no_optional_dependency(loaded):
     modules = loaded[0]
     assert not {m for m in modules if m.split(".")[0] in HEAVY}
     ours = {m for m in modules if m.startswith("pyroflows.")}
-    core = {"pyroflows.flow", "pyroflows.registry", "pyroflows.validation", "pyroflows.transforms",
-            "pyroflows.transforms.base"}
+    core = {
+        "pyroflows.flow",
+        "pyroflows.registry",
+        "pyroflows.validation",
+        "pyroflows.transforms",
+        "pyroflows.transforms.base",
+    }
     assert ours <= core, sorted(ours - core)
 
 

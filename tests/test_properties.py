@@ -10,7 +10,9 @@ import pyroflows
 from pyroflows.registry import family_spec
 
 FAMILIES = pyroflows.available_flows()
-SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+SETTINGS = settings(
+    max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True
+)
 
 
 def _vector_families():
@@ -30,7 +32,9 @@ def flow_cases(draw, name):
 
 def _build(name, dim, layers, dtype, seed):
     torch.manual_seed(seed)
-    flow = pyroflows.build_flow(name, dim, num_layers=layers, hidden_dims=(8,), **family_spec(name).test_options)
+    flow = pyroflows.build_flow(
+        name, dim, num_layers=layers, hidden_dims=(8,), **family_spec(name).test_options
+    )
     flow = flow.to(dtype)
     with torch.no_grad():
         flow.log_prob(torch.randn(16, dim, dtype=dtype))  # data-dependent init, if any
@@ -59,7 +63,9 @@ def test_invertible_and_consistent(name):
         assert lp.shape == batch and torch.isfinite(lp).all()
         # finite gradients through both directions
         loss = lp.sum() + flow.rsample_and_log_prob((2,))[1].sum()
-        grads = torch.autograd.grad(loss, [p for p in flow.parameters() if p.requires_grad], allow_unused=True)
+        grads = torch.autograd.grad(
+            loss, [p for p in flow.parameters() if p.requires_grad], allow_unused=True
+        )
         assert all(g is None or torch.isfinite(g).all() for g in grads)
 
     check()

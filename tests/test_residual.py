@@ -37,7 +37,10 @@ def test_residual_branch_is_contractive(lipschitz):
     for layer in block.g.linears:
         scaled = layer.weight / torch.clamp(layer.u @ layer.weight @ layer.v / layer.coeff, min=1.0)
         assert torch.linalg.matrix_norm(scaled, ord=2) <= layer.coeff * (1 + 1e-6)
-    norms = [torch.linalg.matrix_norm(_jacobian_g(block, x), ord=2) for x in torch.randn(20, 4, dtype=torch.float64) * 3]
+    norms = [
+        torch.linalg.matrix_norm(_jacobian_g(block, x), ord=2)
+        for x in torch.randn(20, 4, dtype=torch.float64) * 3
+    ]
     assert max(norms) <= lipschitz * (1 + 1e-6)
 
 
@@ -60,7 +63,9 @@ def test_exact_log_det_matches_slogdet_and_estimators_are_unbiased():
     x = torch.randn(3, dtype=torch.float64).expand(40000, 3)
     exact = block.inverse_and_log_det(x[:1])[1]
     jac = _jacobian_g(block, x[0])
-    assert torch.allclose(-exact, torch.linalg.slogdet(torch.eye(3, dtype=torch.float64) + jac)[1], atol=1e-12)
+    assert torch.allclose(
+        -exact, torch.linalg.slogdet(torch.eye(3, dtype=torch.float64) + jac)[1], atol=1e-12
+    )
     for mode in ("series", "roulette"):
         block.log_det = mode
         with torch.no_grad():
@@ -68,7 +73,9 @@ def test_exact_log_det_matches_slogdet_and_estimators_are_unbiased():
         # each row has its own Hutchinson probe (and, for the roulette, the batch one draw):
         # the mean over rows is within Monte-Carlo error of the exact value
         err = (est.mean() - exact).abs().item()
-        assert err < 5 * est.std().item() / len(est) ** 0.5 + (2e-3 if mode == "series" else 0.0), mode
+        assert err < 5 * est.std().item() / len(est) ** 0.5 + (2e-3 if mode == "series" else 0.0), (
+            mode
+        )
 
 
 def test_roulette_is_unbiased_over_its_random_truncation():

@@ -13,7 +13,9 @@ from pyroflows.datasets.toy import toy, toy_names
 __all__ = ["NUM_LEVELS", "digits", "load", "toy", "toy_names"]
 
 
-def load(source: str, num_samples: int = 10_000, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def load(
+    source: str, num_samples: int = 10_000, *, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(train, test)`` data from a built-in name or a ``.npy`` / ``.csv`` file.
 
     Toy names generate ``num_samples`` training points and ``num_samples // 4`` test points (a
@@ -21,12 +23,17 @@ def load(source: str, num_samples: int = 10_000, *, seed: int = 0) -> tuple[torc
     hold a 2-D numeric array ``(n, D)`` (CSV: comma separated, an optional header line).
     """
     if source in toy_names():
-        return toy(source, num_samples, seed=seed), toy(source, max(num_samples // 4, 1), seed=seed + 10_000)
+        return toy(source, num_samples, seed=seed), toy(
+            source, max(num_samples // 4, 1), seed=seed + 10_000
+        )
     if source == "digits":
         return digits()
     path = Path(source)
     if path.suffix not in (".npy", ".csv"):
-        raise ValueError(f"data must be one of {', '.join(toy_names())}, digits, or a .npy/.csv file; got {source!r}")
+        raise ValueError(
+            f"data must be one of {', '.join(toy_names())}, digits, or a .npy/.csv file; "
+            f"got {source!r}"
+        )
     if not path.is_file():
         raise ValueError(f"data file not found: {source}")
     try:
@@ -41,7 +48,9 @@ def load(source: str, num_samples: int = 10_000, *, seed: int = 0) -> tuple[torc
     if array.ndim == 1:
         array = array[:, None]
     if array.ndim != 2 or len(array) < 2:
-        raise ValueError(f"{source} must hold a 2-D array (n, D) with n >= 2, got shape {array.shape}")
+        raise ValueError(
+            f"{source} must hold a 2-D array (n, D) with n >= 2, got shape {array.shape}"
+        )
     data = torch.as_tensor(np.asarray(array, dtype=np.float32))
     if not torch.isfinite(data).all():
         raise ValueError(f"{source} contains missing, NaN or inf values")

@@ -57,7 +57,9 @@ class ConvConditioner(nn.Module):
         self.stem = nn.Conv2d(in_channels + (context_dim or 0), width, 3, padding=1)
         self.blocks = nn.Sequential(*[ResidualBlock(width) for _ in hidden_dims])
         self.head = nn.Sequential(
-            nn.GroupNorm(1, width), nn.ReLU(), nn.Conv2d(width, out_channels * num_params, 3, padding=1)
+            nn.GroupNorm(1, width),
+            nn.ReLU(),
+            nn.Conv2d(width, out_channels * num_params, 3, padding=1),
         )
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)

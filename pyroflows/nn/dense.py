@@ -102,4 +102,6 @@ class ParamNet(nn.Module):
             return dict(self.params)
         flat = self.net(context).split(self._sizes, dim=-1)
         batch = tuple(context.shape[:-1])
-        return {k: f.reshape(batch + s) for (k, s), f in zip(self.shapes.items(), flat)}
+        return {
+            k: f.reshape(batch + s) for (k, s), f in zip(self.shapes.items(), flat, strict=True)
+        }

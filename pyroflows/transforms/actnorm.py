@@ -56,7 +56,9 @@ class ActNorm(FlowTransform):
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
         """Standardise ``x`` channel-wise: set ``b`` to its mean and ``exp(s)`` to its std."""
-        channels_last = x.reshape(-1, *self.event_shape).transpose(0, 1).reshape(self.event_shape[0], -1)
+        channels_last = (
+            x.reshape(-1, *self.event_shape).transpose(0, 1).reshape(self.event_shape[0], -1)
+        )
         if channels_last.shape[1] < 2:  # one value per channel has no spread to standardise
             return
         std, mean = torch.std_mean(channels_last, dim=1, correction=0)
@@ -65,7 +67,9 @@ class ActNorm(FlowTransform):
         self.initialized.fill_(True)
 
     def _log_det(self, inputs: torch.Tensor) -> torch.Tensor:
-        return (self.log_scale.sum() * self.positions).expand(batch_shape_of(inputs, self.event_shape))
+        return (self.log_scale.sum() * self.positions).expand(
+            batch_shape_of(inputs, self.event_shape)
+        )
 
     def forward_and_log_det(self, z, context=None):
         return z * torch.exp(self.log_scale) + self.shift, self._log_det(z)

@@ -264,8 +264,10 @@ class FlowTransform(TransformModule, ConditionalTransform):
         check_tensor(inputs, f"{name} input", event_shape=self.event_shape)
         if self.context_dim:
             if context is None:
-                raise ValueError(f"{name} context must be a tensor of shape "
-                                 f"(*batch, {self.context_dim}), got None")
+                raise ValueError(
+                    f"{name} context must be a tensor of shape "
+                    f"(*batch, {self.context_dim}), got None"
+                )
             check_tensor(context, f"{name} context", event_shape=(self.context_dim,))
 
     def __getstate__(self) -> dict:

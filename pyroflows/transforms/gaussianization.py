@@ -31,9 +31,8 @@ Newton step, which makes the gradients of samples exact (implicit function theor
 **Data-dependent initialisation** (``data_init=True``): on its first density evaluation each
 marginal layer places its logistic means at $K$ quantiles of the batch it receives and sets
 each scale to half the local spacing of those quantiles, so training starts from a good
-per-coordinate Gaussianization (within a few hundredths of a nat of the true marginal entropy
-for Normal, uniform and bimodal marginals at $K = 8$). Whether that has happened is the ``initialized`` buffer, part of
-``state_dict``.
+per-coordinate Gaussianization. Whether that has happened is the ``initialized`` buffer, part
+of ``state_dict``.
 
 Conditional form: a hyper-network adds context-dependent offsets to the mixture parameters and
 predicts the Householder vectors.
@@ -116,14 +115,20 @@ class MarginalGaussianization(FlowTransform):
         self.log_scale = nn.Parameter(torch.full((input_dim, k), math.log(2.0 / k)))
         self.logits = nn.Parameter(torch.zeros(input_dim, k))
         shapes = {name: (input_dim, k) for name in ("loc", "log_scale", "logits")}
-        self.offsets = ParamNet(shapes, context_dim, hidden_dims, init_std=0.01) if context_dim else None
+        self.offsets = (
+            ParamNet(shapes, context_dim, hidden_dims, init_std=0.01) if context_dim else None
+        )
         self.register_buffer("initialized", torch.tensor(not data_init))
 
     def _mixture(self, context):
         loc, log_scale, logits = self.loc, self.log_scale, self.logits
         if self.offsets is not None:
             off = self.offsets(context)
-            loc, log_scale, logits = loc + off["loc"], log_scale + off["log_scale"], logits + off["logits"]
+            loc, log_scale, logits = (
+                loc + off["loc"],
+                log_scale + off["log_scale"],
+                logits + off["logits"],
+            )
         return loc, log_scale, F.log_softmax(logits, dim=-1)
 
     @torch.no_grad()
@@ -137,7 +142,9 @@ class MarginalGaussianization(FlowTransform):
         floor = 1e-3 * flat.std(dim=0, unbiased=False)[:, None].clamp_min(1e-3)
         if k > 1:
             gaps = loc.diff(dim=-1)
-            spacing = torch.cat([gaps[:, :1], (gaps[:, 1:] + gaps[:, :-1]) / 2, gaps[:, -1:]], dim=-1)
+            spacing = torch.cat(
+                [gaps[:, :1], (gaps[:, 1:] + gaps[:, :-1]) / 2, gaps[:, -1:]], dim=-1
+            )
         else:
             spacing = 2 * flat.std(dim=0, unbiased=False)[:, None]
         if torch.isfinite(loc).all():
@@ -231,7 +238,9 @@ def gaussianization(
 ) -> list[FlowTransform]:
     """One Gaussianization block (Pyro-style helper): a rotation then, towards the data, a
     marginal Gaussianization, in the sampling direction ``z -> x``."""
-    marginal = MarginalGaussianization(input_dim, num_components, context_dim, hidden_dims, data_init)
+    marginal = MarginalGaussianization(
+        input_dim, num_components, context_dim, hidden_dims, data_init
+    )
     if input_dim == 1:  # nothing to rotate
         return [marginal]
     return [HouseholderRotation(input_dim, num_reflections, context_dim, hidden_dims), marginal]
@@ -257,7 +266,9 @@ def build_gaussianization(
         data_init: initialise the marginals from the first batch (default ``True``).
     """
     blocks = [
-        gaussianization(shape[0], num_components, num_reflections, context_dim, hidden_dims, data_init)
+        gaussianization(
+            shape[0], num_components, num_reflections, context_dim, hidden_dims, data_init
+        )
         for _ in range(num_layers)
     ]
     blocks[0] = blocks[0][-1:]  # drop the rotation next to the base

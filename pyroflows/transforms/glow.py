@@ -16,10 +16,8 @@ $$
 
 with $P$ a fixed permutation, $L$ unit lower triangular, $U$ strictly upper triangular and the
 signs of $s$ fixed at initialisation (a random rotation), so the determinant can never cross zero
-and costs $O(C)$. Pyro's ``GeneralizedChannelPermute`` learns the diagonal of $U$ directly (it can
-reach 0, where the layer stops being invertible) and multiplies through a $(C, C, H, W)$
-broadcast; ``InvertibleConv1x1`` is one ``einsum`` per direction
-(``benchmarks/invconv.py`` compares the two).
+and costs $O(C)$, and each direction is one ``einsum``. (Pyro's ``GeneralizedChannelPermute``
+learns that diagonal directly, so it can reach 0; ``benchmarks/invconv.py`` compares the two.)
 
 The factored-out half gets a learned prior: a channel-mask affine coupling conditioned on the kept
 half, so $z_2 \sim \mathcal{N}(\mu(h_1), \sigma(h_1))$ as in the paper.
@@ -80,7 +78,9 @@ class InvertibleConv1x1(FlowTransform):
         return self.perm @ lower @ upper
 
     def _log_det(self, inputs: torch.Tensor) -> torch.Tensor:
-        return (self.log_abs_s.sum() * self.positions).expand(batch_shape_of(inputs, self.event_shape))
+        return (self.log_abs_s.sum() * self.positions).expand(
+            batch_shape_of(inputs, self.event_shape)
+        )
 
     def forward_and_log_det(self, z, context=None):
         return torch.einsum("ij,...jhw->...ihw", self.weight(), z), self._log_det(z)
@@ -107,18 +107,24 @@ def glow_step(
 ) -> list[FlowTransform]:
     """One step of flow in the sampling order ``z -> x``: coupling, 1x1 conv, ActNorm (so the
     density direction ``x -> z`` meets ActNorm first)."""
-    coupling = Coupling(coupling_mask(event_shape, "channel", parity), Affine(scale_bound), hidden_dims, context_dim)
+    coupling = Coupling(
+        coupling_mask(event_shape, "channel", parity), Affine(scale_bound), hidden_dims, context_dim
+    )
     return [coupling, InvertibleConv1x1(event_shape), ActNorm(event_shape)]
 
 
-def _glow_level(shape, levels, steps, hidden_dims, context_dim, learned_prior, scale_bound) -> Squeeze:
+def _glow_level(
+    shape, levels, steps, hidden_dims, context_dim, learned_prior, scale_bound
+) -> Squeeze:
     """Squeeze, ``steps`` steps, then (if more levels follow) factor out half the channels."""
     c, h, w = shape
     inner = (4 * c, h // 2, w // 2)
     layers: list[FlowTransform] = []
     if levels > 1:
         kept = (inner[0] // 2, *inner[1:])
-        deeper = _glow_level(kept, levels - 1, steps, hidden_dims, context_dim, learned_prior, scale_bound)
+        deeper = _glow_level(
+            kept, levels - 1, steps, hidden_dims, context_dim, learned_prior, scale_bound
+        )
         layers.append(FactorOut(inner, [deeper], context_dim))
         if learned_prior:  # z_2 | h_1: an affine coupling of the factored-out half on the kept half
             mask = coupling_mask(inner, "channel", 0)
@@ -149,4 +155,8 @@ def build_glow(
     """
     c, h, w = check_image_shape(shape, "glow")
     num_levels = scale_count(num_levels, "num_levels", (c, h, w), min_size=1, default=3, offset=0)
-    return [_glow_level((c, h, w), num_levels, num_layers, hidden_dims, context_dim, learned_prior, scale_bound)]
+    return [
+        _glow_level(
+            (c, h, w), num_levels, num_layers, hidden_dims, context_dim, learned_prior, scale_bound
+        )
+    ]

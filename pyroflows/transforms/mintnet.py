@@ -62,7 +62,9 @@ from pyroflows.validation import check_choice, check_int, check_positive
 ORDERS = ("A", "B")
 
 
-def masked_conv_mask(out_groups: torch.Tensor, in_groups: torch.Tensor, kernel: int, order: str) -> torch.Tensor:
+def masked_conv_mask(
+    out_groups: torch.Tensor, in_groups: torch.Tensor, kernel: int, order: str
+) -> torch.Tensor:
     """``(out, in, kernel, kernel)`` 0/1 mask of a convolution that is causal in the pixel-then-
     channel order: taps before the centre pixel (``"A"``; after it for ``"B"``) are free, the
     centre tap connects group ``i`` to group ``o`` only if ``i <= o`` (``i >= o`` for ``"B"``)."""
@@ -70,7 +72,11 @@ def masked_conv_mask(out_groups: torch.Tensor, in_groups: torch.Tensor, kernel: 
     position = torch.arange(kernel * kernel).reshape(kernel, kernel)
     centre = kernel * kernel // 2
     before = position < centre if order == "A" else position > centre
-    channel_ok = in_groups[None, :] <= out_groups[:, None] if order == "A" else in_groups[None, :] >= out_groups[:, None]
+    channel_ok = (
+        in_groups[None, :] <= out_groups[:, None]
+        if order == "A"
+        else in_groups[None, :] >= out_groups[:, None]
+    )
     mask = before.expand(len(out_groups), len(in_groups), kernel, kernel).clone()
     mask[:, :, kernel // 2, kernel // 2] = channel_ok
     return mask.float()
@@ -147,7 +153,9 @@ class MaskedInvertibleConv(FlowTransform):
         z = torch.exp(self.log_t) * flat + F.conv2d(F.elu(a), w2, self.bias2, padding=pad)
         slope = torch.exp(a.clamp(max=0.0))  # elu'(a)
         channels, height, width = self.event_shape
-        spread = (slope * products[:, None, None]).reshape(-1, channels, self.hidden_per_channel, height, width)
+        spread = (slope * products[:, None, None]).reshape(
+            -1, channels, self.hidden_per_channel, height, width
+        )
         diag = torch.exp(self.log_t) + spread.sum(2)
         return z.reshape(*batch, *self.event_shape), diag.reshape(*batch, *self.event_shape)
 
@@ -169,11 +177,19 @@ class MaskedInvertibleConv(FlowTransform):
                 x = x - residual / diag
             residual = (self.explicit(x)[0] - z).abs().max().item()
         if not residual <= tol:
-            warnings.warn(f"MintNet inverse stopped after max_iter={self.max_iter} iterations with max residual {residual:.2e} > tol={tol:.0e}", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"MintNet inverse stopped after max_iter={self.max_iter} iterations with max "
+                f"residual {residual:.2e} > tol={tol:.0e}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return x
 
-    def adjoint_solve(self, gx: torch.Tensor, x: torch.Tensor, diag: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """``v`` with ``J(x)^T v = grad`` by the same iteration (``gx = g(x)`` carries the graph)."""
+    def adjoint_solve(
+        self, gx: torch.Tensor, x: torch.Tensor, diag: torch.Tensor, grad: torch.Tensor
+    ) -> torch.Tensor:
+        """``v`` with ``J(x)^T v = grad`` by the same iteration (``gx = g(x)`` carries the
+        graph)."""
         if grad.numel() == 0:
             return grad.clone()
         tol = self._tol(grad.dtype) * max(1.0, grad.abs().max().item())
@@ -197,7 +213,8 @@ class MaskedInvertibleConv(FlowTransform):
         return z, -diag.log().sum((-3, -2, -1))
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, order={self.order!r}, hidden_per_channel={self.hidden_per_channel}"
+        hidden = self.hidden_per_channel
+        return f"{super().extra_repr()}, order={self.order!r}, hidden_per_channel={hidden}"
 
 
 class _ImplicitSolve(torch.autograd.Function):
@@ -205,7 +222,9 @@ class _ImplicitSolve(torch.autograd.Function):
     ``dL/dz = J^{-T} dL/dx`` and ``dL/dtheta = -(dg/dtheta)^T J^{-T} dL/dx``."""
 
     @staticmethod
-    def forward(ctx, layer: MaskedInvertibleConv, z: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, layer: MaskedInvertibleConv, z: torch.Tensor, *params: torch.Tensor
+    ) -> torch.Tensor:
         x = layer.solve(z)
         ctx.layer = layer
         ctx.save_for_backward(x, *params)
@@ -222,25 +241,46 @@ class _ImplicitSolve(torch.autograd.Function):
         return (None, v, *grads)
 
 
-def masked_invertible_conv(event_shape: Sequence[int], hidden_per_channel: int = 4, order: str = "A") -> MaskedInvertibleConv:
+def masked_invertible_conv(
+    event_shape: Sequence[int], hidden_per_channel: int = 4, order: str = "A"
+) -> MaskedInvertibleConv:
     """A MintNet masked invertible layer (Pyro-style helper)."""
     return MaskedInvertibleConv(event_shape, hidden_per_channel, order)
 
 
-def _mintnet_scale(shape, scales, num_layers, hidden_per_channel, tol, max_iter) -> list[FlowTransform]:
+def _mintnet_scale(
+    shape, scales, num_layers, hidden_per_channel, tol, max_iter
+) -> list[FlowTransform]:
     """``num_layers`` (ActNorm, masked layer) pairs alternating "A"/"B", in the sampling order,
     with the coarser scales inside a squeeze."""
     layers: list[FlowTransform] = []
     if scales > 1:
         c, h, w = shape
         inner = (4 * c, h // 2, w // 2)
-        layers.append(Squeeze(shape, _mintnet_scale(inner, scales - 1, num_layers, hidden_per_channel, tol, max_iter)))
+        layers.append(
+            Squeeze(
+                shape,
+                _mintnet_scale(inner, scales - 1, num_layers, hidden_per_channel, tol, max_iter),
+            )
+        )
     for i in reversed(range(num_layers)):
-        layers += [MaskedInvertibleConv(shape, hidden_per_channel, ORDERS[i % 2], tol=tol, max_iter=max_iter), ActNorm(shape)]
+        layers += [
+            MaskedInvertibleConv(
+                shape, hidden_per_channel, ORDERS[i % 2], tol=tol, max_iter=max_iter
+            ),
+            ActNorm(shape),
+        ]
     return layers
 
 
-@flow_family(vector=False, image=True, conditional=False, default_layers=4, default_hidden=(16,), inverse_atol=1e-4)
+@flow_family(
+    vector=False,
+    image=True,
+    conditional=False,
+    default_layers=4,
+    default_hidden=(16,),
+    inverse_atol=1e-4,
+)
 def build_mintnet(
     shape: tuple[int, ...],
     *,
@@ -263,6 +303,12 @@ def build_mintnet(
         max_iter: iteration cap of the sampling-direction iteration.
     """
     c, h, w = check_image_shape(shape, "mintnet")
-    num_scales = scale_count(num_scales, "num_scales", (c, h, w), min_size=1, default=1 + max_halvings(h, w, 1, min_size=4))
+    num_scales = scale_count(
+        num_scales,
+        "num_scales",
+        (c, h, w),
+        min_size=1,
+        default=1 + max_halvings(h, w, 1, min_size=4),
+    )
     per_channel = max(1, -(-int(hidden_dims[0]) // c))
     return _mintnet_scale((c, h, w), num_scales, num_layers, per_channel, tol, max_iter)

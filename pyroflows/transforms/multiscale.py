@@ -39,7 +39,9 @@ from pyroflows.transforms.base import FlowTransform
 from pyroflows.validation import check_int
 
 
-def check_image_shape(shape: Sequence[int], name: str, *, even: bool = False, min_channels: int = 1) -> tuple[int, int, int]:
+def check_image_shape(
+    shape: Sequence[int], name: str, *, even: bool = False, min_channels: int = 1
+) -> tuple[int, int, int]:
     """``shape`` as ``(C, H, W)``; ``ValueError`` naming ``name`` and what was expected."""
     shape = tuple(shape)
     if len(shape) != 3:
@@ -79,7 +81,12 @@ class Nested(FlowTransform):
         context_dim: width of the context passed on to the inner layers.
     """
 
-    def __init__(self, event_shape: Sequence[int], layers: Sequence[FlowTransform], context_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        event_shape: Sequence[int],
+        layers: Sequence[FlowTransform],
+        context_dim: int | None = None,
+    ) -> None:
         super().__init__(tuple(event_shape), context_dim)
         self.layers = nn.ModuleList(layers)
 
@@ -93,7 +100,11 @@ class Nested(FlowTransform):
         h, aside = self.enter(inputs)
         total = inputs.new_zeros(inputs.shape[: inputs.dim() - self.event_dim])
         for layer in reversed(self.layers) if inverse else self.layers:
-            h, ladj = layer.inverse_and_log_det(h, context) if inverse else layer.forward_and_log_det(h, context)
+            h, ladj = (
+                layer.inverse_and_log_det(h, context)
+                if inverse
+                else layer.forward_and_log_det(h, context)
+            )
             total = total + ladj
         return self.leave(h, aside), total
 
@@ -115,12 +126,20 @@ class Squeeze(Nested):
         context_dim: width of the context passed on to the inner layers.
     """
 
-    def __init__(self, event_shape: Sequence[int], layers: Sequence[FlowTransform] = (), context_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        event_shape: Sequence[int],
+        layers: Sequence[FlowTransform] = (),
+        context_dim: int | None = None,
+    ) -> None:
         c, h, w = check_image_shape(event_shape, "Squeeze", even=True)
         inner = (4 * c, h // 2, w // 2)
         for layer in layers:
             if tuple(layer.event_shape) != inner:
-                raise ValueError(f"Squeeze of {tuple(event_shape)}: inner layers must have event shape {inner}, got {layer.event_shape}")
+                raise ValueError(
+                    f"Squeeze of {tuple(event_shape)}: inner layers must have event shape {inner}, "
+                    f"got {layer.event_shape}"
+                )
         super().__init__(event_shape, layers, context_dim)
 
     def enter(self, x):
@@ -139,12 +158,20 @@ class FactorOut(Nested):
         context_dim: width of the context passed on to the inner layers.
     """
 
-    def __init__(self, event_shape: Sequence[int], layers: Sequence[FlowTransform], context_dim: int | None = None) -> None:
+    def __init__(
+        self,
+        event_shape: Sequence[int],
+        layers: Sequence[FlowTransform],
+        context_dim: int | None = None,
+    ) -> None:
         c, h, w = check_image_shape(event_shape, "FactorOut", min_channels=2)
         self.keep = c // 2
         for layer in layers:
             if tuple(layer.event_shape) != (self.keep, h, w):
-                raise ValueError(f"FactorOut of {tuple(event_shape)}: inner layers must have event shape {(self.keep, h, w)}, got {layer.event_shape}")
+                raise ValueError(
+                    f"FactorOut of {tuple(event_shape)}: inner layers must have event shape "
+                    f"{(self.keep, h, w)}, got {layer.event_shape}"
+                )
         super().__init__(event_shape, layers, context_dim)
 
     def enter(self, x):
@@ -158,18 +185,31 @@ def max_halvings(height: int, width: int, limit: int, min_size: int = 1) -> int:
     """How many times (at most ``limit``) an ``H x W`` image can be squeezed while both sides
     stay at least ``min_size`` (2 where a checkerboard mask must still split the image)."""
     count = 0
-    while count < limit and height % 2 == 0 and width % 2 == 0 and min(height, width) // 2 >= min_size:
+    while (
+        count < limit and height % 2 == 0 and width % 2 == 0 and min(height, width) // 2 >= min_size
+    ):
         height, width, count = height // 2, width // 2, count + 1
     return count
 
 
-def scale_count(value: Any, option: str, shape: tuple[int, int, int], *, min_size: int, default: int, offset: int = 1) -> int:
+def scale_count(
+    value: Any,
+    option: str,
+    shape: tuple[int, int, int],
+    *,
+    min_size: int,
+    default: int,
+    offset: int = 1,
+) -> int:
     """Validate a number of scales or levels (``None``: ``default``, capped at the most the
     image allows): ``offset`` plus the number of squeezes, each halving ``H`` and ``W``, which
     must stay even and at least ``min_size``."""
     most = offset + max_halvings(shape[1], shape[2], 99, min_size)
     if most < 1:
-        raise ValueError(f"{option}: at least one squeeze of 2x2 patches is needed, so H and W must be even, got shape {tuple(shape)}")
+        raise ValueError(
+            f"{option}: at least one squeeze of 2x2 patches is needed, so H and W must be even, "
+            f"got shape {tuple(shape)}"
+        )
     if value is None:
         value = min(default, most)
     # the bound depends on the image: each squeeze halves H and W, which must stay even and

@@ -45,7 +45,9 @@ class Rescale(FlowTransform):
         hidden_dims: Sequence[int] = (64,),
     ) -> None:
         super().__init__(tuple(event_shape), context_dim)
-        self.params = ParamNet({"log_scale": self.event_shape}, context_dim, hidden_dims, init_std=0.0)
+        self.params = ParamNet(
+            {"log_scale": self.event_shape}, context_dim, hidden_dims, init_std=0.0
+        )
 
     def _scale(self, inputs: torch.Tensor, context: torch.Tensor | None, sign: float):
         s = self.params(context)["log_scale"]  # (*context batch, *event) broadcasts with inputs
@@ -66,7 +68,9 @@ def additive_coupling(
     parity: int = 0,
 ) -> Coupling:
     """A NICE additive coupling layer over vectors of ``input_dim`` (Pyro-style helper)."""
-    return Coupling(coupling_mask((input_dim,), "half", parity), "additive", hidden_dims, context_dim)
+    return Coupling(
+        coupling_mask((input_dim,), "half", parity), "additive", hidden_dims, context_dim
+    )
 
 
 @flow_family(image=True, default_layers=4, default_hidden=(128, 128))
@@ -83,5 +87,7 @@ def build_nice(
     Options:
         mask: ``"half"`` (default) or ``"alternate"`` (even/odd coordinates).
     """
-    layers: list[FlowTransform] = coupling_layers(shape, num_layers, "additive", hidden_dims, context_dim, mask)
+    layers: list[FlowTransform] = coupling_layers(
+        shape, num_layers, "additive", hidden_dims, context_dim, mask
+    )
     return layers + [Rescale(shape, context_dim, hidden_dims)]

@@ -1,6 +1,7 @@
 """Numerical building blocks shared by the families whose inverse or log-determinant is not
 closed-form: monotone root finding with exact implicit gradients, Jacobians from
-vector-Jacobian products, Hutchinson probes and option checks.
+vector-Jacobian products, Hutchinson probes, and the choice between an exact computation and
+an estimator.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ def jacobian(out: torch.Tensor, inp: torch.Tensor, create_graph: bool) -> torch.
     for i in range(out.shape[-1]):
         basis = torch.zeros_like(out)
         basis[..., i] = 1
-        rows.append(torch.autograd.grad(out, inp, basis, create_graph=create_graph, retain_graph=True)[0])
+        rows.append(
+            torch.autograd.grad(out, inp, basis, create_graph=create_graph, retain_graph=True)[0]
+        )
     return torch.stack(rows, dim=-2)
 
 
@@ -70,7 +73,9 @@ def rademacher_like(x: torch.Tensor) -> torch.Tensor:
     return torch.randint_like(x, 2) * 2 - 1
 
 
-def exact_or_estimator(mode: str, option: str, choices: tuple[str, ...], dim: int, estimator: str) -> str:
+def exact_or_estimator(
+    mode: str, option: str, choices: tuple[str, ...], dim: int, estimator: str
+) -> str:
     """Resolve an ``"auto" | "exact" | <estimators>`` option for an event of dimension ``dim``.
 
     ``"auto"`` becomes ``"exact"`` up to ``AUTO_EXACT_MAX_DIM`` and ``estimator`` above;

@@ -46,7 +46,9 @@ class Planar(FlowTransform):
         hidden_dims: widths of that hyper-network.
     """
 
-    def __init__(self, input_dim: int, context_dim: int | None = None, hidden_dims: Sequence[int] = (64,)) -> None:
+    def __init__(
+        self, input_dim: int, context_dim: int | None = None, hidden_dims: Sequence[int] = (64,)
+    ) -> None:
         super().__init__((input_dim,), context_dim)
         shapes = {"u": (input_dim,), "w": (input_dim,), "b": ()}
         self.params = ParamNet(shapes, context_dim, hidden_dims, init_std=1.0 / input_dim**0.5)
@@ -72,20 +74,29 @@ class Planar(FlowTransform):
         target = (w * x).sum(-1) + b
         # a + c tanh(a) = target, increasing in a, root within |c|: bisection + one Newton step
         a = solve_increasing(
-            lambda a: a + c * torch.tanh(a), lambda a: 1 + c * (1 - torch.tanh(a) ** 2),
-            target, target - c.abs(), target + c.abs(),
+            lambda a: a + c * torch.tanh(a),
+            lambda a: 1 + c * (1 - torch.tanh(a) ** 2),
+            target,
+            target - c.abs(),
+            target + c.abs(),
         )
         return x - u_hat * torch.tanh(a)[..., None], self._log_det(a, w, u_hat)
 
 
-def planar(input_dim: int, context_dim: int | None = None, hidden_dims: Sequence[int] = (64,)) -> Planar:
+def planar(
+    input_dim: int, context_dim: int | None = None, hidden_dims: Sequence[int] = (64,)
+) -> Planar:
     """A planar layer (Pyro-style helper); conditional when ``context_dim`` is given."""
     return Planar(input_dim, context_dim, hidden_dims)
 
 
 @flow_family(default_layers=16, default_hidden=(64,))
 def build_planar(
-    shape: tuple[int, ...], *, num_layers: int, hidden_dims: Sequence[int], context_dim: int | None = None
+    shape: tuple[int, ...],
+    *,
+    num_layers: int,
+    hidden_dims: Sequence[int],
+    context_dim: int | None = None,
 ) -> list[FlowTransform]:
-    """``num_layers`` planar layers. ``hidden_dims`` sizes the hyper-network of a conditional flow."""
+    """``num_layers`` planar layers; ``hidden_dims`` sizes a conditional flow's hyper-network."""
     return [Planar(shape[0], context_dim, hidden_dims) for _ in range(num_layers)]

@@ -45,7 +45,9 @@ class Radial(FlowTransform):
         hidden_dims: widths of that hyper-network.
     """
 
-    def __init__(self, input_dim: int, context_dim: int | None = None, hidden_dims: Sequence[int] = (64,)) -> None:
+    def __init__(
+        self, input_dim: int, context_dim: int | None = None, hidden_dims: Sequence[int] = (64,)
+    ) -> None:
         super().__init__((input_dim,), context_dim)
         shapes = {"z0": (input_dim,), "alpha": (), "beta": ()}
         self.params = ParamNet(shapes, context_dim, hidden_dims, init_std=1.0 / input_dim**0.5)
@@ -77,14 +79,20 @@ class Radial(FlowTransform):
         return z0 + d / (1 + beta / (alpha + r)), self._log_det(r, alpha, beta)
 
 
-def radial(input_dim: int, context_dim: int | None = None, hidden_dims: Sequence[int] = (64,)) -> Radial:
+def radial(
+    input_dim: int, context_dim: int | None = None, hidden_dims: Sequence[int] = (64,)
+) -> Radial:
     """A radial layer (Pyro-style helper); conditional when ``context_dim`` is given."""
     return Radial(input_dim, context_dim, hidden_dims)
 
 
 @flow_family(default_layers=16, default_hidden=(64,))
 def build_radial(
-    shape: tuple[int, ...], *, num_layers: int, hidden_dims: Sequence[int], context_dim: int | None = None
+    shape: tuple[int, ...],
+    *,
+    num_layers: int,
+    hidden_dims: Sequence[int],
+    context_dim: int | None = None,
 ) -> list[FlowTransform]:
-    """``num_layers`` radial layers. ``hidden_dims`` sizes the hyper-network of a conditional flow."""
+    """``num_layers`` radial layers; ``hidden_dims`` sizes a conditional flow's hyper-network."""
     return [Radial(shape[0], context_dim, hidden_dims) for _ in range(num_layers)]

@@ -50,7 +50,9 @@ def affine_coupling(
     scale_bound: float | None = 3.0,
 ) -> Coupling:
     """A RealNVP affine coupling layer over vectors of ``input_dim`` (Pyro-style helper)."""
-    return Coupling(coupling_mask((input_dim,), mask, parity), Affine(scale_bound), hidden_dims, context_dim)
+    return Coupling(
+        coupling_mask((input_dim,), mask, parity), Affine(scale_bound), hidden_dims, context_dim
+    )
 
 
 def multiscale_realnvp(
@@ -82,9 +84,13 @@ def multiscale_realnvp(
         return stage(shape, num_layers // 2 + 1, "checkerboard")
     inner = (4 * c, h // 2, w // 2)
     kept = (2 * c, h // 2, w // 2)
-    deeper = multiscale_realnvp(kept, num_scales - 1, num_layers, hidden_dims, context_dim, scale_bound, actnorm)
+    deeper = multiscale_realnvp(
+        kept, num_scales - 1, num_layers, hidden_dims, context_dim, scale_bound, actnorm
+    )
     squeezed = [FactorOut(inner, deeper, context_dim)] + stage(inner, num_layers // 2, "channel")
-    return [Squeeze(shape, squeezed, context_dim)] + stage(shape, (num_layers + 1) // 2, "checkerboard")
+    return [Squeeze(shape, squeezed, context_dim)] + stage(
+        shape, (num_layers + 1) // 2, "checkerboard"
+    )
 
 
 @flow_family(image=True, default_layers=6, default_hidden=(64, 64))
@@ -115,8 +121,15 @@ def build_realnvp(
     """
     if len(shape) == 1 or mask is not None:
         if num_scales is not None:
-            raise ValueError("num_scales applies to the multi-scale image architecture only (no mask, image shape)")
-        return coupling_layers(shape, num_layers, Affine(scale_bound), hidden_dims, context_dim, mask)
+            raise ValueError(
+                "num_scales applies to the multi-scale image architecture only "
+                "(no mask, image shape)"
+            )
+        return coupling_layers(
+            shape, num_layers, Affine(scale_bound), hidden_dims, context_dim, mask
+        )
     shape = check_image_shape(shape, "realnvp")
     num_scales = scale_count(num_scales, "num_scales", shape, min_size=2, default=3)
-    return multiscale_realnvp(shape, num_scales, num_layers, hidden_dims, context_dim, scale_bound, actnorm)
+    return multiscale_realnvp(
+        shape, num_scales, num_layers, hidden_dims, context_dim, scale_bound, actnorm
+    )
