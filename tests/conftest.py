@@ -1,9 +1,50 @@
+"""Shared fixtures: seeding, one thread, the default-device trap, the device/dtype options, and
+small flows of every registered family.
+
+``pytest --device cuda`` runs every test that takes the ``device`` fixture on that device (skipped
+when CUDA is unavailable); ``--dtype float64`` sets the ``dtype`` fixture. Defaults: CPU,
+float32.
+"""
+
 import contextlib
 
 import pytest
 import torch
 
 import pyroflows
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="device of the tests that take the `device` fixture: cpu (default), cuda, cuda:N",
+    )
+    parser.addoption(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float64"],
+        help="floating-point dtype of the tests that take the `dtype` fixture",
+    )
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device chosen by ``--device``; tests are skipped if it is a CUDA device and there
+    is none."""
+    try:
+        chosen = torch.device(request.config.getoption("--device"))
+    except RuntimeError as err:
+        raise pytest.UsageError(f"--device: {err}") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda: no CUDA device on this machine")
+    return chosen
+
+
+@pytest.fixture(scope="session")
+def dtype(request) -> torch.dtype:
+    """The floating-point dtype chosen by ``--dtype``."""
+    return getattr(torch, request.config.getoption("--dtype"))
 
 
 @pytest.fixture(autouse=True)
