@@ -64,7 +64,7 @@ class ActNorm(FlowTransform):
         std, mean = torch.std_mean(channels_last, dim=1, correction=0)
         self.shift.copy_(mean.reshape(self.shift.shape))
         self.log_scale.copy_(std.clamp_min(self.eps).log().reshape(self.log_scale.shape))
-        self.initialized.fill_(True)
+        self._mark_initialized()
 
     def _log_det(self, inputs: torch.Tensor) -> torch.Tensor:
         return (self.log_scale.sum() * self.positions).expand(
@@ -75,7 +75,7 @@ class ActNorm(FlowTransform):
         return z * torch.exp(self.log_scale) + self.shift, self._log_det(z)
 
     def inverse_and_log_det(self, x, context=None):
-        if not self.initialized:
+        if self._data_init_pending():
             self.initialize(x)
         return (x - self.shift) * torch.exp(-self.log_scale), self._log_det(x)
 

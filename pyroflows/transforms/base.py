@@ -109,6 +109,10 @@ class _Replay(torch.autograd.Function):
         )
 
 
+def _forget_mirror(module: FlowTransform, incompatible_keys: object) -> None:
+    module._initialized_mirror = None  # a loaded state may hold another `initialized`
+
+
 class FlowTransform(TransformModule, ConditionalTransform):
     """A bijective layer ``z -> x`` over events of shape ``event_shape``.
 
@@ -130,6 +134,8 @@ class FlowTransform(TransformModule, ConditionalTransform):
         self.event_shape = tuple(check_int(s, "event_shape") for s in event_shape)
         self.context_dim = None if context_dim is None else check_int(context_dim, "context_dim")
         self._pass: _Pass | None = None
+        self._initialized_mirror: bool | None = None
+        self.register_load_state_dict_post_hook(_forget_mirror)
 
     # -- what a family implements -------------------------------------------------------
     def forward_and_log_det(
@@ -192,6 +198,21 @@ class FlowTransform(TransformModule, ConditionalTransform):
             A plain ``Transform`` for Pyro's conditional API.
         """
         return BoundTransform(self, context)
+
+    # -- data-dependent initialisation ---------------------------------------------------
+    def _data_init_pending(self) -> bool:
+        """Whether a layer with an ``initialized`` buffer still has to initialise from data.
+
+        The buffer (which travels with ``state_dict``) is read from its device once and then
+        mirrored on the host, so calls on a GPU do not wait on a device read every time.
+        """
+        if self._initialized_mirror is None:
+            self._initialized_mirror = bool(self.initialized)
+        return not self._initialized_mirror
+
+    def _mark_initialized(self) -> None:
+        self.initialized.fill_(True)
+        self._initialized_mirror = True
 
     # -- the remembered pass ---------------------------------------------------------------
     def _state_tensors(self) -> tuple[torch.Tensor, ...]:

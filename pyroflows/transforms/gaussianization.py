@@ -151,7 +151,7 @@ class MarginalGaussianization(FlowTransform):
             self.loc.copy_(loc)
             self.log_scale.copy_(torch.log(torch.maximum(spacing / 2, floor)))
             self.logits.zero_()
-        self.initialized.fill_(True)
+        self._mark_initialized()
 
     def _log_cdfs(self, x, loc, log_scale, log_w):
         """``log F``, ``log(1 - F)`` and ``log f`` at ``x`` (shape ``(..., D)``)."""
@@ -163,7 +163,7 @@ class MarginalGaussianization(FlowTransform):
         return log_cdf, log_sf, log_pdf
 
     def inverse_and_log_det(self, x, context=None):
-        if not bool(self.initialized) and x[..., 0].numel() > 1:  # one point has no spread
+        if self._data_init_pending() and x[..., 0].numel() > 1:  # one point has no spread
             self._initialize(x)
         log_cdf, log_sf, log_pdf = self._log_cdfs(x, *self._mixture(context))
         tail = ndtri_exp(torch.minimum(log_cdf, log_sf))  # <= 0: the smaller tail's quantile

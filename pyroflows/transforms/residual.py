@@ -226,12 +226,14 @@ class ResidualBlock(FlowTransform):
         )
 
     # -- log|det(I + J_g)| ---------------------------------------------------------------
-    def _term_weights(self, like: torch.Tensor) -> list[float]:
+    def _term_weights(self) -> list[float]:
         """Weight of each series term ``(-1)^(k+1) tr(J^k) / k`` for the chosen estimator."""
         if self.log_det == "series":
             return [1.0] * self.num_terms
         # roulette: N = exact_terms + Geometric(p) extra terms; term k weighted by 1 / P(N >= k)
-        u = torch.rand((), device=like.device, dtype=like.dtype).clamp_min(1e-30).item()
+        # drawn on the host: the number of terms is host control flow, and a draw on the
+        # inputs' device would cost a device-to-host sync per call
+        u = max(torch.rand((), device="cpu", dtype=torch.float64).item(), 1e-300)
         extra = min(int(math.log(u) / math.log1p(-self.roulette_p)), ROULETTE_MAX_TERMS)
         keep = 1 - self.roulette_p
         return [1.0] * self.exact_terms + [keep ** -(m + 1) for m in range(extra)]
@@ -251,7 +253,7 @@ class ResidualBlock(FlowTransform):
             else:
                 probe = rademacher_like(x)
                 vjp, log_det = probe, torch.zeros_like(x[..., 0])
-                for k, weight in enumerate(self._term_weights(x), start=1):
+                for k, weight in enumerate(self._term_weights(), start=1):
                     vjp = torch.autograd.grad(
                         gx, x_in, vjp, create_graph=needs_graph, retain_graph=True
                     )[0]
