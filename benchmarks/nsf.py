@@ -1,14 +1,23 @@
-"""Held-out NLL on the 2-D toys: pyroflows' neural spline flows (``nsf`` coupling, ``nsf_ar``
-autoregressive) against zuko's ``NSF`` with the same number of transforms, bins and hidden
-widths, and pyroflows' ``bnaf`` and ``realnvp`` for reference.
+"""Spline and BNAF quality: density estimation on the 2-D toys against zuko, and VI on U1-U4
+against Pyro's block neural autoregressive guide.
 
-Every model gets the same training loop: Adam (lr 1e-3), cosine-annealed learning rate, gradient
-norm clipped at 10, the same mini-batch indices (batch 256) and the same data (10,000 training
-points; NLL in nats on 2,500 held-out points).
+``density`` (the default): held-out NLL of pyroflows' neural spline flows (``nsf`` coupling,
+``nsf_ar`` autoregressive) and zuko's ``NSF`` with the same number of transforms, bins and hidden
+widths (``bnaf`` and ``realnvp`` for reference). Every model gets the same training loop: Adam
+(lr 1e-3), cosine-annealed learning rate, gradient norm clipped at 10, the same mini-batch
+indices (batch 256) and the same data (10,000 training points; NLL in nats on 2,500 held-out
+points).
 
-    OMP_NUM_THREADS=1 python benchmarks/nsf.py --data 8gaussians --steps 2000 [--json out.json]
+``vi``: KL(q || p) of ``AutoFlow`` guides (``flow[:option=value,...]``) and Pyro's
+``AutoNormalizingFlow`` with two BNAF layers, trained with the budget and scored by the KL
+estimate of ``benchmarks/vi.py`` (``pyroflows.commands.vi.fit_and_score``).
 
-Quality, not speed: run one toy per process on a busy machine; the numbers do not depend on load.
+    OMP_NUM_THREADS=1 python benchmarks/nsf.py density --data 8gaussians --steps 2000
+    OMP_NUM_THREADS=1 python benchmarks/nsf.py vi --targets u1 --guides nsf bnaf:parallel=forward \
+        AutoNormalizingFlow --steps 3000
+
+Quality, not speed: run one task per process on a busy machine; the numbers do not depend on
+load.
 """
 
 from __future__ import annotations
@@ -73,27 +82,62 @@ def models(transforms: int, bins: int, hidden: tuple[int, ...]) -> dict[str, Cal
     return table
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", nargs="+", default=list(TOYS))
-    parser.add_argument("--models", nargs="+", default=None, help="default: every contender")
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--transforms", type=int, default=3)
-    parser.add_argument("--bins", type=int, default=8)
-    parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+def parse_guide(spec: str) -> tuple[str, dict]:
+    """``"bnaf:parallel=forward,num_layers=3"`` -> ``("bnaf", {...})`` (ints parsed)."""
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        options[key] = int(value) if value.lstrip("-").isdigit() else value
+    return name, options
+
+
+def run_vi(args: argparse.Namespace) -> list[dict]:
+    """KL(q || p) of each guide on each target (one process, one after the other)."""
+    from functools import partial
+
+    from vi import PYRO_GUIDES, make_guide
+
+    from pyroflows import energies
+    from pyroflows.commands.vi import fit_and_score
+    from pyroflows.guides import AutoFlow
+
+    settings = dict(
+        num_steps=args.steps,
+        anneal_steps=args.anneal,
+        num_particles=args.particles,
+        kl_samples=args.kl_samples,
+        seed=args.seed,
+        num_plot_samples=1,
+    )
+    rows = []
+    print("| target | guide | KL (nats) | ± | seconds |\n|---|---|---|---|---|")
+    for target in args.targets:
+        for spec in args.guides:
+            name, options = parse_guide(spec)
+            if name in PYRO_GUIDES:
+                make = partial(make_guide, name)
+            else:
+                make = partial(AutoFlow, flow=name, **options)
+            result = fit_and_score(energies.get(target), make, **settings)
+            result.pop("samples")
+            rows.append(dict(target=target, guide=spec, **result))
+            print(
+                f"| {target} | {spec} | {result['kl']:.4f} | {result['kl_se']:.4f} "
+                f"| {result['train_seconds']:.0f} |",
+                flush=True,
+            )
+    return rows
+
+
+def run_density(args: argparse.Namespace) -> list[dict]:
+    """Held-out NLL of each model on each toy."""
     table = models(args.transforms, args.bins, tuple(args.hidden))
-    chosen = args.models or list(table)
     rows = []
     print("| data | model | test NLL | params | seconds |\n|---|---|---|---|---|")
     for data_name in args.data:
         train_set, test_set = load(data_name, 10_000, seed=args.seed)
-        for label in chosen:
+        for label in args.models or list(table):
             torch.manual_seed(args.seed)
             log_prob, params = table[label]()
             params = list(params)
@@ -115,6 +159,79 @@ def main() -> None:
                 f"| {data_name} | {label} | {nll:.3f} | {rows[-1]['params']} | {seconds:.0f} |",
                 flush=True,
             )
+    return rows
+
+
+def spline_figure(path: str, seed: int = 3) -> None:
+    """Plot one rational-quadratic spline (K = 6, B = 3) and its derivative to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pyroflows.transforms.spline import RationalQuadraticSpline
+
+    torch.manual_seed(seed)
+    spline = RationalQuadraticSpline(bins=6, bound=3.0)
+    raw = torch.randn(spline.num_params, dtype=torch.float64)
+    x = torch.linspace(-4.5, 4.5, 1801, dtype=torch.float64)
+    params = tuple(r.expand_as(x) for r in raw)
+    y, log_d = spline.forward(x, params)
+    _, xs = spline._knots(raw[: spline.bins], spline.min_bin_width)
+    _, ys = spline._knots(raw[spline.bins : 2 * spline.bins], spline.min_bin_height)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9, 3.6))
+    ax.plot(x, y, label="spline $f$")
+    ax.plot(x, x, ":", color="gray", label="identity (tails)")
+    ax.plot(xs, ys, "o", color="C3", label="knots $(x_k, y_k)$")
+    ax.axvspan(-3, 3, color="C0", alpha=0.06)
+    ax.set(xlabel="$z$", ylabel="$x = f(z)$", title="Rational-quadratic spline, K = 6, B = 3")
+    ax.legend(loc="upper left", fontsize=8)
+    bx.plot(x, torch.exp(log_d), color="C1")
+    bx.plot(
+        xs, torch.exp(spline.forward(xs, tuple(r.expand_as(xs) for r in raw))[1]), "o", color="C3"
+    )
+    bx.set(xlabel="$z$", ylabel="$f'(z)$", title="derivative: continuous, 1 outside $[-B, B]$")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", nargs="?", default="density", choices=("density", "vi", "figure"))
+    parser.add_argument("--data", nargs="+", default=list(TOYS), help="density: toys")
+    parser.add_argument(
+        "--models", nargs="+", default=None, help="density: default every contender"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="default 2000 (density), 3000 (vi)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--transforms", type=int, default=3)
+    parser.add_argument("--bins", type=int, default=8)
+    parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64])
+    parser.add_argument(
+        "--targets", nargs="+", default=["u1", "u2", "u3", "u4"], help="vi: targets"
+    )
+    parser.add_argument(
+        "--guides", nargs="+", default=["nsf", "bnaf:parallel=forward", "AutoNormalizingFlow"]
+    )
+    parser.add_argument("--anneal", type=int, default=1500, help="vi: annealed steps")
+    parser.add_argument("--particles", type=int, default=64, help="vi: ELBO particles")
+    parser.add_argument("--kl-samples", type=int, default=20_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="write the rows to this file")
+    parser.add_argument("--out", default="docs/img/rq_spline.png", help="figure: output path")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.mode == "figure":
+        spline_figure(args.out)
+        return
+    if args.mode == "vi":
+        args.steps = args.steps or 3000
+        args.anneal = min(args.anneal, args.steps)
+        rows = run_vi(args)
+    else:
+        args.steps = args.steps or 2000
+        rows = run_density(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(settings=vars(args), rows=rows), f, indent=1)

@@ -1,9 +1,14 @@
 """The speed benchmark behind ``pyroflows bench`` and ``benchmarks/flows.py``.
 
-The same architecture (``num_layers`` affine layers, conditioner MLPs with two hidden layers of
+The same architecture (``num_layers`` layers, conditioner MLPs with two hidden layers of
 ``hidden`` units, ReLU, a standard-Normal base) is built in pyroflows and in each peer library
-that is installed (Pyro's ``AffineAutoregressive`` / ``AffineCoupling``, zuko, nflows,
-normflows: ``pip install -e ".[bench]"``), and four operations are timed at batch ``batch``:
+that is installed (``pip install -e ".[bench]"``), and four operations are timed at batch
+``batch``. Families: ``maf``, ``iaf`` and ``realnvp`` (affine; Pyro's ``AffineAutoregressive`` /
+``AffineCoupling``, zuko, nflows, normflows), ``nsf_ar`` and ``nsf`` (rational-quadratic
+splines, 8 bins on [-5, 5] with linear tails, autoregressive MAF-direction and coupling; Pyro's
+``SplineAutoregressive`` / ``SplineCoupling``, zuko's ``NSF`` (``passes=2`` for coupling),
+nflows' ``MaskedPiecewiseRationalQuadraticAutoregressiveTransform`` /
+``PiecewiseRationalQuadraticCouplingTransform``). The operations:
 
 * ``log_prob`` of a batch and ``sample`` of a batch (no gradient),
 * ``train_step``: ``-log_prob(x).mean()``, backward and an Adam step,
@@ -31,7 +36,9 @@ from dataclasses import dataclass, field
 import torch
 
 OPS = ("log_prob", "sample", "train_step", "floor")
-FAMILIES = ("maf", "iaf", "realnvp")
+FAMILIES = ("maf", "iaf", "realnvp", "nsf", "nsf_ar")
+COUPLINGS = ("realnvp", "nsf")
+BINS, BOUND = 8, 5.0
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 
 
@@ -61,9 +68,10 @@ def _pyroflows(family: str, dim: int, hidden: int, layers: int) -> Contender:
     from pyroflows import build_flow
 
     flow = build_flow(family, dim, num_layers=layers, hidden_dims=(hidden, hidden))
-    if family == "realnvp":
+    if family in COUPLINGS:
         nets = [layer.conditioner for layer in flow.layers]
-        floor = lambda x: [net(x[..., layer.idx_a]) for net, layer in zip(nets, flow.layers)]  # noqa: E731
+        pairs = list(zip(nets, flow.layers, strict=True))
+        floor = lambda x: [net(x[..., layer.idx_a]) for net, layer in pairs]  # noqa: E731
     else:
         floor = lambda x: [layer.made(x) for layer in flow.layers]  # noqa: E731
     return Contender("pyroflows", flow.log_prob, lambda n: flow.sample((n,)), floor, [flow])
@@ -75,6 +83,30 @@ def _pyro(family: str, dim: int, hidden: int, layers: int) -> Contender:
     from pyro.nn import AutoRegressiveNN, DenseNN
 
     base = dist.Normal(torch.zeros(dim), torch.ones(dim)).to_event(1)
+    if family in ("nsf", "nsf_ar"):
+        spline = dict(hidden_dims=[hidden, hidden], count_bins=BINS, bound=BOUND)
+        if family == "nsf":
+            modules = [T.spline_coupling(dim, **spline) for _ in range(layers)]
+            nets = [(m.upper_spline.nn, m.split_dim) for m in modules]
+            floor = lambda x: [net(x[..., :k]) for net, k in nets]  # noqa: E731
+        else:
+            # Pyro's spline_autoregressive helper sizes its network for the linear order only
+            arns = [
+                AutoRegressiveNN(dim, [hidden, hidden], param_dims=[BINS, BINS, BINS - 1])
+                for _ in range(layers)
+            ]
+            modules = [
+                T.SplineAutoregressive(dim, arn, count_bins=BINS, bound=BOUND, order="quadratic")
+                for arn in arns
+            ]
+            floor = lambda x: [m.arn(x) for m in modules]  # noqa: E731
+        transforms = []
+        for i, m in enumerate(modules):  # Pyro's layers sample in one pass: MAF is the inverse
+            transforms.append(m.inv if family == "nsf_ar" else m)
+            if i < layers - 1:
+                transforms.append(T.Permute(torch.arange(dim - 1, -1, -1)))
+        d = dist.TransformedDistribution(base, transforms)
+        return Contender("pyro", d.log_prob, lambda n: d.sample((n,)), floor, modules)
     if family == "realnvp":
         split = (dim + 1) // 2
         nets = [DenseNN(split, [hidden, hidden], [dim - split, dim - split]) for _ in range(layers)]
@@ -100,11 +132,19 @@ def _zuko(family: str, dim: int, hidden: int, layers: int) -> Contender:
 
     if family == "realnvp":
         raise ImportError("zuko has no affine-coupling flow of this shape")
-    maf = zuko.flows.MAF(dim, transforms=layers, hidden_features=(hidden, hidden))
+    if family in ("nsf", "nsf_ar"):  # zuko's NSF is a MAF; two passes make it a coupling
+        passes = {"passes": 2} if family == "nsf" else {}
+        maf = zuko.flows.NSF(
+            dim, transforms=layers, bins=BINS, hidden_features=(hidden, hidden), **passes
+        )
+    else:
+        maf = zuko.flows.MAF(dim, transforms=layers, hidden_features=(hidden, hidden))
     parts = list(maf.transform.transforms)
-    flow = maf if family == "maf" else zuko.lazy.Flow([t.inv for t in parts], maf.base)
+    flow = maf if family != "iaf" else zuko.lazy.Flow([t.inv for t in parts], maf.base)
     floor = lambda x: [t.hyper(x) for t in parts]  # noqa: E731
-    return Contender("zuko", lambda x: flow().log_prob(x), lambda n: flow().sample((n,)), floor, [flow])
+    return Contender(
+        "zuko", lambda x: flow().log_prob(x), lambda n: flow().sample((n,)), floor, [flow]
+    )
 
 
 class _MLP(torch.nn.Sequential):
@@ -112,7 +152,13 @@ class _MLP(torch.nn.Sequential):
 
     def __init__(self, n_in: int, hidden: int, n_out: int) -> None:
         lin = torch.nn.Linear
-        super().__init__(lin(n_in, hidden), torch.nn.ReLU(), lin(hidden, hidden), torch.nn.ReLU(), lin(hidden, n_out))
+        super().__init__(
+            lin(n_in, hidden),
+            torch.nn.ReLU(),
+            lin(hidden, hidden),
+            torch.nn.ReLU(),
+            lin(hidden, n_out),
+        )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         return super().forward(x)
@@ -126,10 +172,13 @@ def _nflows(family: str, dim: int, hidden: int, layers: int) -> Contender:
         CompositeTransform,
         InverseTransform,
         MaskedAffineAutoregressiveTransform,
+        MaskedPiecewiseRationalQuadraticAutoregressiveTransform,
+        PiecewiseRationalQuadraticCouplingTransform,
         ReversePermutation,
     )
 
-    if family == "realnvp":
+    spline = dict(num_bins=BINS, tails="linear", tail_bound=BOUND)
+    if family in COUPLINGS:
         mask = (torch.arange(dim) >= (dim + 1) // 2).int()  # 1 = transformed, 0 = passed through
         nets = []
 
@@ -137,15 +186,30 @@ def _nflows(family: str, dim: int, hidden: int, layers: int) -> Contender:
             nets.append(_MLP(n_in, hidden, n_out))
             return nets[-1]
 
-        layers_ = [AffineCouplingTransform(mask, make_net) for _ in range(layers)]
+        if family == "nsf":
+            layers_ = [
+                PiecewiseRationalQuadraticCouplingTransform(mask, make_net, **spline)
+                for _ in range(layers)
+            ]
+        else:
+            layers_ = [AffineCouplingTransform(mask, make_net) for _ in range(layers)]
         identity = (mask == 0).nonzero().flatten()
         floor = lambda x: [net(x[..., identity]) for net in nets]  # noqa: E731
     else:
-        made = [
-            MaskedAffineAutoregressiveTransform(dim, hidden, num_blocks=1, use_residual_blocks=False)
-            for _ in range(layers)
-        ]
-        layers_ = made if family == "maf" else [InverseTransform(m) for m in made]
+        made_options = dict(num_blocks=1, use_residual_blocks=False)
+        if family == "nsf_ar":
+            made = [
+                MaskedPiecewiseRationalQuadraticAutoregressiveTransform(
+                    dim, hidden, **made_options, **spline
+                )
+                for _ in range(layers)
+            ]
+        else:
+            made = [
+                MaskedAffineAutoregressiveTransform(dim, hidden, **made_options)
+                for _ in range(layers)
+            ]
+        layers_ = made if family != "iaf" else [InverseTransform(m) for m in made]
         floor = lambda x: [m.autoregressive_net(x) for m in made]  # noqa: E731
     steps = []
     for i, layer in enumerate(layers_):
@@ -159,8 +223,10 @@ def _nflows(family: str, dim: int, hidden: int, layers: int) -> Contender:
 def _normflows(family: str, dim: int, hidden: int, layers: int) -> Contender:
     import normflows as nf
 
-    if family == "realnvp":
-        raise ImportError("normflows' coupling layers use a different conditioner layout")
+    if family in ("realnvp", "nsf", "nsf_ar"):
+        raise ImportError(
+            "normflows' coupling and spline layers use a different conditioner layout"
+        )
     made = [
         nf.flows.MaskedAffineAutoregressive(dim, hidden, num_blocks=1, use_residual_blocks=False)
         for _ in range(layers)
@@ -177,7 +243,11 @@ def _normflows(family: str, dim: int, hidden: int, layers: int) -> Contender:
 
 
 LIBRARIES: dict[str, Callable[[str, int, int, int], Contender]] = {
-    "pyroflows": _pyroflows, "pyro": _pyro, "zuko": _zuko, "nflows": _nflows, "normflows": _normflows,
+    "pyroflows": _pyroflows,
+    "pyro": _pyro,
+    "zuko": _zuko,
+    "nflows": _nflows,
+    "normflows": _normflows,
 }
 
 
@@ -212,7 +282,7 @@ def run_benchmark(
     """Time every (library, op) for each family and dimension; returns a JSON-able dict.
 
     Args:
-        families: any of ``"maf"``, ``"iaf"``, ``"realnvp"``.
+        families: any of ``"maf"``, ``"iaf"``, ``"realnvp"``, ``"nsf"``, ``"nsf_ar"``.
         dims: event dimensions ``D``.
         hidden: width of both hidden layers of every conditioner.
         layers: number of flow layers.
@@ -229,11 +299,22 @@ def run_benchmark(
         median_ms, min_ms, rounds}], "ratios": [{family, dim, op, pyroflows_ms, fastest_peer,
         fastest_peer_ms, vs_fastest_peer, vs_floor}]}``.
     """
-    for name, values, allowed in (("families", families, FAMILIES), ("libraries", libraries, LIBRARIES), ("ops", ops, OPS)):
+    for name, values, allowed in (
+        ("families", families, FAMILIES),
+        ("libraries", libraries, LIBRARIES),
+        ("ops", ops, OPS),
+    ):
         bad = [v for v in values if v not in allowed]
         if bad or not values:
-            raise ValueError(f"{name} must be a non-empty selection of {', '.join(allowed)}; got {list(values)}")
-    for name, value in (("hidden", hidden), ("layers", layers), ("batch", batch), ("rounds", rounds)):
+            raise ValueError(
+                f"{name} must be a non-empty selection of {', '.join(allowed)}; got {list(values)}"
+            )
+    for name, value in (
+        ("hidden", hidden),
+        ("layers", layers),
+        ("batch", batch),
+        ("rounds", rounds),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 2 for d in dims):
@@ -263,16 +344,37 @@ def run_benchmark(
             if progress:
                 progress(f"round {r + 1}/{warmup + rounds}{' (warm-up)' if r < warmup else ''}")
     results = [
-        dict(family=f, dim=d, library=lib, op=op, median_ms=1e3 * statistics.median(ts), min_ms=1e3 * min(ts), rounds=len(ts))
+        dict(
+            family=f,
+            dim=d,
+            library=lib,
+            op=op,
+            median_ms=1e3 * statistics.median(ts),
+            min_ms=1e3 * min(ts),
+            rounds=len(ts),
+        )
         for ((f, d, lib), op), ts in sorted(times.items())
     ]
     return dict(
-        config=dict(families=list(families), dims=list(dims), hidden=hidden, layers=layers, batch=batch, rounds=rounds, warmup=warmup),
-        environment=dict(
-            torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
-            processor=platform.processor(), malloc_env={k: os.environ.get(k) for k in MALLOC_ENV},
+        config=dict(
+            families=list(families),
+            dims=list(dims),
+            hidden=hidden,
+            layers=layers,
+            batch=batch,
+            rounds=rounds,
+            warmup=warmup,
         ),
-        skipped=skipped, results=results, ratios=_ratios(results),
+        environment=dict(
+            torch=torch.__version__,
+            threads=torch.get_num_threads(),
+            machine=platform.machine(),
+            processor=platform.processor(),
+            malloc_env={k: os.environ.get(k) for k in MALLOC_ENV},
+        ),
+        skipped=skipped,
+        results=results,
+        ratios=_ratios(results),
     )
 
 
@@ -283,14 +385,23 @@ def _ratios(results: list[dict]) -> list[dict]:
         if lib != "pyroflows":
             continue
         ours = by_key[family, dim, op, lib]
-        peers = {k[3]: v for k, v in by_key.items() if k[:3] == (family, dim, op) and k[3] != "pyroflows"}
+        peers = {
+            k[3]: v for k, v in by_key.items() if k[:3] == (family, dim, op) and k[3] != "pyroflows"
+        }
         best = min(peers, key=peers.get) if peers else None
         floor = by_key.get((family, dim, "floor", "pyroflows"))
-        rows.append(dict(
-            family=family, dim=dim, op=op, pyroflows_ms=ours, fastest_peer=best,
-            fastest_peer_ms=peers.get(best), vs_fastest_peer=ours / peers[best] if best else None,
-            vs_floor=ours / floor if floor and op != "floor" else None,
-        ))
+        rows.append(
+            dict(
+                family=family,
+                dim=dim,
+                op=op,
+                pyroflows_ms=ours,
+                fastest_peer=best,
+                fastest_peer_ms=peers.get(best),
+                vs_fastest_peer=ours / peers[best] if best else None,
+                vs_floor=ours / floor if floor and op != "floor" else None,
+            )
+        )
     return rows
 
 
@@ -298,13 +409,29 @@ def markdown_table(report: dict) -> str:
     """The report as a markdown table: medians (ms) per library and the two ratios."""
     libs = [lib for lib in LIBRARIES if any(r["library"] == lib for r in report["results"])]
     ms = {(r["family"], r["dim"], r["op"], r["library"]): r["median_ms"] for r in report["results"]}
-    head = ["family", "D", "op", *[f"{lib} (ms)" for lib in libs], "pyroflows / fastest peer", "pyroflows / floor"]
+    head = [
+        "family",
+        "D",
+        "op",
+        *[f"{lib} (ms)" for lib in libs],
+        "pyroflows / fastest peer",
+        "pyroflows / floor",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for row in report["ratios"]:
         key = (row["family"], row["dim"], row["op"])
-        cells = [row["family"], str(row["dim"]), row["op"], *[fmt(ms.get((*key, lib)), ".2f") for lib in libs]]
-        peer = f"{fmt(row['vs_fastest_peer'], '.2f')} ({row['fastest_peer']})" if row["fastest_peer"] else "-"
+        cells = [
+            row["family"],
+            str(row["dim"]),
+            row["op"],
+            *[fmt(ms.get((*key, lib)), ".2f") for lib in libs],
+        ]
+        peer = (
+            f"{fmt(row['vs_fastest_peer'], '.2f')} ({row['fastest_peer']})"
+            if row["fastest_peer"]
+            else "-"
+        )
         cells += [peer, fmt(row["vs_floor"], ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
