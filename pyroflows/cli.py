@@ -92,22 +92,29 @@ def add_common_arguments(
     flow: str | None = None,
     data: str | None = None,
     data_help: str = "",
+    steps: int | None = None,
+    steps_help: str = "training steps",
     threads: str = "1 for small work, more for large models, at most the cores torch sees",
 ) -> None:
-    """The flags shared by every subcommand (``--flow`` and ``--data`` only where given a
-    default).
+    """The flags shared by every subcommand (``--flow``, ``--data`` and ``--steps`` only where
+    given a default).
 
     Args:
         parser: the subcommand's parser.
         flow: default ``--flow``, or ``None`` for no such flag.
         data: default ``--data``, or ``None`` for no such flag.
         data_help: what ``--data`` accepts (the default is appended).
+        steps: default ``--steps``, or ``None`` for no such flag.
+        steps_help: what one step is (the default is appended).
         threads: how ``--threads`` is chosen when not given (for its help text).
     """
     if flow is not None:
         parser.add_argument("--flow", default=flow, help=f"flow family (default: {flow})")
     if data is not None:
         parser.add_argument("--data", default=data, help=f"{data_help} (default: {data})")
+    if steps is not None:
+        parser.add_argument("--steps", type=int_flag(1), default=steps,
+                            help=f"{steps_help} (default: {steps})")
     parser.add_argument("--seed", type=int_flag(0), default=0, help="random seed (default: 0)")
     parser.add_argument("--device", default="cpu",
                         help="torch device, e.g. cpu or cuda (default: cpu)")
@@ -315,10 +322,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         test_nll = -model.log_prob(test).mean().item()
     metrics = dict(flow=args.flow, data=args.data, steps=steps, threads=threads,
                    test_nll=test_nll, best_val_loss=history["best_val_loss"])
-    title = f"{args.flow} on {Path(args.data).name}, {steps} steps: held-out NLL {test_nll:.3f}"
+    title = (f"{args.flow} on {Path(args.data).name}, {steps} steps: "
+             f"held-out NLL {test_nll:.3f} nats")
     if num_levels is not None:
         metrics["test_bits_per_dim"] = bits_per_dim(model, test, num_levels).mean().item()
-        title += f" nats ({metrics['test_bits_per_dim']:.3f} bits/dim)"
+        title += f" ({metrics['test_bits_per_dim']:.3f} bits/dim)"
     from pyroflows.plotting import plot_density_fit
 
     (path,) = output_files(out, f"fit-{args.flow}-{Path(args.data).stem}", [".png"],

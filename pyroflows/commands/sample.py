@@ -39,15 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from pyroflows import energies
 
     targets = energies.available()
-    add_common_arguments(parser)
+    add_common_arguments(parser, steps=1000, steps_help="draws kept per chain, after warm-up")
     parser.add_argument("--target", "--data", dest="target", default="u2", choices=targets,
                         metavar="TARGET",
                         help=f"energy target: {', '.join(targets)} (default: u2)")
     parser.add_argument("--kernel", default="hmc", choices=KERNELS,
                         help="sampler (default: hmc; gibbs is exact on ising, "
                              "Metropolis-within-Gibbs otherwise)")
-    parser.add_argument("--steps", type=int_flag(1), default=1000,
-                        help="draws kept per chain, after warm-up (default: 1000)")
     parser.add_argument("--chains", type=int_flag(1), default=256,
                         help="chains run together as one batch (default: 256)")
     parser.add_argument("--warmup", type=int_flag(0), default=500,

@@ -41,12 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     Args:
         parser: the subcommand's parser.
     """
-    add_common_arguments(parser, flow="iaf")
+    add_common_arguments(parser, flow="iaf", steps=2000, steps_help="SVI optimiser steps")
     parser.add_argument("--target", "--data", dest="target", default="u2", choices=TARGETS,
                         metavar="TARGET",
                         help=f"2-D energy target: {', '.join(TARGETS)} (default: u2)")
-    parser.add_argument("--steps", type=int_flag(1), default=2000,
-                        help="SVI optimiser steps (default: 2000)")
     parser.add_argument("--num-layers", type=int_flag(1), default=None,
                         help="flow layers (family default)")
     parser.add_argument("--hidden", type=int_flag(1), nargs="+", default=None,

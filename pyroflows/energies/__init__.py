@@ -58,7 +58,11 @@ _TARGETS: dict[str, Callable[..., Target]] = {
 
 
 def available() -> list[str]:
-    """Names accepted by :func:`get`."""
+    """Names accepted by [`get`][pyroflows.energies.get].
+
+    Returns:
+        the built-in target names.
+    """
     return list(_TARGETS)
 
 
@@ -66,8 +70,11 @@ def get(name: str, **options: Any) -> Target:
     """The built-in target ``name``, built with ``options`` (e.g. ``get("funnel", dim=2)``).
 
     Args:
-        name: one of :func:`available`.
+        name: one of [`available`][pyroflows.energies.available]`()`.
         **options: the builder's keyword arguments (see each builder).
+
+    Returns:
+        the target.
     """
     if name not in _TARGETS:
         raise ValueError(f"unknown target {name!r}; expected one of {', '.join(_TARGETS)}")

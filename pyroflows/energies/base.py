@@ -30,7 +30,7 @@ class Target(nn.Module):
         model_scale: scale of the Normal carrier of `model` (where its prior mass lies).
     """
 
-    #: whether :meth:`sample` draws exact samples
+    #: whether `sample` draws exact samples
     has_sampler: bool = False
     model_scale: float = 1.0
 
