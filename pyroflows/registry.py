@@ -60,7 +60,14 @@ class FamilySpec:
 
 
 def flow_family(**spec: Any) -> Callable[[Callable], Callable]:
-    """Decorator attaching a ``FamilySpec`` to a builder function."""
+    """Decorator attaching a ``FamilySpec`` to a builder function.
+
+    Args:
+        **spec: the fields of ``FamilySpec``.
+
+    Returns:
+        The decorator; the builder it returns carries ``.spec``.
+    """
 
     def attach(builder: Callable) -> Callable:
         builder.spec = FamilySpec(**spec)
@@ -91,7 +98,14 @@ def get_builder(name: str) -> Callable:
 
 
 def family_spec(name: str) -> FamilySpec:
-    """The ``FamilySpec`` of family ``name``."""
+    """The ``FamilySpec`` of a family.
+
+    Args:
+        name: one of ``available_flows()``.
+
+    Returns:
+        What the family supports and how the tests exercise it.
+    """
     return get_builder(name).spec
 
 

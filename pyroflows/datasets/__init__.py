@@ -18,9 +18,14 @@ def load(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(train, test)`` data from a built-in name or a ``.npy`` / ``.csv`` file.
 
-    Toy names generate ``num_samples`` training points and ``num_samples // 4`` test points (a
-    different seed); ``digits`` gives its fixed split; a file is split 80/20 at random. A file must
-    hold a 2-D numeric array ``(n, D)`` (CSV: comma separated, an optional header line).
+    Args:
+        source: a toy name, ``"digits"``, or the path of a file holding a 2-D numeric array ``(n,
+            D)`` (CSV: comma separated, an optional header line).
+        num_samples: training points of a toy (the test set has ``num_samples // 4``, another seed).
+        seed: seed of the toy draws and of the 80/20 split of a file.
+
+    Returns:
+        ``(train, test)`` float32 tensors.
     """
     if source in toy_names():
         return toy(source, num_samples, seed=seed), toy(

@@ -62,7 +62,11 @@ TOY: dict[str, Callable[[int, Generator], torch.Tensor]] = {
 
 
 def toy_names() -> list[str]:
-    """Names accepted by ``toy``."""
+    """Names accepted by ``toy``.
+
+    Returns:
+        The names.
+    """
     return list(TOY)
 
 

@@ -81,5 +81,12 @@ class ActNorm(FlowTransform):
 
 
 def actnorm(event_shape: Sequence[int]) -> ActNorm:
-    """An ``ActNorm`` layer over events of ``event_shape`` (Pyro-style helper)."""
+    """An ``ActNorm`` layer (Pyro-style helper).
+
+    Args:
+        event_shape: ``(C, H, W)`` or ``(D,)``.
+
+    Returns:
+        The layer.
+    """
     return ActNorm(event_shape)

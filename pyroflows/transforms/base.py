@@ -330,17 +330,42 @@ class BoundTransform(Transform):
 
 
 def batch_shape_of(x: torch.Tensor, event_shape: tuple[int, ...]) -> torch.Size:
-    """Leading (batch) dimensions of ``x`` for events of ``event_shape``."""
+    """Leading (batch) dimensions of ``x`` for events of ``event_shape``.
+
+    Args:
+        x: a tensor of shape ``(*batch, *event_shape)``.
+        event_shape: the event shape.
+
+    Returns:
+        ``batch``.
+    """
     return x.shape[: x.dim() - len(event_shape)]
 
 
 def sum_event(t: torch.Tensor, event_dim: int) -> torch.Tensor:
-    """Sum the rightmost ``event_dim`` dimensions of ``t``."""
+    """Sum the rightmost ``event_dim`` dimensions of ``t``.
+
+    Args:
+        t: any tensor.
+        event_dim: how many trailing dimensions to sum (0: none).
+
+    Returns:
+        The sum.
+    """
     return t.sum(tuple(range(-event_dim, 0))) if event_dim else t
 
 
 def expand_context(context: torch.Tensor | None, batch_shape: torch.Size) -> torch.Tensor | None:
-    """Broadcast ``context`` of shape ``(*c, context_dim)`` to ``(*batch_shape, context_dim)``."""
+    """Broadcast a context to a batch shape.
+
+    Args:
+        context: ``None`` or a tensor of shape ``(*c, context_dim)``, ``c`` broadcastable to
+            ``batch_shape``.
+        batch_shape: the batch shape to broadcast to.
+
+    Returns:
+        ``None``, or a view of shape ``(*batch_shape, context_dim)``.
+    """
     if context is None:
         return None
     return context.expand(*batch_shape, context.shape[-1])

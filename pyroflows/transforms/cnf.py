@@ -180,7 +180,17 @@ class ContinuousFlow(FlowTransform):
 def cnf(
     input_dim: int, hidden_dims: Sequence[int] = (64, 64), context_dim: int | None = None, **options
 ) -> ContinuousFlow:
-    """A continuous flow layer (Pyro-style helper); ``options`` as in ``ContinuousFlow``."""
+    """A continuous flow layer (Pyro-style helper).
+
+    Args:
+        input_dim: event dimension ``D``.
+        hidden_dims: widths of the MLP ``f``.
+        context_dim: width of the context, or ``None``.
+        **options: as in ``ContinuousFlow``.
+
+    Returns:
+        The layer.
+    """
     return ContinuousFlow(input_dim, hidden_dims, context_dim, **options)
 
 
@@ -198,12 +208,21 @@ def build_cnf(
     context_dim: int | None = None,
     **options,
 ) -> list[FlowTransform]:
-    """``num_layers`` continuous flows in sequence (one is usually enough: the ODE is already
-    free-form).
+    """``num_layers`` continuous flows in sequence.
 
-    Options (see ``ContinuousFlow``): ``trace`` (``"auto"``), ``method`` (``"dopri5"``),
-    ``rtol`` / ``atol`` (1e-5), ``step_size`` (0.05, fixed-step methods), ``adjoint`` (False),
-    ``max_num_steps`` (10000).
+    One is usually enough: the ODE is already free-form.
+
+    Args:
+        shape: event shape, ``(D,)`` or ``(C, H, W)``.
+        num_layers: number of layers.
+        hidden_dims: widths of the conditioner networks.
+        context_dim: width of the context of a conditional flow, or ``None``.
+        **options: of ``ContinuousFlow``: ``trace`` ("auto"), ``method`` ("dopri5"), ``rtol`` /
+            ``atol`` (1e-5), ``step_size`` (0.05, fixed-step methods), ``adjoint`` (False),
+            ``max_num_steps`` (10000).
+
+    Returns:
+        The layers, in the sampling direction ``z -> x``.
     """
     return [
         ContinuousFlow(shape[0], hidden_dims, context_dim, **options) for _ in range(num_layers)

@@ -68,8 +68,14 @@ _NDTRI_EXP_SWITCH = -60.0
 
 
 def ndtri_exp(log_p: torch.Tensor) -> torch.Tensor:
-    """$\\Phi^{-1}(e^{\\ell})$ for $\\ell \\le \\log(1/2)$, finite and accurate for any
-    $\\ell$ (no underflow of $e^\\ell$)."""
+    """The standard-Normal quantile of ``exp(log_p)``, without underflow.
+
+    Args:
+        log_p: log-probabilities ``<= log(1/2)``, any magnitude.
+
+    Returns:
+        ``Phi^{-1}(exp(log_p))``, finite and accurate for any ``log_p``.
+    """
     direct = torch.special.ndtri(torch.exp(log_p.clamp_min(_NDTRI_EXP_SWITCH)))
     # log Phi(z) ~ -z^2/2 - log(-z) - log(2 pi)/2 as z -> -inf; refine on log_ndtr
     deep = log_p.clamp_max(_NDTRI_EXP_SWITCH)
@@ -81,7 +87,14 @@ def ndtri_exp(log_p: torch.Tensor) -> torch.Tensor:
 
 
 def log_normal_density(z: torch.Tensor) -> torch.Tensor:
-    """$\\log\\varphi(z)$, the standard-Normal log-density."""
+    """The standard-Normal log-density.
+
+    Args:
+        z: points.
+
+    Returns:
+        ``log phi(z)``, elementwise.
+    """
     return -0.5 * z * z - _HALF_LOG_2PI
 
 
@@ -236,8 +249,20 @@ def gaussianization(
     hidden_dims: Sequence[int] = (64,),
     data_init: bool = True,
 ) -> list[FlowTransform]:
-    """One Gaussianization block (Pyro-style helper): a rotation then, towards the data, a
-    marginal Gaussianization, in the sampling direction ``z -> x``."""
+    """One Gaussianization block (Pyro-style helper).
+
+    Args:
+        input_dim: event dimension ``D``.
+        num_components: logistic components per coordinate.
+        num_reflections: Householder reflections of the rotation (default ``D``).
+        context_dim: width of the context, or ``None``.
+        hidden_dims: widths of the hyper-network.
+        data_init: initialise the marginals from the first batch.
+
+    Returns:
+        A rotation then, towards the data, a marginal Gaussianization, in the sampling direction ``z
+        -> x``.
+    """
     marginal = MarginalGaussianization(
         input_dim, num_components, context_dim, hidden_dims, data_init
     )
@@ -257,13 +282,22 @@ def build_gaussianization(
     num_reflections: int | None = None,
     data_init: bool = True,
 ) -> list[FlowTransform]:
-    """``num_layers`` marginal Gaussianization layers with a Householder rotation between
-    consecutive ones (a rotation next to the Normal base would be wasted).
+    """Marginal Gaussianization layers with rotations between them.
 
-    Options:
+    A rotation sits between consecutive marginal layers only: one next to the Normal base would be
+    wasted.
+
+    Args:
+        shape: event shape, ``(D,)`` or ``(C, H, W)``.
+        num_layers: number of layers.
+        hidden_dims: widths of the conditioner networks.
+        context_dim: width of the context of a conditional flow, or ``None``.
         num_components: logistic components per coordinate and layer.
         num_reflections: Householder reflections per rotation (default ``D``).
-        data_init: initialise the marginals from the first batch (default ``True``).
+        data_init: initialise the marginals from the first batch.
+
+    Returns:
+        The layers, in the sampling direction ``z -> x``.
     """
     blocks = [
         gaussianization(

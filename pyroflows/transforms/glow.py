@@ -94,7 +94,14 @@ class InvertibleConv1x1(FlowTransform):
 
 
 def invertible_conv1x1(event_shape: Sequence[int]) -> InvertibleConv1x1:
-    """An LU-parameterised invertible 1x1 convolution (Pyro-style helper)."""
+    """An LU-parameterised invertible 1x1 convolution (Pyro-style helper).
+
+    Args:
+        event_shape: ``(C, H, W)``.
+
+    Returns:
+        The layer.
+    """
     return InvertibleConv1x1(event_shape)
 
 
@@ -105,8 +112,19 @@ def glow_step(
     parity: int = 0,
     scale_bound: float | None = 3.0,
 ) -> list[FlowTransform]:
-    """One step of flow in the sampling order ``z -> x``: coupling, 1x1 conv, ActNorm (so the
-    density direction ``x -> z`` meets ActNorm first)."""
+    """One Glow step of flow.
+
+    Args:
+        event_shape: ``(C, H, W)``.
+        hidden_dims: widths of the coupling conditioner.
+        context_dim: width of the context, or ``None``.
+        parity: which half of the channels the coupling transforms.
+        scale_bound: bound of the soft-clamped log-scale (``None``: unclamped).
+
+    Returns:
+        Coupling, 1x1 convolution and ActNorm in the sampling order ``z -> x`` (so the density
+        direction meets ActNorm first).
+    """
     coupling = Coupling(
         coupling_mask(event_shape, "channel", parity), Affine(scale_bound), hidden_dims, context_dim
     )
@@ -147,11 +165,18 @@ def build_glow(
 ) -> list[FlowTransform]:
     """Glow over ``(C, H, W)`` images: ``num_levels`` levels of ``num_layers`` steps each.
 
-    Options:
-        num_levels: number of levels ``L`` (each squeezes once, so ``H`` and ``W`` must be
-            divisible by ``2**L``); default: as many as fit, at most 3.
+    Args:
+        shape: event shape, ``(D,)`` or ``(C, H, W)``.
+        num_layers: number of layers.
+        hidden_dims: widths of the conditioner networks.
+        context_dim: width of the context of a conditional flow, or ``None``.
+        num_levels: number of levels ``L`` (each squeezes once, so ``H`` and ``W`` must be divisible
+            by ``2**L``); default: as many as fit, at most 3.
         learned_prior: give each factored-out half a Gaussian prior conditioned on the kept half.
         scale_bound: bound of the couplings' soft-clamped log-scale (``None``: unclamped).
+
+    Returns:
+        The layers, in the sampling direction ``z -> x``.
     """
     c, h, w = check_image_shape(shape, "glow")
     num_levels = scale_count(num_levels, "num_levels", (c, h, w), min_size=1, default=3, offset=0)

@@ -65,9 +65,18 @@ ORDERS = ("A", "B")
 def masked_conv_mask(
     out_groups: torch.Tensor, in_groups: torch.Tensor, kernel: int, order: str
 ) -> torch.Tensor:
-    """``(out, in, kernel, kernel)`` 0/1 mask of a convolution that is causal in the pixel-then-
-    channel order: taps before the centre pixel (``"A"``; after it for ``"B"``) are free, the
-    centre tap connects group ``i`` to group ``o`` only if ``i <= o`` (``i >= o`` for ``"B"``)."""
+    """The mask of a convolution that is causal in the pixel-then-channel order.
+
+    Args:
+        out_groups: group of each output channel.
+        in_groups: group of each input channel.
+        kernel: kernel size (odd).
+        order: ``"A"``: taps before the centre pixel are free; ``"B"``: taps after it.
+
+    Returns:
+        ``(out, in, kernel, kernel)`` 0/1 mask; the centre tap connects group ``i`` to group ``o``
+        only if ``i <= o`` (``i >= o`` for ``"B"``).
+    """
     check_choice(order, "order", ORDERS)
     position = torch.arange(kernel * kernel).reshape(kernel, kernel)
     centre = kernel * kernel // 2
@@ -244,7 +253,16 @@ class _ImplicitSolve(torch.autograd.Function):
 def masked_invertible_conv(
     event_shape: Sequence[int], hidden_per_channel: int = 4, order: str = "A"
 ) -> MaskedInvertibleConv:
-    """A MintNet masked invertible layer (Pyro-style helper)."""
+    """A MintNet masked invertible layer (Pyro-style helper).
+
+    Args:
+        event_shape: ``(C, H, W)``.
+        hidden_per_channel: hidden channels per input channel.
+        order: mask type, ``"A"`` or ``"B"``.
+
+    Returns:
+        The layer.
+    """
     return MaskedInvertibleConv(event_shape, hidden_per_channel, order)
 
 
@@ -296,11 +314,18 @@ def build_mintnet(
     ``hidden_dims[0]`` is the number of hidden channels of each masked layer, rounded up to a
     multiple of its input channels.
 
-    Options:
-        num_scales: scales (each extra one squeezes once more); default: as many as keep at
-            least 4 x 4 pixels, at most 2.
+    Args:
+        shape: event shape, ``(D,)`` or ``(C, H, W)``.
+        num_layers: number of layers.
+        hidden_dims: widths of the conditioner networks.
+        context_dim: width of the context of a conditional flow, or ``None``.
+        num_scales: scales (each extra one squeezes once more); default: as many as keep at least 4
+            x 4 pixels, at most 2.
         tol: stopping tolerance of the sampling-direction iteration (default by dtype).
         max_iter: iteration cap of the sampling-direction iteration.
+
+    Returns:
+        The layers, in the sampling direction ``z -> x``.
     """
     c, h, w = check_image_shape(shape, "mintnet")
     num_scales = scale_count(

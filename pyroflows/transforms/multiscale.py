@@ -42,7 +42,17 @@ from pyroflows.validation import check_int
 def check_image_shape(
     shape: Sequence[int], name: str, *, even: bool = False, min_channels: int = 1
 ) -> tuple[int, int, int]:
-    """``shape`` as ``(C, H, W)``; ``ValueError`` naming ``name`` and what was expected."""
+    """Validate an image event shape.
+
+    Args:
+        shape: the shape to check.
+        name: what the error message names.
+        even: require even ``H`` and ``W``.
+        min_channels: smallest allowed ``C``.
+
+    Returns:
+        ``(C, H, W)``; a ``ValueError`` naming ``name`` otherwise.
+    """
     shape = tuple(shape)
     if len(shape) != 3:
         raise ValueError(f"{name} works on images: shape must be (C, H, W), got {shape}")
@@ -55,15 +65,29 @@ def check_image_shape(
 
 
 def squeeze(x: torch.Tensor) -> torch.Tensor:
-    """Space-to-depth: ``(..., C, H, W) -> (..., 4C, H/2, W/2)``; channel ``4c + 2i + j`` holds
-    pixel ``(2h + i, 2w + j)`` of channel ``c``."""
+    """Space-to-depth.
+
+    Args:
+        x: a tensor of shape ``(..., C, H, W)``, ``H`` and ``W`` even.
+
+    Returns:
+        ``(..., 4C, H/2, W/2)``; channel ``4c + 2i + j`` holds pixel ``(2h + i, 2w + j)`` of channel
+        ``c``.
+    """
     *batch, c, h, w = x.shape
     x = x.reshape(-1, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
     return x.reshape(*batch, 4 * c, h // 2, w // 2)
 
 
 def unsqueeze(x: torch.Tensor) -> torch.Tensor:
-    """Depth-to-space, the exact inverse of ``squeeze``."""
+    """Depth-to-space, the exact inverse of ``squeeze``.
+
+    Args:
+        x: a tensor of shape ``(..., 4C, H, W)``.
+
+    Returns:
+        ``(..., C, 2H, 2W)``.
+    """
     *batch, c, h, w = x.shape
     x = x.reshape(-1, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
     return x.reshape(*batch, c // 4, 2 * h, 2 * w)
@@ -182,8 +206,19 @@ class FactorOut(Nested):
 
 
 def max_halvings(height: int, width: int, limit: int, min_size: int = 1) -> int:
-    """How many times (at most ``limit``) an ``H x W`` image can be squeezed while both sides
-    stay at least ``min_size`` (2 where a checkerboard mask must still split the image)."""
+    """How many times an image can be squeezed.
+
+    Args:
+        height: ``H``.
+        width: ``W``.
+        limit: the most to count.
+        min_size: smallest side allowed after the squeezes (2 where a checkerboard mask must still
+            split the image).
+
+    Returns:
+        The number of halvings (at most ``limit``) that keep both sides even before and at least
+        ``min_size`` after.
+    """
     count = 0
     while (
         count < limit and height % 2 == 0 and width % 2 == 0 and min(height, width) // 2 >= min_size
@@ -201,9 +236,19 @@ def scale_count(
     default: int,
     offset: int = 1,
 ) -> int:
-    """Validate a number of scales or levels (``None``: ``default``, capped at the most the
-    image allows): ``offset`` plus the number of squeezes, each halving ``H`` and ``W``, which
-    must stay even and at least ``min_size``."""
+    """Validate a number of scales or levels of a multi-scale architecture.
+
+    Args:
+        value: the number asked for, or ``None``.
+        option: the option name the error message uses.
+        shape: ``(C, H, W)``.
+        min_size: smallest side allowed after the squeezes.
+        default: used for ``None``, capped at the most the image allows.
+        offset: scales that do not squeeze (the count is ``offset`` plus the squeezes).
+
+    Returns:
+        The number.
+    """
     most = offset + max_halvings(shape[1], shape[2], 99, min_size)
     if most < 1:
         raise ValueError(

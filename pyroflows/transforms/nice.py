@@ -67,7 +67,17 @@ def additive_coupling(
     context_dim: int | None = None,
     parity: int = 0,
 ) -> Coupling:
-    """A NICE additive coupling layer over vectors of ``input_dim`` (Pyro-style helper)."""
+    """A NICE additive coupling layer over vectors (Pyro-style helper).
+
+    Args:
+        input_dim: event dimension ``D``.
+        hidden_dims: widths of the conditioner.
+        context_dim: width of the context, or ``None``.
+        parity: which half is transformed.
+
+    Returns:
+        The layer.
+    """
     return Coupling(
         coupling_mask((input_dim,), "half", parity), "additive", hidden_dims, context_dim
     )
@@ -84,8 +94,16 @@ def build_nice(
 ) -> list[FlowTransform]:
     """NICE: ``num_layers`` additive couplings with alternating partitions, then a rescaling.
 
-    Options:
-        mask: ``"half"`` (default) or ``"alternate"`` (even/odd coordinates).
+    Args:
+        shape: event shape, ``(D,)`` or ``(C, H, W)``.
+        num_layers: number of layers.
+        hidden_dims: widths of the conditioner networks.
+        context_dim: width of the context of a conditional flow, or ``None``.
+        mask: ``"half"`` (default) or ``"alternate"`` (even/odd coordinates); ``"checkerboard"`` or
+            ``"channel"`` for images.
+
+    Returns:
+        The layers, in the sampling direction ``z -> x``.
     """
     layers: list[FlowTransform] = coupling_layers(
         shape, num_layers, "additive", hidden_dims, context_dim, mask

@@ -56,8 +56,16 @@ def solve_increasing(
 
 
 def jacobian(out: torch.Tensor, inp: torch.Tensor, create_graph: bool) -> torch.Tensor:
-    """Batched Jacobian ``J[..., i, j] = d out_i / d inp_j`` of a map acting on the last axis
-    independently per batch element, by one vector-Jacobian product per output coordinate."""
+    """Batched Jacobian of a map acting on the last axis, one event per batch element.
+
+    Args:
+        out: outputs ``(..., D)``, computed from ``inp`` with autograd on.
+        inp: inputs ``(..., D)``.
+        create_graph: keep the graph, to differentiate through the Jacobian.
+
+    Returns:
+        ``J[..., i, j] = d out_i / d inp_j``, by one vector-Jacobian product per output coordinate.
+    """
     rows = []
     for i in range(out.shape[-1]):
         basis = torch.zeros_like(out)
@@ -69,17 +77,31 @@ def jacobian(out: torch.Tensor, inp: torch.Tensor, create_graph: bool) -> torch.
 
 
 def rademacher_like(x: torch.Tensor) -> torch.Tensor:
-    """A Rademacher (+-1) probe shaped like ``x``: the lowest-variance Hutchinson probe."""
+    """A Rademacher (+-1) probe, the lowest-variance Hutchinson probe.
+
+    Args:
+        x: the shape, dtype and device to copy.
+
+    Returns:
+        A tensor of random signs like ``x``.
+    """
     return torch.randint_like(x, 2) * 2 - 1
 
 
 def exact_or_estimator(
     mode: str, option: str, choices: tuple[str, ...], dim: int, estimator: str
 ) -> str:
-    """Resolve an ``"auto" | "exact" | <estimators>`` option for an event of dimension ``dim``.
+    """Resolve an ``"auto" | "exact" | <estimator>`` option.
 
-    ``"auto"`` becomes ``"exact"`` up to ``AUTO_EXACT_MAX_DIM`` and ``estimator`` above;
-    ``"exact"`` above ``EXACT_MAX_DIM`` is a ``ValueError`` naming ``option``.
+    Args:
+        mode: the value given.
+        option: its name, for error messages.
+        choices: the allowed values.
+        dim: event dimension.
+        estimator: what ``"auto"`` becomes above ``AUTO_EXACT_MAX_DIM``.
+
+    Returns:
+        ``mode``, with ``"auto"`` resolved; ``"exact"`` above ``EXACT_MAX_DIM`` is a ``ValueError``.
     """
     check_choice(mode, option, choices)
     if mode == "auto":

@@ -86,7 +86,16 @@ class Planar(FlowTransform):
 def planar(
     input_dim: int, context_dim: int | None = None, hidden_dims: Sequence[int] = (64,)
 ) -> Planar:
-    """A planar layer (Pyro-style helper); conditional when ``context_dim`` is given."""
+    """A planar layer (Pyro-style helper).
+
+    Args:
+        input_dim: event dimension ``D``.
+        context_dim: width of the context: its parameters then come from a hyper-network.
+        hidden_dims: widths of that hyper-network.
+
+    Returns:
+        The layer.
+    """
     return Planar(input_dim, context_dim, hidden_dims)
 
 
@@ -98,5 +107,15 @@ def build_planar(
     hidden_dims: Sequence[int],
     context_dim: int | None = None,
 ) -> list[FlowTransform]:
-    """``num_layers`` planar layers; ``hidden_dims`` sizes a conditional flow's hyper-network."""
+    """``num_layers`` planar layers.
+
+    Args:
+        shape: event shape, ``(D,)`` or ``(C, H, W)``.
+        num_layers: number of layers.
+        hidden_dims: widths of the conditioner networks.
+        context_dim: width of the context of a conditional flow, or ``None``.
+
+    Returns:
+        The layers, in the sampling direction ``z -> x``.
+    """
     return [Planar(shape[0], context_dim, hidden_dims) for _ in range(num_layers)]

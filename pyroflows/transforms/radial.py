@@ -82,7 +82,16 @@ class Radial(FlowTransform):
 def radial(
     input_dim: int, context_dim: int | None = None, hidden_dims: Sequence[int] = (64,)
 ) -> Radial:
-    """A radial layer (Pyro-style helper); conditional when ``context_dim`` is given."""
+    """A radial layer (Pyro-style helper).
+
+    Args:
+        input_dim: event dimension ``D``.
+        context_dim: width of the context: its parameters then come from a hyper-network.
+        hidden_dims: widths of that hyper-network.
+
+    Returns:
+        The layer.
+    """
     return Radial(input_dim, context_dim, hidden_dims)
 
 
@@ -94,5 +103,15 @@ def build_radial(
     hidden_dims: Sequence[int],
     context_dim: int | None = None,
 ) -> list[FlowTransform]:
-    """``num_layers`` radial layers; ``hidden_dims`` sizes a conditional flow's hyper-network."""
+    """``num_layers`` radial layers.
+
+    Args:
+        shape: event shape, ``(D,)`` or ``(C, H, W)``.
+        num_layers: number of layers.
+        hidden_dims: widths of the conditioner networks.
+        context_dim: width of the context of a conditional flow, or ``None``.
+
+    Returns:
+        The layers, in the sampling direction ``z -> x``.
+    """
     return [Radial(shape[0], context_dim, hidden_dims) for _ in range(num_layers)]

@@ -49,7 +49,19 @@ def affine_coupling(
     mask: str = "half",
     scale_bound: float | None = 3.0,
 ) -> Coupling:
-    """A RealNVP affine coupling layer over vectors of ``input_dim`` (Pyro-style helper)."""
+    """A RealNVP affine coupling layer over vectors (Pyro-style helper).
+
+    Args:
+        input_dim: event dimension ``D``.
+        hidden_dims: widths of the conditioner.
+        context_dim: width of the context, or ``None``.
+        parity: which part is transformed.
+        mask: ``"half"`` or ``"alternate"``.
+        scale_bound: bound of the soft-clamped log-scale (``None``: unclamped).
+
+    Returns:
+        The layer.
+    """
     return Coupling(
         coupling_mask((input_dim,), mask, parity), Affine(scale_bound), hidden_dims, context_dim
     )
@@ -64,14 +76,25 @@ def multiscale_realnvp(
     scale_bound: float | None = 3.0,
     actnorm: bool = True,
 ) -> list[FlowTransform]:
-    """The multi-scale RealNVP layers over ``(C, H, W)``, in the sampling order ``z -> x``.
+    """The multi-scale RealNVP layers over ``(C, H, W)``.
 
-    Each scale but the last has ``ceil(num_layers / 2)`` checkerboard and ``floor(num_layers /
-    2)`` channel couplings around a squeeze and a factor-out; the last has
-    ``floor(num_layers / 2) + 1`` checkerboard couplings (the paper's 3 + 3 and 4 for 6). With
-    ``actnorm``, every coupling's input (in the density direction) is normalised by an
-    ``ActNorm`` layer, standing in for the paper's batch
-    normalisation without making the density depend on the batch.
+    Each scale but the last has ``ceil(num_layers / 2)`` checkerboard and ``floor(num_layers / 2)``
+    channel couplings around a squeeze and a factor-out; the last has ``floor(num_layers / 2) + 1``
+    checkerboard couplings (the paper's 3 + 3 and 4 for 6).
+
+    Args:
+        shape: ``(C, H, W)``.
+        num_scales: number of scales.
+        num_layers: couplings per scale.
+        hidden_dims: conditioner widths.
+        context_dim: width of the context, or ``None``.
+        scale_bound: bound of the soft-clamped log-scale.
+        actnorm: normalise every coupling's input (density direction) with an ``ActNorm`` layer,
+            standing in for the paper's batch normalisation without making the density depend on the
+            batch.
+
+    Returns:
+        The layers, in the sampling order ``z -> x``.
     """
     c, h, w = shape
     affine = Affine(scale_bound)
@@ -105,19 +128,28 @@ def build_realnvp(
     scale_bound: float | None = 3.0,
     actnorm: bool = True,
 ) -> list[FlowTransform]:
-    """RealNVP: ``num_layers`` affine couplings with alternating masks (vectors), or the
-    multi-scale architecture with ``num_layers`` couplings per scale (images).
+    """RealNVP: affine couplings with alternating masks, or the multi-scale architecture.
 
-    Options:
+    Vectors get ``num_layers`` couplings; images the multi-scale architecture with
+    ``num_layers`` couplings per scale.
+
+    Args:
+        shape: event shape, ``(D,)`` or ``(C, H, W)``.
+        num_layers: number of layers.
+        hidden_dims: widths of the conditioner networks.
+        context_dim: width of the context of a conditional flow, or ``None``.
         mask: ``"half"`` (vector default) or ``"alternate"`` for vectors; for images,
             ``"checkerboard"`` or ``"channel"`` gives a single-scale stack of ``num_layers``
             couplings with that mask instead of the multi-scale architecture.
-        num_scales: number of scales for images (each but the last squeezes once, so the last
-            works on ``H / 2**(num_scales - 1)`` pixels, at least 2 x 2); default: as many as
-            fit, at most 3.
+        num_scales: number of scales for images (each but the last squeezes once, so the last works
+            on ``H / 2**(num_scales - 1)`` pixels, at least 2 x 2); default: as many as fit, at most
+            3.
         scale_bound: bound ``B`` of the soft-clamped log-scale (``None``: unclamped).
-        actnorm: for the multi-scale architecture, normalise every coupling's input with a
-            data-initialised ActNorm layer (the paper's batch normalisation, batch-free).
+        actnorm: for the multi-scale architecture, normalise every coupling's input with a data-
+            initialised ActNorm layer.
+
+    Returns:
+        The layers, in the sampling direction ``z -> x``.
     """
     if len(shape) == 1 or mask is not None:
         if num_scales is not None:

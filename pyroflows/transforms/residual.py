@@ -310,8 +310,17 @@ def residual(
     context_dim: int | None = None,
     **options,
 ) -> ResidualBlock:
-    """An invertible residual block (Pyro-style helper); ``options`` as in
-    ``ResidualBlock``."""
+    """An invertible residual block (Pyro-style helper).
+
+    Args:
+        input_dim: event dimension ``D``.
+        hidden_dims: widths of the contractive MLP.
+        context_dim: width of the context, or ``None``.
+        **options: as in ``ResidualBlock``.
+
+    Returns:
+        The block.
+    """
     return ResidualBlock(input_dim, hidden_dims, context_dim, **options)
 
 
@@ -328,9 +337,17 @@ def build_residual(
 ) -> list[FlowTransform]:
     """``num_layers`` residual blocks, each preceded (data side) by an ``ActNorm``.
 
-    Options (see ``ResidualBlock``): ``lipschitz`` (0.9), ``log_det`` (``"auto"``),
-    ``num_terms`` (10), ``exact_terms`` (2), ``roulette_p`` (0.1), ``tol`` (1e-6),
-    ``max_iter`` (200), ``power_iterations`` (5).
+    Args:
+        shape: event shape, ``(D,)`` or ``(C, H, W)``.
+        num_layers: number of layers.
+        hidden_dims: widths of the conditioner networks.
+        context_dim: width of the context of a conditional flow, or ``None``.
+        **options: of ``ResidualBlock``: ``lipschitz`` (0.9), ``log_det`` ("auto"), ``num_terms``
+            (10), ``exact_terms`` (2), ``roulette_p`` (0.1), ``tol`` (1e-6), ``max_iter`` (200),
+            ``power_iterations`` (5).
+
+    Returns:
+        The layers, in the sampling direction ``z -> x``.
     """
     layers: list[FlowTransform] = []
     for _ in range(num_layers):
