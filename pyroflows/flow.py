@@ -84,7 +84,14 @@ class Flow(nn.Module):
         return len(self.event_shape)
 
     def base_dist(self, batch_shape: Sequence[int] = ()) -> dist.Distribution:
-        """The standard-Normal base with batch shape ``batch_shape``."""
+        """The standard-Normal base distribution.
+
+        Args:
+            batch_shape: its batch shape.
+
+        Returns:
+            A ``Normal(base_loc, base_scale).to_event(event_dim)`` over the flow's buffers.
+        """
         # validate_args=False: inputs are checked once by the flow; z is produced internally
         base = dist.Normal(self.base_loc, self.base_scale, validate_args=False).to_event(
             self.event_dim
@@ -131,7 +138,16 @@ class Flow(nn.Module):
     def inverse_and_log_det(
         self, x: torch.Tensor, context: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``z = T^{-1}(x)`` and ``log|det dT/dz|`` summed over layers (no validation)."""
+        """``z = T^{-1}(x)`` and the forward log-determinant, without input checks.
+
+        Args:
+            x: points of shape ``(*batch, *event_shape)``.
+            context: context of shape ``(*batch, context_dim)`` for a conditional flow, else
+                ``None``.
+
+        Returns:
+            ``z`` and ``log|det dT/dz|`` at ``z`` summed over layers, of shape ``batch``.
+        """
         total = 0.0
         for layer in reversed(self.layers):
             x, ladj = layer.inverse_and_log_det(x, context)
@@ -141,7 +157,16 @@ class Flow(nn.Module):
     def forward_and_log_det(
         self, z: torch.Tensor, context: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x = T(z)`` and ``log|det dT/dz|`` summed over layers (no validation)."""
+        """``x = T(z)`` and its log-determinant, without input checks.
+
+        Args:
+            z: base points of shape ``(*batch, *event_shape)``.
+            context: context of shape ``(*batch, context_dim)`` for a conditional flow, else
+                ``None``.
+
+        Returns:
+            ``x`` and ``log|det dT/dz|`` summed over layers, of shape ``batch``.
+        """
         total = 0.0
         for layer in self.layers:
             z, ladj = layer.forward_and_log_det(z, context)
@@ -171,7 +196,14 @@ class Flow(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A reparameterised sample and its log-density in one forward pass (no inversion).
 
-        The sample has shape ``sample_shape + context.shape[:-1] + event_shape``.
+        Args:
+            sample_shape: leading shape of the draws (an int or a tuple of ints).
+            context: context of shape ``(*batch, context_dim)`` for a conditional flow, else
+                ``None``.
+
+        Returns:
+            ``(x, log_q)``: ``x`` of shape ``sample_shape + context batch + event_shape``, ``log_q``
+            without the event dims.
         """
         shape = _sample_shape(sample_shape) + self._check_context(context)
         base = self.base_dist()
@@ -182,7 +214,16 @@ class Flow(nn.Module):
     def rsample(
         self, sample_shape: SampleShape = (), context: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """A reparameterised sample of shape ``sample_shape + context batch + event_shape``."""
+        """A reparameterised sample.
+
+        Args:
+            sample_shape: leading shape of the draws (an int or a tuple of ints).
+            context: context of shape ``(*batch, context_dim)`` for a conditional flow, else
+                ``None``.
+
+        Returns:
+            A tensor of shape ``sample_shape + context batch + event_shape``.
+        """
         shape = _sample_shape(sample_shape) + self._check_context(context)
         return self.forward_and_log_det(self.base_dist().rsample(shape), context)[0]
 
@@ -190,16 +231,46 @@ class Flow(nn.Module):
     def sample(
         self, sample_shape: SampleShape = (), context: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """A sample (no gradient) of shape ``sample_shape + context batch + event_shape``."""
+        """A sample, without gradient.
+
+        Args:
+            sample_shape: leading shape of the draws (an int or a tuple of ints).
+            context: context of shape ``(*batch, context_dim)`` for a conditional flow, else
+                ``None``.
+
+        Returns:
+            A tensor of shape ``sample_shape + context batch + event_shape``.
+        """
         return self.rsample(sample_shape, context)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """Same as ``log_prob``, so ``flow(x)`` works in ``nn`` code (and under DDP)."""
+        """Same as ``log_prob``, so ``flow(x)`` works in ``nn`` code (and under DDP).
+
+        Args:
+            x: points of shape ``(*batch, *event_shape)``.
+            context: context of shape ``(*batch, context_dim)`` for a conditional flow, else
+                ``None``.
+
+        Returns:
+            The log-density, of shape ``batch``.
+        """
         return self.log_prob(x, context)
 
     # -- Pyro integration ----------------------------------------------------------------
     def dist(self, context: torch.Tensor | None = None) -> dist.TransformedDistribution:
-        """The flow as a ``pyro.distributions.TransformedDistribution`` (for ``pyro.sample``)."""
+        """The flow as a Pyro distribution, for ``pyro.sample``.
+
+        Scoring its own fresh sample reuses the sampling pass: no inverse is run (see
+        ``FlowTransform``).
+
+        Args:
+            context: context of shape ``(*batch, context_dim)`` for a conditional flow, else
+                ``None``.
+
+        Returns:
+            A ``TransformedDistribution`` with batch shape ``context.shape[:-1]`` (``()`` without a
+            context).
+        """
         batch = self._check_context(context)
         transform = self.transform.condition(context) if self.context_dim else self.transform
         return dist.TransformedDistribution(self.base_dist(batch), [transform])
@@ -213,10 +284,20 @@ class Flow(nn.Module):
     # -- checkpoints -----------------------------------------------------------------------
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
-    ):
-        """Like ``nn.Module.load_state_dict``, but a mismatched ``state_dict`` (missing or
-        unexpected keys, wrong shapes) raises ``ValueError`` *before* anything is copied, so a
-        failed load never leaves the flow half-loaded."""
+    ) -> Any:
+        """Like ``nn.Module.load_state_dict``, but all or nothing.
+
+        A mismatched ``state_dict`` (missing or unexpected keys, wrong shapes) raises ``ValueError``
+        *before* anything is copied, so a failed load never leaves the flow half-loaded.
+
+        Args:
+            state_dict: parameters and buffers, as from ``state_dict()``.
+            strict: require exactly this flow's keys.
+            assign: assign the tensors instead of copying into the existing ones.
+
+        Returns:
+            The missing and unexpected keys (empty when ``strict``).
+        """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
         own = self.state_dict()
@@ -243,8 +324,14 @@ class Flow(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def save(self, path: str | Path) -> None:
-        """Save the flow (its build options and every parameter and buffer, data-dependent
-        initialisation included) so that ``Flow.load`` restores it exactly."""
+        """Save the flow so that ``Flow.load`` restores it exactly.
+
+        Saves the build options and every parameter and buffer, data-dependent initialisation
+        included. Only flows made by ``build_flow`` can be saved this way.
+
+        Args:
+            path: the file to write.
+        """
         if "name" not in self.config:
             raise ValueError(
                 "only flows made by build_flow can be saved with save(); use state_dict()"
@@ -255,8 +342,16 @@ class Flow(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device | None = None) -> Flow:
-        """Rebuild a flow saved by ``save``. A missing, corrupted or mismatched file raises
-        ``ValueError`` (``FileNotFoundError`` if absent) and returns nothing half-built."""
+        """Rebuild a flow saved by ``save``.
+
+        Args:
+            path: the file.
+            map_location: device to load onto (default: the CPU, then left there).
+
+        Returns:
+            The flow. A corrupted or mismatched file raises ``ValueError`` (a missing one
+            ``FileNotFoundError``) and returns nothing half-built.
+        """
         from pyroflows.registry import build_flow
 
         try:

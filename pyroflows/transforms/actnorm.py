@@ -55,7 +55,12 @@ class ActNorm(FlowTransform):
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
-        """Standardise ``x`` channel-wise: set ``b`` to its mean and ``exp(s)`` to its std."""
+        """Standardise ``x`` channel-wise: set the shift to its mean and the scale to its std.
+
+        Args:
+            x: a batch of data of shape ``(*batch, *event_shape)`` (at least two values per
+                channel).
+        """
         channels_last = (
             x.reshape(-1, *self.event_shape).transpose(0, 1).reshape(self.event_shape[0], -1)
         )

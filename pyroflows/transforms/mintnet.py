@@ -153,7 +153,14 @@ class MaskedInvertibleConv(FlowTransform):
         return w1, w2, products
 
     def explicit(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The data -> latent map ``g(x)`` and its Jacobian diagonal ``d(x) > 0``."""
+        """The explicit (data -> latent) map and its Jacobian diagonal.
+
+        Args:
+            x: data of shape ``(*batch, C, H, W)``.
+
+        Returns:
+            ``(g(x), d(x))``, both shaped like ``x``.
+        """
         w1, w2, products = self._weights()
         batch = x.shape[:-3]
         flat = x.reshape(-1, *self.event_shape)
@@ -172,7 +179,14 @@ class MaskedInvertibleConv(FlowTransform):
         return self.tol if self.tol is not None else (1e-10 if dtype == torch.float64 else 1e-5)
 
     def solve(self, z: torch.Tensor) -> torch.Tensor:
-        """``x`` with ``g(x) = z`` by diagonal Newton iteration (no gradient)."""
+        """``x`` with ``g(x) = z``, by diagonal Newton iteration (no gradient).
+
+        Args:
+            z: latents of shape ``(*batch, C, H, W)``.
+
+        Returns:
+            ``x``; a ``RuntimeWarning`` if ``max_iter`` is reached first.
+        """
         tol = self._tol(z.dtype)
         if z.numel() == 0:
             return z.clone()
@@ -197,8 +211,17 @@ class MaskedInvertibleConv(FlowTransform):
     def adjoint_solve(
         self, gx: torch.Tensor, x: torch.Tensor, diag: torch.Tensor, grad: torch.Tensor
     ) -> torch.Tensor:
-        """``v`` with ``J(x)^T v = grad`` by the same iteration (``gx = g(x)`` carries the
-        graph)."""
+        """``v`` with ``J(x)^T v = grad``, by the same iteration.
+
+        Args:
+            gx: ``g(x)``, carrying the graph back to ``x``.
+            x: the solution point.
+            diag: the Jacobian diagonal at ``x``.
+            grad: the incoming gradient.
+
+        Returns:
+            ``v``, shaped like ``grad``.
+        """
         if grad.numel() == 0:
             return grad.clone()
         tol = self._tol(grad.dtype) * max(1.0, grad.abs().max().item())
