@@ -17,6 +17,12 @@ trained for it on uniformly dequantised data $(k + u) / L$, $u \sim U(0, 1)$
 - \log L$, so its training objective bounds the discrete one. The encoder reads the bin centres
 $(k + \tfrac12) / L$.
 
+Every table is mixed with a uniform floor, $\tilde P = (1 - L f) P + f$ with $f = 2^{-24}$:
+the entropy coder works with 24-bit fixed-point probabilities and gives every level at least
+$2^{-24}$ anyway, so a pixel the decoder rules out (an overconfident Normal puts $10^{-100}$ on
+it) costs at most 24 bits, not hundreds. The floored likelihood is the one the codec codes
+with, and the one its ELBO and $\log P(x)$ estimates use; where $P$ is not tiny the two agree.
+
 Tables are computed in float64 on the CPU from decoder outputs rounded to a fixed grid, so the
 encoder and the decoder of a message compute bit-identical tables (see
 [`BitsBackCodec`][pyroflows.compress.BitsBackCodec]).
@@ -24,12 +30,15 @@ encoder and the decoder of a message compute bit-identical tables (see
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from pyroflows.models import VAE
 from pyroflows.validation import check_int, check_tensor
 
 GRID_BITS = 20  # network outputs are rounded to multiples of 2**-GRID_BITS before coding
+FLOOR = 2.0**-24  # least probability of a level: the coder's fixed-point resolution
 
 
 def quantise(t: torch.Tensor) -> torch.Tensor:
@@ -133,7 +142,8 @@ class DiscreteLikelihood:
         return x if self.vae.likelihood == "bernoulli" else (x + 0.5) / self.num_levels
 
     def log_table(self, z: torch.Tensor) -> torch.Tensor:
-        """$\\log P(x_j = k \\mid z)$ for every pixel and level, float64 on the CPU.
+        """$\\log \\tilde P(x_j = k \\mid z)$ (floored) for every pixel and level, float64 on
+        the CPU.
 
         Args:
             z: latents ``(*batch, z_dim)`` on the VAE's device and dtype.
@@ -144,10 +154,14 @@ class DiscreteLikelihood:
         base = self.vae.likelihood_dist(z).base_dist
         if self.vae.likelihood == "bernoulli":
             logits = quantise(base.logits)
-            return torch.stack([torch.nn.functional.logsigmoid(-logits),
-                                torch.nn.functional.logsigmoid(logits)], dim=-1)
-        masses = normal_bin_masses(quantise(base.loc), quantise(base.scale), self.edges)
-        return masses.clamp_min(torch.finfo(torch.float64).tiny).log()
+            log_p = torch.stack([torch.nn.functional.logsigmoid(-logits),
+                                 torch.nn.functional.logsigmoid(logits)], dim=-1)
+        else:
+            masses = normal_bin_masses(quantise(base.loc), quantise(base.scale), self.edges)
+            log_p = masses.clamp_min(torch.finfo(torch.float64).tiny).log()
+        # the floored mixture (1 - L f) P + f, in log space
+        floor = log_p.new_tensor(math.log(FLOOR))
+        return torch.logaddexp(log_p + math.log1p(-self.num_levels * FLOOR), floor)
 
 
 def dequantize(
