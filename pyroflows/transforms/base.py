@@ -28,6 +28,7 @@ import torch
 from pyro.distributions.conditional import ConditionalTransform
 from pyro.distributions.torch_transform import TransformModule
 from pyro.distributions.util import is_validation_enabled
+from torch.autograd.function import once_differentiable
 from torch.distributions import Transform, constraints
 
 from pyroflows.validation import check_int, check_tensor
@@ -85,6 +86,7 @@ class _Replay(torch.autograd.Function):
         return outputs.detach(), log_det.detach()
 
     @staticmethod
+    @once_differentiable  # second derivatives through a replay raise instead of being 0
     def backward(ctx, grad_outputs, grad_log_det):  # type: ignore[override]
         inputs, *rest = ctx.saved_tensors
         context = rest.pop(0) if ctx.has_context else None
