@@ -191,3 +191,17 @@ def test_scoring_a_dist_sample_does_not_invert():
     calls.clear()
     d.log_prob(x.detach().clone())  # a new tensor is always inverted for real
     assert len(calls) == len(flow.layers)
+
+
+def test_data_dependent_init_follows_load_state_dict():
+    # the layers mirror their `initialized` buffer on the host; a load must refresh the mirror
+    flow = build_flow("realnvp", (1, 4, 4), num_layers=2, hidden_dims=(4,))
+    fresh = {k: v.clone() for k, v in flow.state_dict().items()}
+    flow.log_prob(torch.rand(8, 1, 4, 4))
+    layers = [m for m in flow.modules() if hasattr(m, "initialized")]
+    assert layers and all(bool(m.initialized) for m in layers)
+    flow.load_state_dict(fresh)  # back to "not initialised"
+    shifts = [m.shift.clone() for m in layers]
+    flow.log_prob(5 + 3 * torch.rand(8, 1, 4, 4))  # so it initialises again, from this batch
+    assert all(bool(m.initialized) for m in layers)
+    assert not torch.equal(layers[-1].shift, shifts[-1])
