@@ -14,9 +14,11 @@ a layer built with a ``context_dim`` reads the context, a layer built without on
 Pyro asks for a map and its log-determinant in separate calls, while every layer computes both in
 one pass. The layer therefore remembers its last pass (input, output, log-determinant) and
 answers a later call from it only when that call is provably about the same computation: the
-same input or output tensor *object*, the same context object, no in-place change to any of
-them or to any parameter or buffer since (tensor ``_version`` counters), and no gradient
-wanted that the remembered pass did not record. Anything else recomputes.
+same input or output tensor *object*, the same context object, and no in-place change to any
+of them or to any parameter or buffer since (tensor ``_version`` counters). Anything else
+recomputes. A pass recorded without gradients (``sample()`` runs under ``no_grad``) and asked
+for where gradients are wanted is replayed: the values come from memory, and the backward pass
+recomputes the layer, so gradients are exact and paid for only when used.
 """
 
 from __future__ import annotations
