@@ -1,23 +1,31 @@
 r"""``AutoFlow``: an autoguide whose posterior is any registered normalizing flow.
 
-Like every :class:`~pyro.infer.autoguide.AutoContinuous` guide, ``AutoFlow`` maps the model's
-latent sites to one unconstrained vector $u \in \mathbb R^D$ (ADVI's change of variables) and
-puts a distribution on $u$; here that distribution is a flow $T$ of any family in
-:func:`pyroflows.available_flows`, followed by an optional learnable diagonal affine map:
+Like every [`AutoContinuous`][pyro.infer.autoguide.AutoContinuous] guide, ``AutoFlow`` maps the
+model's latent sites to one unconstrained vector $u \in \mathbb R^D$ (ADVI's change of variables)
+and puts a distribution on $u$; here that distribution is a flow $T$ of any family in
+``pyroflows.available_flows()``, followed by a learnable affine stage and a fixed one:
 
 $$
-u = \mu + \sigma \odot T(\varepsilon), \qquad \varepsilon \sim \mathcal N(0, I_D), \qquad
-\log q(u) = \log \mathcal N(\varepsilon; 0, I) - \log\bigl|\det \tfrac{\partial T}{\partial\varepsilon}\bigr|
-  - \textstyle\sum_i \log \sigma_i .
+u = \hat u + L_0 \bigl(\delta + S\, T(\varepsilon)\bigr), \qquad
+\varepsilon \sim \mathcal N(0, I_D),
 $$
 
-With $T$ the identity this is ``AutoDiagonalNormal`` (so training starts from it: the layers are
-initialised at or near the identity, $\mu$ at ``init_loc_fn``'s point and $\sigma$ at
-``init_scale``). The affine map comes *after* the flow, so the flow always works on
-standardised coordinates: its networks see $O(1)$ inputs whatever the scale and location of the
-model's latents, and ``get_transform()`` is a whitening map for
-:class:`~pyro.infer.reparam.NeuTraReparam` (Hoffman et al. 2019). ``affine=False`` drops the
-affine map (Pyro's ``AutoNormalizingFlow`` layout).
+with $S$ lower-triangular (``affine="full"``) or diagonal (``affine="diagonal"``), both
+initialised at $\delta = 0$, $S = I$, and the flow's layers at or near the identity. The fixed
+map $(\hat u, L_0)$ is the **warm start** (``warm_start="laplace"``, the default): the MAP and
+the Cholesky factor of the Laplace covariance, found by
+[`laplace_warm_start`][pyroflows.guides.warm_start.laplace_warm_start] the first time the guide
+runs. Training therefore starts at the Laplace approximation, and everything learnable works in
+whitened coordinates where the posterior has unit scale: the flow only has to learn what is not
+Gaussian, and one learning rate suits every model however small or correlated its posterior
+sds. ``warm_start=None`` uses the init strategy's point and ``init_scale`` instead (training
+then starts at ``AutoDiagonalNormal``'s usual initialisation). ``get_transform()`` is the whole
+$\varepsilon \mapsto u$ map, a whitening map for
+[`NeuTraReparam`][pyro.infer.reparam.NeuTraReparam] (Hoffman et al. 2019).
+
+[`diagnose`][pyroflows.guides.AutoFlow.diagnose] checks a trained guide by Pareto-smoothed
+importance sampling (Yao et al. 2018): $\hat k < 0.7$ means the guide's draws, reweighted, are
+usable; above it, run NeuTra-HMC with the guide's transform.
 
 The guide's ``log_prob`` at its own samples comes from the forward pass
 (:class:`~pyroflows.guides.posterior.FlowPosterior`), so inverse-expensive families (IAF,
@@ -29,24 +37,38 @@ References:
     Kingma et al. (2016), *Improved Variational Inference with Inverse Autoregressive Flow*.
     Hoffman et al. (2019), *NeuTra-lizing Bad Geometry in Hamiltonian Monte Carlo Using Neural
     Transport*.
+    Yao, Vehtari, Simpson & Gelman (2018), *Yes, but Did It Work?: Evaluating Variational
+    Inference*, ICML.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
-from pyro.distributions.transforms import AffineTransform, ComposeTransform
+from pyro.distributions.transforms import AffineTransform, ComposeTransform, LowerCholeskyAffine
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
 from torch.distributions import Transform, biject_to
 
 from pyroflows.guides.posterior import FlowPosterior
-from pyroflows.registry import _positive_int, build_flow, get_builder
+from pyroflows.guides.warm_start import (
+    WarmStart,
+    laplace_warm_start,
+    plate_nesting,
+    unconstrained_log_density,
+)
+from pyroflows.registry import build_flow, get_builder
+from pyroflows.validation import check_choice, check_int, check_positive
+
+WARM_STARTS = ("laplace", "map", None)
+AFFINES = ("full", "diagonal", None)
 
 
 class AutoFlow(AutoContinuous):
@@ -54,18 +76,24 @@ class AutoFlow(AutoContinuous):
 
     Args:
         model: a Pyro model with continuous latent sites (static structure).
-        flow: a family in :func:`pyroflows.available_flows`.
+        flow: a family in ``pyroflows.available_flows()``.
         num_layers: layers of the flow (the family's default if ``None``).
         hidden_dims: conditioner widths of the flow (the family's default if ``None``).
-        affine: follow the flow with a learnable diagonal affine map $\\mu + \\sigma \\odot\\cdot$.
-        init_loc_fn: per-site initialisation of $\\mu$ (see Pyro's autoguide initialisation).
-        init_scale: initial $\\sigma$ (with ``affine``).
-        num_quantile_samples: posterior draws behind :meth:`quantiles` and :meth:`median`.
+        affine: the learnable affine stage after the flow: ``"full"`` (lower-triangular),
+            ``"diagonal"``, ``None`` (none), or ``True`` for ``"full"`` up to 256 latent
+            dimensions and ``"diagonal"`` above.
+        warm_start: ``"laplace"`` (MAP and Laplace covariance), ``"map"`` (MAP, with
+            ``init_scale``) or ``None`` (the init point, with ``init_scale``).
+        num_starts: L-BFGS starts of the MAP search (optimised together).
+        init_loc_fn: per-site initial point (see Pyro's autoguide initialisation): the first
+            MAP start, or the location without a warm start.
+        init_scale: scale of the fixed affine map when there is no usable curvature.
+        num_quantile_samples: posterior draws behind ``quantiles`` and ``median``.
         **flow_options: further options of the family's builder.
 
     Raises:
-        ValueError: unknown ``flow``, a non-positive ``init_scale`` / ``num_quantile_samples``,
-            or (at the first call) a discrete latent site, named in the message.
+        ValueError: unknown ``flow``, a bad option, or (at the first call) a discrete latent
+            site or a non-finite log-density at the initial point, named in the message.
 
     Example:
         >>> import pyro, pyro.distributions as dist
@@ -80,8 +108,6 @@ class AutoFlow(AutoContinuous):
         ['mu']
     """
 
-    scale_constraint = constraints.softplus_positive
-
     def __init__(
         self,
         model: Callable,
@@ -89,32 +115,71 @@ class AutoFlow(AutoContinuous):
         *,
         num_layers: int | None = None,
         hidden_dims: int | Sequence[int] | None = None,
-        affine: bool = True,
+        affine: bool | str | None = True,
+        warm_start: str | None = "laplace",
+        num_starts: int = 8,
         init_loc_fn: Callable = init_to_median,
         init_scale: float = 0.1,
         num_quantile_samples: int = 10_000,
         **flow_options: Any,
     ) -> None:
         get_builder(flow)  # unknown names fail here, not at the first SVI step
-        if not isinstance(init_scale, (int, float)) or isinstance(init_scale, bool) or not init_scale > 0:
-            raise ValueError(f"init_scale must be a positive float, got {init_scale!r}")
+        self._init_scale = check_positive(init_scale, "init_scale")
+        if affine is not True:
+            check_choice(affine if affine is not False else None, "affine", AFFINES)
+        self._affine = None if affine is False else affine
+        self._warm = check_choice(warm_start, "warm_start", WARM_STARTS)
+        self._num_starts = check_int(num_starts, "num_starts")
         self._flow_name = flow
         self._flow_args = dict(num_layers=num_layers, hidden_dims=hidden_dims, **flow_options)
-        self._affine = bool(affine)
-        self._init_scale = float(init_scale)
-        self.num_quantile_samples = _positive_int(num_quantile_samples, "num_quantile_samples")
+        self.num_quantile_samples = check_int(num_quantile_samples, "num_quantile_samples")
+        self._fixed_latent: torch.Tensor | None = None
+        self._vectorizable = True
+        self.warm_start: WarmStart | None = None
         super().__init__(model, init_loc_fn=init_loc_fn)
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)  # names discrete sites in a ValueError
         loc = self._init_loc()
+        dim = self.latent_dim
+        self._max_plate_nesting = plate_nesting(self.model, args, kwargs)
+        if self._warm is None:
+            self.warm_start = WarmStart(
+                loc, torch.diag_embed(torch.full_like(loc, self._init_scale)), "init", math.nan)
+        else:
+            with torch.enable_grad():
+                self.warm_start = laplace_warm_start(
+                    self, self.model, args, kwargs, init=loc, init_scale=self._init_scale,
+                    num_starts=self._num_starts, laplace=self._warm == "laplace",
+                )
+        self.register_buffer("base_loc", self.warm_start.loc.detach().clone())
+        self.register_buffer("base_scale_tril", self.warm_start.scale_tril.detach().clone())
         # Build on the model's device even under another default device (e.g. the tests' trap).
         with torch.device(loc.device):
-            flow = build_flow(self._flow_name, self.latent_dim, **self._flow_args)
+            flow = build_flow(self._flow_name, dim, **self._flow_args)
         self.flow = flow.to(dtype=loc.dtype)
-        if self._affine:
-            self.loc = torch.nn.Parameter(loc)
-            self.scale = PyroParam(torch.full_like(loc, self._init_scale), self.scale_constraint)
+        affine = self._affine
+        if affine is True:
+            affine = "full" if dim <= 256 else "diagonal"
+        self._affine_kind = affine
+        if affine is not None:
+            self.loc = torch.nn.Parameter(torch.zeros_like(loc))
+        if affine == "full":
+            eye = torch.diag_embed(torch.ones_like(loc))
+            self.scale_tril = PyroParam(eye, constraints.softplus_lower_cholesky)
+        elif affine == "diagonal":
+            self.scale = PyroParam(torch.ones_like(loc), constraints.softplus_positive)
+        self._setup_versions = [p._version for p in self.parameters()]
+
+    def sample_latent(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """A draw of $u$ from the posterior, or the fixed latent set by the warm start's
+        density evaluations."""
+        if self._fixed_latent is not None:
+            return pyro.sample(
+                f"_{self._pyro_name}_latent", dist.Delta(self._fixed_latent, event_dim=1),
+                infer={"is_auxiliary": True},
+            )
+        return super().sample_latent(*args, **kwargs)
 
     # -- the posterior over the unconstrained latent vector ------------------------------
     def get_base_dist(self) -> dist.Distribution:
@@ -122,19 +187,100 @@ class AutoFlow(AutoContinuous):
         return self.flow.base_dist()
 
     def _transforms(self) -> list[Transform]:
-        """The flow's layers, then the affine map: a flat list (nested composes are slow)."""
+        """The flow's layers, the learnable affine stage, the fixed warm-start map: a flat list
+        (nested composes are slow)."""
         layers: list[Transform] = self.flow.layers
-        if self._affine:
+        if self._affine_kind == "full":
+            layers.append(LowerCholeskyAffine(self.loc, self.scale_tril))
+        elif self._affine_kind == "diagonal":
             layers.append(AffineTransform(self.loc, self.scale, event_dim=1))
+        layers.append(LowerCholeskyAffine(self.base_loc, self.base_scale_tril))
         return layers
 
     def get_transform(self, *args: Any, **kwargs: Any) -> Transform:
-        """$\\varepsilon \\mapsto \\mu + \\sigma \\odot T(\\varepsilon)$ (independent of the model's arguments)."""
+        """$\\varepsilon \\mapsto u$, the whole map (independent of the model's arguments)."""
         return ComposeTransform(self._transforms())
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> FlowPosterior:
-        """$q(u)$ as a :class:`FlowPosterior` (free ``log_prob`` at its own samples)."""
+        """$q(u)$ as a [`FlowPosterior`][pyroflows.guides.FlowPosterior] (free ``log_prob`` at
+        its own samples)."""
         return FlowPosterior(self.get_base_dist(), self._transforms())
+
+    # -- trust -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def diagnose(self, *args: Any, num_samples: int = 4000, **kwargs: Any) -> dict[str, Any]:
+        """Pareto-smoothed importance sampling of the model against the guide (Yao et al. 2018).
+
+        Draws ``num_samples`` latents from the guide, computes the log importance weights
+        $\\log p(x, z) - \\log q(z)$ and smooths them with ``arviz.psislw``.
+
+        Args:
+            *args: the model's arguments.
+            num_samples: guide draws.
+            **kwargs: the model's keyword arguments.
+
+        Returns:
+            ``khat`` (Pareto $\\hat k$: below 0.5 good, below 0.7 usable, above unreliable),
+            ``ess`` (effective sample size of the smoothed weights), ``verdict`` (one line),
+            ``elbo`` and ``elbo_stderr`` (the ELBO from the same draws), ``weights``
+            (normalised smoothed weights, ``(num_samples,)``) and ``samples`` (site name ->
+            constrained draws ``(num_samples, *site_shape)``): ``(weights * x).sum(0)``
+            is the PSIS estimate of a posterior mean, and resampling by ``weights`` gives
+            PSIS-reweighted draws.
+
+        Raises:
+            RuntimeError: the guide has not been trained yet (no parameter has changed since
+                its set-up).
+        """
+        import arviz as az  # heavy: only the diagnostic needs it
+
+        check_int(num_samples, "num_samples", minimum=2)
+        if self.prototype_trace is None or all(
+            p._version == v for p, v in zip(self.parameters(), self._setup_versions)
+        ):
+            raise RuntimeError(
+                "diagnose() needs a trained guide: run fit_guide(model, guide, ...) (or SVI) first")
+        latent = self.get_posterior().sample((num_samples,))
+        log_w, trace = unconstrained_log_density(self, self.model, latent, args, kwargs)
+        log_q = self.get_posterior().log_prob(latent)
+        log_w = (log_w - log_q).double().cpu()
+        finite = torch.isfinite(log_w)
+        log_w = torch.where(finite, log_w, torch.full_like(log_w, -math.inf))
+        smoothed, khat = az.psislw(log_w.numpy().copy())
+        weights = torch.from_numpy(smoothed).exp()
+        weights = weights / weights.sum()
+        khat = float(khat)
+        ess = float(1.0 / (weights**2).sum())
+        if khat < 0.5:
+            verdict = f"good: k-hat {khat:.2f} < 0.5, the guide is close to the posterior"
+        elif khat < 0.7:
+            verdict = f"usable: k-hat {khat:.2f} < 0.7; prefer the PSIS-reweighted draws"
+        else:
+            verdict = (f"unreliable: k-hat {khat:.2f} >= 0.7; do not trust the guide's draws, "
+                       "run NeuTra-HMC with its transform")
+        ok = log_w[finite]
+        samples = {
+            name: biject_to(site["fn"].support)(value).reshape(
+                num_samples, *self.prototype_trace.nodes[name]["value"].shape)
+            for name, site, value in self._unpacked(latent)
+        }
+        ref = latent
+        return dict(
+            khat=khat, ess=ess, verdict=verdict,
+            elbo=float(ok.mean()), elbo_stderr=float(ok.std() / math.sqrt(max(len(ok), 1))),
+            num_nonfinite=int((~finite).sum()),
+            weights=weights.to(device=ref.device, dtype=ref.dtype), samples=samples,
+        )
+
+    def _unpacked(self, latent: torch.Tensor) -> list[tuple[str, dict, torch.Tensor]]:
+        """``(name, prototype site, unconstrained value (N, *shape))`` for draws ``(N, D)``."""
+        out, pos = [], 0
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            shape = self._unconstrained_shapes[name]
+            size = shape.numel()
+            out.append((name, site, latent[:, pos : pos + size].reshape(-1, *shape)))
+            pos += size
+        return out
 
     # -- summaries -----------------------------------------------------------------------
     @torch.no_grad()
@@ -143,14 +289,10 @@ class AutoFlow(AutoContinuous):
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         latent = self.get_posterior(*args, **kwargs).sample((self.num_quantile_samples,))
-        samples, pos = {}, 0
-        for name, site in self.prototype_trace.iter_stochastic_nodes():
-            shape = self._unconstrained_shapes[name]
-            size = shape.numel()
-            value = latent[:, pos : pos + size].reshape(-1, *shape)
-            samples[name] = biject_to(site["fn"].support)(value)
-            pos += size
-        return samples
+        return {
+            name: biject_to(site["fn"].support)(value)
+            for name, site, value in self._unpacked(latent)
+        }
 
     @torch.no_grad()
     def quantiles(self, quantiles: Sequence[float] | torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:

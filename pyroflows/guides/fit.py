@@ -1,57 +1,112 @@
-"""``fit_guide``: the SVI loop the CLI, the benchmark and the tutorials share, for any guide."""
+"""``fit_guide``: variational inference for any guide, a negative-ELBO closure run by the one
+training loop ([`train_loop`][pyroflows.infer.loop.train_loop])."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import pyro
+import torch
 from pyro import poutine
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import Trace_ELBO
 from pyro.infer.elbo import ELBO
-from tqdm.auto import tqdm
+from torch import nn
 
-from pyroflows.registry import _positive_int
+from pyroflows.infer.importance import log_importance_weights
+from pyroflows.infer.loop import run_generator, train_loop
+from pyroflows.validation import check_int, check_positive
+
+
+def _latent_dim(guide: Callable, args: tuple, kwargs: dict) -> int:
+    """Number of scalar latent values the guide draws (its ``latent_dim`` when it has one)."""
+    if getattr(guide, "latent_dim", None) is not None:
+        return int(guide.latent_dim)
+    trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    return sum(
+        site["value"].numel() for site in trace.nodes.values()
+        if site["type"] == "sample" and not site["is_observed"]
+    )
+
+
+def default_particles(dim: int) -> int:
+    """ELBO particles per step for a ``dim``-dimensional posterior: ``2 * dim``, within
+    ``[8, 64]`` (the gradient's variance grows with the dimension; vectorised particles are
+    cheap next to a step)."""
+    return max(8, min(64, 2 * dim))
 
 
 def fit_guide(
     model: Callable,
     guide: Callable,
     *args: Any,
-    num_steps: int = 2000,
+    num_steps: int = 5000,
     lr: float = 1e-2,
-    final_lr: float = 1e-3,
-    num_particles: int = 64,
+    final_lr: float | None = None,
+    num_particles: int | None = None,
     elbo: ELBO | None = None,
-    clip_norm: float = 10.0,
+    max_grad_norm: float | None = 10.0,
     anneal_steps: int = 0,
+    eval_every: int = 100,
+    patience: int | None = 5,
+    num_elbo_samples: int = 2000,
     progress: bool = True,
     seed: int | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    distributed: bool = False,
     **kwargs: Any,
-) -> dict[str, list[float]]:
-    """Train ``guide`` for ``model`` by SVI with Adam, the learning rate decaying geometrically.
+) -> dict[str, Any]:
+    """Train ``guide`` for ``model`` by stochastic variational inference, stopping when the
+    ELBO reaches a plateau (or at the ``num_steps`` budget).
+
+    The guide is called once first (an [`AutoFlow`][pyroflows.guides.AutoFlow] then makes its
+    parameters and its warm start); then [`train_loop`][pyroflows.infer.loop.train_loop]
+    minimises the negative ELBO over every parameter the model and guide use, with the learning
+    rate decaying geometrically from ``lr`` to ``final_lr``. Every ``eval_every`` steps the mean
+    loss of the last window is compared with the best so far; ``patience`` windows without an
+    improvement beyond twice the window's standard error end the run.
 
     Args:
         model: a Pyro model.
-        guide: its guide (any autoguide, :class:`~pyroflows.guides.AutoFlow` included).
+        guide: its guide (any autoguide, [`AutoFlow`][pyroflows.guides.AutoFlow] included).
         *args: the model's and guide's arguments.
-        num_steps: optimiser steps.
+        num_steps: the step budget.
         lr: initial learning rate.
-        final_lr: learning rate at the last step.
-        num_particles: vectorised particles per ELBO estimate (ignored when ``elbo`` is given).
-        elbo: the objective (default ``Trace_ELBO(num_particles, vectorize_particles=True)``);
-            e.g. ``RenyiELBO(alpha=0, num_particles=K)`` for the IWAE bound.
-        clip_norm: gradient-norm clip of Pyro's ``ClippedAdam``.
+        final_lr: learning rate at the end of the budget (default ``lr / 10``).
+        num_particles: vectorised particles per ELBO estimate (default from the latent
+            dimension, [`default_particles`][pyroflows.guides.fit.default_particles]; ignored
+            when ``elbo`` is given).
+        elbo: the objective; it needs ``differentiable_loss`` (``Trace_ELBO``,
+            ``TraceMeanField_ELBO``, ``TraceEnum_ELBO``). Default ``Trace_ELBO`` with
+            vectorised particles.
+        max_grad_norm: gradient-norm clip (``None``: no clipping).
         anneal_steps: temper the model's log-density by $\\beta$ rising linearly from 0.01 to 1
             over the first ``anneal_steps`` steps (Rezende & Mohamed 2015): the guide then
             fits $p^\\beta$, broad at first, which keeps reverse-KL training from dropping modes.
+            No plateau stop happens while annealing.
+        eval_every: steps per plateau window.
+        patience: windows without improvement before stopping (``None``: run the budget).
+        num_elbo_samples: guide draws for the final ELBO estimate (0: skip it; the model must
+            be vectorisable over a particle plate for it).
         progress: show a tqdm progress bar.
-        seed: seed of Pyro's, torch's and numpy's global RNGs.
+        seed: seed of the run's generator; Pyro's sample statements draw from torch's global
+            generator, which is seeded inside a ``fork_rng`` and restored afterwards.
+        checkpoint: training checkpoint file (the guide's ``state_dict``, optimiser, random
+            states, history; the guide must be an ``nn.Module``, and parameters a model makes
+            with ``pyro.param`` are not in it).
+        resume: continue from ``checkpoint`` when it exists.
+        distributed: average gradients over an initialised ``torch.distributed`` group (every
+            rank passes its own data shard; rank 0's guide parameters are broadcast first).
         **kwargs: the model's and guide's keyword arguments.
 
     Returns:
-        ``{"loss": [...]}``, the negative ELBO estimate at each step (of the tempered model
-        during annealing).
+        The history of [`train_loop`][pyroflows.infer.loop.train_loop] (``train_loss`` is the
+        negative ELBO estimate per step, of the tempered model while annealing;
+        ``window_loss`` at ``eval_step``), plus ``num_particles`` and, unless
+        ``num_elbo_samples=0``, ``elbo`` and ``elbo_stderr``: the final ELBO from
+        ``num_elbo_samples`` independent draws, and its Monte-Carlo standard error.
 
     Example:
         >>> from pyroflows import energies
@@ -60,33 +115,51 @@ def fit_guide(
         >>> guide = AutoFlow(target.model, flow="realnvp")
         >>> history = fit_guide(target.model, guide, num_steps=100, progress=False)
     """
-    _positive_int(num_steps, "num_steps")
-    _positive_int(num_particles, "num_particles")
-    if isinstance(anneal_steps, bool) or not isinstance(anneal_steps, int) or anneal_steps < 0:
-        raise ValueError(f"anneal_steps must be a non-negative int, got {anneal_steps!r}")
-    for name, value in (("lr", lr), ("final_lr", final_lr), ("clip_norm", clip_norm)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if seed is not None:
-        pyro.set_rng_seed(seed)
-    decay = (final_lr / lr) ** (1 / num_steps)
-    optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": decay, "clip_norm": clip_norm})
-    loss = elbo if elbo is not None else Trace_ELBO(num_particles=num_particles, vectorize_particles=True)
-    beta = 1.0
+    check_int(anneal_steps, "anneal_steps", minimum=0)
+    check_int(num_elbo_samples, "num_elbo_samples", minimum=0)
+    check_positive(lr, "lr")
+    final_lr = lr / 10 if final_lr is None else check_positive(final_lr, "final_lr")
+    if elbo is not None and not hasattr(elbo, "differentiable_loss"):
+        raise TypeError(
+            f"elbo must offer differentiable_loss (e.g. Trace_ELBO), got {type(elbo).__name__}")
+    if checkpoint is not None and not isinstance(guide, nn.Module):
+        raise TypeError("checkpoint needs the guide to be an nn.Module (e.g. an autoguide)")
+    module = guide if isinstance(guide, nn.Module) else nn.Module()
+    with run_generator(seed, module) as g:
+        guide(*args, **kwargs)  # parameters (and an AutoFlow's warm start) exist from here on
+        if num_particles is None:
+            num_particles = default_particles(_latent_dim(guide, args, kwargs))
+        check_int(num_particles, "num_particles")
+        loss = elbo if elbo is not None else Trace_ELBO(
+            num_particles=num_particles, vectorize_particles=True)
+        beta = 1.0
 
-    def tempered(*args: Any, **kwargs: Any) -> Any:
-        with poutine.scale(scale=beta):
-            return model(*args, **kwargs)
+        def tempered(*args: Any, **kwargs: Any) -> Any:
+            with poutine.scale(scale=beta):
+                return model(*args, **kwargs)
 
-    svi = SVI(tempered, guide, optim, loss)
-    history: dict[str, list[float]] = {"loss": []}
-    bar = tqdm(range(num_steps), disable=not progress, desc="svi", dynamic_ncols=True)
-    for step in bar:
-        beta = min(1.0, 0.01 + 0.99 * step / anneal_steps) if anneal_steps else 1.0
-        value = svi.step(*args, **kwargs)
-        history["loss"].append(value)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{value:.4f}")
-    bar.close()
+        with poutine.trace(param_only=True) as params:
+            loss.differentiable_loss(tempered, guide, *args, **kwargs)
+        parameters = list({id(p): p for p in (
+            site["value"].unconstrained() for site in params.trace.nodes.values())}.values())
+
+        def loss_fn(step: int) -> torch.Tensor:
+            nonlocal beta
+            beta = min(1.0, 0.01 + 0.99 * (step - 1) / anneal_steps) if anneal_steps else 1.0
+            return loss.differentiable_loss(tempered, guide, *args, **kwargs)
+
+        history = train_loop(
+            module, loss_fn, num_steps=num_steps, lr=lr, generator=g, parameters=parameters,
+            schedule="exponential", final_lr=final_lr, max_grad_norm=max_grad_norm,
+            eval_every=eval_every, patience=patience, progress=progress, kind="fit_guide",
+            checkpoint=checkpoint, resume=resume, distributed=distributed,
+            min_delta=0.0, plateau_after=anneal_steps,
+        )
+        history["num_particles"] = num_particles
+        if num_elbo_samples:
+            with torch.no_grad():
+                log_w = log_importance_weights(
+                    model, guide, *args, num_samples=num_elbo_samples, **kwargs)
+            history["elbo"] = log_w.mean().item()
+            history["elbo_stderr"] = log_w.std().item() / math.sqrt(num_elbo_samples)
     return history
-

@@ -11,7 +11,8 @@ option names (``num_steps``, ``lr``, ``max_grad_norm``, ``progress``, ``seed``, 
 ``eval_step``, ``best_val_loss``, ``best_step``, ``stopped_early``, ``skipped_steps``).
 
 **Non-finite steps.** A step whose loss or gradient norm is not finite is not taken: the
-gradient is dropped and the learning rate is multiplied by ``backoff``. After ``max_failures``
+gradient is dropped and the learning rate is multiplied by ``backoff`` (it grows back by the same
+factor over the next 50 finite steps). After ``max_failures``
 consecutive such steps (or as soon as the parameters themselves are non-finite) the parameters
 of the last finite step are restored and [`TrainingDiverged`][pyroflows.infer.loop.TrainingDiverged]
 is raised, naming the step, the loss and the learning rate.
@@ -142,6 +143,7 @@ def train_loop(
     eval_every: int | None = None,
     patience: int | None = None,
     min_delta: float = 0.0,
+    plateau_after: int = 0,
     backoff: float = 0.5,
     max_failures: int = 10,
     progress: bool = True,
@@ -178,7 +180,9 @@ def train_loop(
             Without ``validate``, an improvement must exceed twice the window mean's standard
             error, so Monte-Carlo noise alone does not keep a run going.
         min_delta: smallest decrease that counts as an improvement.
-        backoff: learning-rate factor after a non-finite step.
+        plateau_after: evaluations up to this step never count against ``patience`` (e.g. while
+            the objective itself changes, as under annealing).
+        backoff: learning-rate factor after a non-finite step (undone over 50 finite steps).
         max_failures: consecutive non-finite steps before giving up.
         progress: show a tqdm progress bar.
         kind: the caller's name, shown on the bar and checked when resuming.
@@ -212,6 +216,7 @@ def train_loop(
     if patience is not None:
         check_int(patience, "patience")
     check_number(min_delta, "min_delta", low=0.0)
+    check_int(plateau_after, "plateau_after", minimum=0)
     check_number(backoff, "backoff", low=0.0, high=1.0, low_open=True, high_open=True)
     check_int(max_failures, "max_failures")
     if resume and checkpoint is None:
@@ -271,7 +276,8 @@ def train_loop(
             history["val_loss"].append(value)
             threshold = 0.0
         else:
-            window = torch.tensor(history["train_loss"][state["window"]:], dtype=torch.float64)
+            window = torch.tensor(
+                history["train_loss"][state["window"]:], dtype=torch.float64, device="cpu")
             state["window"] = len(history["train_loss"])
             if len(window) == 0:
                 return False
@@ -280,7 +286,9 @@ def train_loop(
             threshold = 2 * spread / math.sqrt(len(window))
             history["window_loss"].append(value)
         history["eval_step"].append(step)
-        if value < state["best"] - max(min_delta, threshold):
+        if step <= plateau_after:
+            state["best"], state["since_best"] = math.inf, 0
+        elif value < state["best"] - max(min_delta, threshold):
             state["best"], state["since_best"] = value, 0
             if validate is not None:
                 history["best_val_loss"], history["best_step"] = value, step
@@ -322,6 +330,8 @@ def train_loop(
                 torch._foreach_copy_(good, [p.detach() for p in params])
             optimizer.step()
             state["failures"] = 0
+            # a backed-off learning rate recovers over ~50 finite steps per halving
+            state["scale"] = min(1.0, state["scale"] * backoff ** (-1 / 50))
             history["train_loss"].append(value.item())
             history["lr"].append(current)
         else:
