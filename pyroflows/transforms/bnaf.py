@@ -84,7 +84,9 @@ class MaskedBlockLinear(nn.Module):
         self.weight = nn.Parameter(
             torch.randn(dim * out_block, dim * in_block) / math.sqrt(in_block)
         )
-        self.log_norm = nn.Parameter(torch.zeros(dim * out_block, 1))
+        # Row norm 1/sqrt(a_in): the a_in positive diagonal entries of a row then sum to about
+        # 1, so a fresh layer neither stretches nor squashes its coordinate.
+        self.log_norm = nn.Parameter(torch.full((dim * out_block, 1), -0.5 * math.log(in_block)))
         self.bias = nn.Parameter(torch.empty(dim * out_block).uniform_(-1, 1) / math.sqrt(in_block))
         device = self.weight.device
         self.register_buffer("diag", (rows[:, None] == cols[None, :]).to(device))

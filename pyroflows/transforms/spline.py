@@ -20,8 +20,9 @@ $c = -s_k (y - y_k)$, $\delta = \delta_{k+1} + \delta_k - 2 s_k$, taken in the c
 form $\xi = 2c / (-b - \sqrt{b^2 - 4ac})$ (no bisection).
 
 The network outputs $3K - 1$ numbers per coordinate: widths and heights through a softmax
-(each at least ``min_bin_width`` / ``min_bin_height`` times $2B$), interior derivatives through
-a softplus shifted so that a zero output gives $\delta = 1$ (at least ``min_derivative``). The
+(each at least ``min_bin_width`` / ``min_bin_height`` times $2B$), interior derivatives as
+$\delta = \exp(c \tanh(r / c))$ with $c = \log(1 / \text{min\_derivative})$ (soft-clamped
+log-derivatives, like the affine map's log-scale), so a zero output gives $\delta = 1$. The
 conditioner's output layer starts at zero, so every spline (and every flow built from them)
 starts as the identity.
 
@@ -62,7 +63,8 @@ class RationalQuadraticSpline:
         bound: half-width ``B`` of the interval the spline acts on.
         min_bin_width: smallest bin width, as a fraction of ``2B`` (``bins * min_bin_width < 1``).
         min_bin_height: smallest bin height, as a fraction of ``2B`` (same constraint).
-        min_derivative: smallest knot derivative (``> 0``; keeps the map strictly increasing).
+        min_derivative: smallest knot derivative, in ``(0, 1)``; the largest is its inverse
+            (keeps the map strictly increasing and its slopes finite).
 
     Raises:
         ValueError: a non-positive ``bins`` or ``bound``, or minimum widths/heights that do not
@@ -82,9 +84,9 @@ class RationalQuadraticSpline:
         self.min_bin_width = check_positive(min_bin_width, "min_bin_width", below=1 / self.bins)
         self.min_bin_height = check_positive(min_bin_height, "min_bin_height", below=1 / self.bins)
         self.min_derivative = check_positive(min_derivative, "min_derivative", below=1.0)
-        # softplus(raw + shift) + min_derivative == 1 at raw == 0: a zero network output is the
-        # identity spline.
-        self._shift = math.log(math.expm1(1.0 - self.min_derivative))
+        # log-derivatives are soft-clamped to +-log(1 / min_derivative), as the affine map's
+        # log-scale is: no overflow, and a zero network output is derivative 1 (the identity).
+        self._log_bound = -math.log(self.min_derivative)
         self.num_params = 3 * self.bins - 1
 
     def __repr__(self) -> str:
@@ -105,7 +107,7 @@ class RationalQuadraticSpline:
         raw = torch.stack(params, dim=-1)  # (..., 3K - 1)
         widths, xs = self._knots(raw[..., :k], self.min_bin_width)
         heights, ys = self._knots(raw[..., k : 2 * k], self.min_bin_height)
-        derivs = self.min_derivative + F.softplus(raw[..., 2 * k :] + self._shift)
+        derivs = torch.exp(self._log_bound * torch.tanh(raw[..., 2 * k :] / self._log_bound))
         derivs = F.pad(derivs, (1, 1), value=1.0)  # identity tails: derivative 1 at +-B
         inside = (inputs > -self.bound) & (inputs < self.bound)
         # clamp, so the branch that torch.where discards has finite values and gradients
