@@ -278,3 +278,26 @@ def test_dequantize_stays_in_its_bin(data):
     assert torch.equal(torch.floor(y * 17), grey.repeat(3, 1, 1, 1))
     with pytest.raises(ValueError, match="copies"):
         dequantize(grey, 17, copies=0)
+
+
+# -- command line ------------------------------------------------------------------------------
+def test_cli_json_and_load(tmp_path, capsys):
+    import json
+
+    from pyroflows.cli import main
+
+    common = ["--importance-samples", "0", "--out", str(tmp_path), "--quiet", "--json"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # one epoch: may be flagged as untrained
+        assert main(["compress", "--steps", "12", *common]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("bits_per_dim", "elbo_bits_per_dim", "gzip_bits_per_dim", "lzma_bits_per_dim"):
+        assert math.isfinite(metrics[key])
+    assert metrics["roundtrip_ok"] is True and metrics["num_test"] == 359
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert main(["compress", "--load", metrics["model"], "--overwrite", *common]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["message_bytes"] == metrics["message_bytes"]  # same model, same file size
+    assert main(["compress", "--load", str(tmp_path / "missing.pt"), *common]) == 2
+    assert "cannot load" in capsys.readouterr().err

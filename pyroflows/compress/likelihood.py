@@ -66,10 +66,10 @@ def normal_bin_masses(loc: torch.Tensor, scale: torch.Tensor, edges: torch.Tenso
         that bins far above the mean keep their (tiny) relative precision.
     """
     t = (edges - loc[..., None]) / scale[..., None]
-    lower, upper = t[..., :-1], t[..., 1:]
-    below = torch.special.ndtr(upper) - torch.special.ndtr(lower)
-    above = torch.special.ndtr(-lower) - torch.special.ndtr(-upper)
-    return torch.where(lower > 0, above, below).clamp_min(0.0)
+    cdf, sf = torch.special.ndtr(t), torch.special.ndtr(-t)
+    below = cdf[..., 1:] - cdf[..., :-1]
+    above = sf[..., :-1] - sf[..., 1:]
+    return torch.where(t[..., :-1] > 0, above, below).clamp_min(0.0)
 
 
 class DiscreteLikelihood:
