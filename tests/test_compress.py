@@ -12,7 +12,7 @@ from conftest import default_device_trap
 
 pytest.importorskip("constriction")
 
-from pyroflows.compress import BitsBackCodec, baseline_sizes, dequantize  # noqa: E402
+from pyroflows.compress import BitsBackCodec, baseline_sizes, dequantize, evaluate  # noqa: E402
 from pyroflows.datasets import digits  # noqa: E402
 from pyroflows.models import VAE, fit_vae  # noqa: E402
 
@@ -79,6 +79,17 @@ def test_round_trip_bit_exact(data, posterior, likelihood, dtype):
     decoded = codec.decode(message, len(x))
     assert decoded.dtype == dtype and decoded.shape == x.shape
     assert torch.equal(decoded, x.to(dtype))
+
+
+@pytest.mark.parametrize("posterior", ["gaussian", "iaf"])
+def test_round_trip_on_device(data, posterior, device, dtype):
+    """The VAE and the images on ``pytest --device`` / ``--dtype`` (default CPU, float32)."""
+    binary, _ = data
+    vae = make_vae(posterior, dtype=dtype).to(device)
+    codec = BitsBackCodec(vae)
+    x = binary[:8].to(device)
+    decoded = codec.decode(quiet(codec.encode, x), 8)
+    assert decoded.device.type == device.type and torch.equal(decoded, x.to(dtype))
 
 
 def test_integer_input_and_flat_rows(data):
@@ -149,7 +160,10 @@ def test_default_device_trap(data):
         message = quiet(codec.encode, binary[:4])
         decoded = codec.decode(message, 4)
         rate = quiet(codec.rate, binary[:4], num_samples=3, importance_samples=3)
+        report = quiet(evaluate, codec, binary[:4], num_samples=2)
+        noisy = dequantize(binary[:4], 2, generator=torch.Generator(device="cpu"))
     assert torch.equal(decoded, binary[:4]) and math.isfinite(rate["elbo_bits_per_dim"])
+    assert report["roundtrip_ok"] and noisy.shape == binary[:4].shape
 
 
 # -- bad input ---------------------------------------------------------------------------------
