@@ -424,7 +424,9 @@ class BitsBackCodec:
             A dict of bits per dimension (pixel): ``"bits_per_dim"`` (the whole message:
             header, initial bits and payload), ``"amortised_bits_per_dim"`` (the payload's
             growth over the initial bits: their cost amortised away), ``"elbo_bits_per_dim"``
-            ($-$ELBO), ``"overhead"`` (amortised over $-$ELBO, minus 1), ``"nll_bits_per_dim"``
+            ($-$ELBO), ``"sampling_se_bits_per_dim"`` (the standard deviation of the amortised
+            rate around $-$ELBO that random latent draws alone would cause), ``"overhead"``
+            (amortised over $-$ELBO, minus 1), ``"nll_bits_per_dim"``
             (with ``importance_samples``), and the sizes ``"message_bytes"``,
             ``"header_bits"``, ``"initial_bits"``, ``"num_images"``, ``"num_dims"``.
         """
@@ -434,11 +436,15 @@ class BitsBackCodec:
             raise ValueError(f"message must hold the {len(x)} images of x, it holds {count}")
         dims = count * self.vae.x_dim
         bits = 1 / (dims * math.log(2))  # nats -> bits per dim, over all images
-        elbo = -self.log_weights(x, num_samples).mean(0).sum().item() * bits
+        weights = self.log_weights(x, num_samples)
+        elbo = -weights.mean(0).sum().item() * bits
+        # spread of the coded rate around -ELBO if the popped latents were exact draws of Q
+        spread = math.sqrt(weights.var(0).sum().item()) * bits if num_samples > 1 else math.nan
         out = dict(
             bits_per_dim=8 * len(message) / dims,
             amortised_bits_per_dim=(8 * len(payload) - 32 * self.initial_words) / dims,
             elbo_bits_per_dim=elbo,
+            sampling_se_bits_per_dim=spread,
         )
         out["overhead"] = out["amortised_bits_per_dim"] / elbo - 1
         if importance_samples is not None:
