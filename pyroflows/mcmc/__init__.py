@@ -23,6 +23,7 @@ from pyroflows.mcmc.driver import sample, summarize
 from pyroflows.mcmc.gibbs import Gibbs
 from pyroflows.mcmc.hmc import HMC, MALA
 from pyroflows.mcmc.mh import MH
+from pyroflows.mcmc.neutra import neutra
 from pyroflows.mcmc.potential import ModelPotential
 from pyroflows.mcmc.sgld import SGLD
 

@@ -18,21 +18,27 @@ variance, shrunk towards $10^{-3}$ as Stan does, becomes the new inverse mass ma
 proposal variance (random-walk MH), and dual averaging restarts from ten times the current step.
 
 **ChEES** ([`ChEESAdaptation`][pyroflows.mcmc.adapt.ChEESAdaptation]; Hoffman, Radul &
-Sountsov 2021). HMC's trajectory length $T$ is tuned by Adam ascent on $\log T$ of the *change
-in the estimator of the expected square*,
+Sountsov 2021). HMC's trajectory length $T$ is tuned by stochastic gradient ascent on $\log T$
+using the *change in the estimator of the expected square*,
 $\mathrm{ChEES} = \tfrac14 \mathbb E\bigl[(\|z' - \bar z'\|^2 - \|z - \bar z\|^2)^2\bigr]$,
-estimated across the chains in the whitened coordinates $z = M^{1/2} x$; its gradient per chain is
-$h\,T\,(\|z'-\bar z'\|^2 - \|z-\bar z\|^2)\,(z'-\bar z')\cdot\dot z'$ for a transition jittered
-to length $hT$, weighted by acceptance probabilities (divergent transitions weigh 0), and each
-update is clipped to $\pm 0.35$ in $\log T$. The step size follows dual averaging on the
-**harmonic mean** of the acceptance probabilities (a few chains stuck at low acceptance pull it
-down, unlike the arithmetic mean), and the diagonal mass matrix comes from the chains' pooled
-variance in the same windows as above. The trajectory length used after warm-up is the
-moving average of $\log T$ with weights $t^{-1/2}$ since the last mass-matrix update.
+estimated across the chains in the whitened coordinates $z = M^{1/2} x$ and weighted by the
+acceptance probabilities (divergent transitions weigh 0). Its time derivative per chain is
+$(\|z'-\bar z'\|^2 - \|z-\bar z\|^2)\,(z'-\bar z')\cdot\dot z'$ at the end of a trajectory
+jittered to length $hT$. The objective is ChEES **per gradient evaluation**, $\log
+\mathrm{ChEES}(hT) - \log(hT)$ (the cost-aware variant of Sountsov & Hoffman's SGA-HMC): plain
+ChEES is nearly flat in long trajectories on curved targets such as the banana, where its noisy
+ascent drifts to long, costly trajectories (measurements in ``docs/mcmc.md``). Steps are RMSProp-normalised
+(squared-gradient decay 0.95, as TFP's implementation) and clipped to $\pm 0.35$ in $\log T$.
+The step size follows dual averaging on the **harmonic mean** of the acceptance probabilities (a
+few chains stuck at low acceptance pull it down, unlike the arithmetic mean), and the diagonal
+mass matrix comes from the chains' pooled variance in the same windows as above; at each new
+mass matrix only dual averaging restarts. After warm-up, $T$ is the moving average of $\log T$
+with weights $t^{-1/2}$ and $\epsilon$ the dual-averaging average.
 
 References: Hoffman & Gelman (2014), *The No-U-Turn Sampler*, JMLR; Hoffman, Radul & Sountsov
 (2021), *An adaptive MCMC scheme for setting trajectory lengths in Hamiltonian Monte Carlo*,
-AISTATS; Stan Reference Manual, "HMC algorithm parameters"; Chan, Golub & LeVeque (1983),
+AISTATS; Sountsov & Hoffman (2021), *Focusing on difficult directions for learning HMC trajectory
+lengths* (SGA-HMC); Stan Reference Manual, "HMC algorithm parameters"; Chan, Golub & LeVeque (1983),
 *Algorithms for computing the sample variance*.
 """
 
@@ -77,12 +83,11 @@ class DualAveragingState(NamedTuple):
     prox_center: torch.Tensor
 
 
-def dual_averaging_init(step_size: torch.Tensor) -> DualAveragingState:
-    """Start dual averaging at ``step_size``, shrinking towards ten times it (Stan's choice)."""
+def dual_averaging_init(step_size: torch.Tensor, shrink_to: float = 10.0) -> DualAveragingState:
+    """Start dual averaging at ``step_size``, shrinking towards ``shrink_to`` times it (Stan: 10)."""
     log_step = step_size.log()
-    return DualAveragingState(
-        log_step, log_step, torch.zeros_like(log_step), 0, log_step + math.log(10)
-    )
+    center = log_step + math.log(shrink_to)
+    return DualAveragingState(log_step, log_step, torch.zeros_like(log_step), 0, center)
 
 
 def dual_averaging_update(
@@ -206,19 +211,22 @@ class WindowAdaptation:
 
 # -- ChEES ------------------------------------------------------------------------------------
 class ChEESState(NamedTuple):
-    """ChEES-HMC warm-up: dual averaging of $\\log \\epsilon$, $\\log T$ with its Adam moments
-    and moving average, the mass-matrix window, and step counters (all warm-up steps, and steps
-    since the last mass-matrix update)."""
+    """ChEES-HMC warm-up: dual averaging of $\\log \\epsilon$, $\\log T$ with its moving
+    average and RMSProp's average squared gradient, the mass-matrix window, and the steps done."""
 
     dual: DualAveragingState
     log_trajectory: torch.Tensor
     log_trajectory_avg: torch.Tensor
-    adam_m: torch.Tensor
-    adam_v: torch.Tensor
+    mean_square: torch.Tensor
     variance: torch.Tensor
     welford: WelfordState
     t: int
-    t_window: int
+
+
+#: ChEES's dual averaging shrinks towards this multiple of the step it (re)starts from; Stan's 10
+#: makes the first iterates after every restart about 10x too large, which with thousands of
+#: chains means thousands of divergent transitions per restart
+SHRINK_TO = 1.0
 
 
 class ChEESAdaptation:
@@ -228,14 +236,14 @@ class ChEESAdaptation:
     Args:
         warmup_steps: the warm-up's length.
         target_accept_prob: the harmonic-mean acceptance aimed at.
-        learning_rate: Adam's learning rate on $\\log T$.
+        learning_rate: the RMSProp learning rate on $\\log T$.
         max_steps: the most leapfrog steps one trajectory may take.
         adapt_mass_matrix: tune the diagonal mass matrix in windows.
         decay: the moving average's weights are $t^{-\\text{decay}}$.
     """
 
-    #: Adam's constants and the largest change of $\log T$ per step
-    betas, adam_eps, max_log_update = (0.9, 0.999), 1e-8, 0.35
+    #: RMSProp's decay of the squared gradient, and the largest change of $\log T$ per step
+    rms_decay, max_log_update = 0.95, 0.35
 
     def __init__(
         self,
@@ -248,16 +256,15 @@ class ChEESAdaptation:
     ) -> None:
         self.warmup_steps, self.target_accept_prob = warmup_steps, target_accept_prob
         self.learning_rate, self.max_steps, self.decay = learning_rate, max_steps, decay
+        self.shrink_to = SHRINK_TO
         self.first_start, ends = window_ends(warmup_steps) if adapt_mass_matrix else (0, [])
         self.ends, self.last_end = frozenset(ends), max(ends, default=0)
 
     def init(self, step_size: torch.Tensor, variance: torch.Tensor) -> ChEESState:
         """Start with one leapfrog step's trajectory, $T = \\epsilon$."""
         log_t = step_size.log()
-        zero = torch.zeros_like(log_t)
-        return ChEESState(
-            dual_averaging_init(step_size), log_t, log_t, zero, zero, variance, EMPTY_WELFORD, 0, 0
-        )
+        dual = dual_averaging_init(step_size, self.shrink_to)
+        return ChEESState(dual, log_t, log_t, torch.zeros_like(log_t), variance, EMPTY_WELFORD, 0)
 
     def step_size(self, state: ChEESState, final: bool = False) -> torch.Tensor:
         """$\\epsilon$: the dual-averaging iterate during warm-up, its average at the end."""
@@ -294,24 +301,22 @@ class ChEESAdaptation:
             the new state and whether a mass-matrix window ended (then the caller searches a
             new step size and calls [`restart`][pyroflows.mcmc.adapt.ChEESAdaptation.restart]).
         """
-        t, t_window = state.t + 1, state.t_window + 1
+        t = state.t + 1
         ok = ~diverging & torch.isfinite(proposal.flatten(1)).all(1)
         # harmonic mean of the acceptance probabilities over the non-divergent chains
         inverse = torch.where(ok, 1 / accept_prob.clamp_min(1e-20), 0.0)
         harmonic = torch.nan_to_num(ok.sum() / inverse.sum(), nan=0.0)
         dual = dual_averaging_update(state.dual, self.target_accept_prob - harmonic)
         gradient = self._gradient(state, initial, proposal, velocity, accept_prob, ok, jitter)
-        beta1, beta2 = self.betas
-        m = beta1 * state.adam_m + (1 - beta1) * gradient
-        v = beta2 * state.adam_v + (1 - beta2) * gradient**2
-        m_hat, v_hat = m / (1 - beta1**t_window), v / (1 - beta2**t_window)
-        step = (self.learning_rate * m_hat / (v_hat.sqrt() + self.adam_eps)).clamp(
+        mean_square = self.rms_decay * state.mean_square + (1 - self.rms_decay) * gradient**2
+        unbiased = mean_square / (1 - self.rms_decay**t)
+        step = (self.learning_rate * gradient / (unbiased.sqrt() + 1e-20)).clamp(
             -self.max_log_update, self.max_log_update
         )
         finite = torch.isfinite(step)
         log_t = torch.where(finite, state.log_trajectory + step, state.log_trajectory)
-        m, v = torch.where(finite, m, state.adam_m), torch.where(finite, v, state.adam_v)
-        weight = t_window**-self.decay
+        mean_square = torch.where(finite, mean_square, state.mean_square)
+        weight = t**-self.decay
         log_t_avg = weight * log_t + (1 - weight) * state.log_trajectory_avg
         welford, variance = state.welford, state.variance
         if self.first_start < t <= self.last_end:
@@ -319,7 +324,7 @@ class ChEESAdaptation:
         ended = t in self.ends
         if ended:
             variance, welford = welford_variance(welford), EMPTY_WELFORD
-        new = ChEESState(dual, log_t, log_t_avg, m, v, variance, welford, t, t_window)
+        new = ChEESState(dual, log_t, log_t_avg, mean_square, variance, welford, t)
         return new, ended
 
     def _gradient(
@@ -332,7 +337,8 @@ class ChEESAdaptation:
         ok: torch.Tensor,
         jitter: float,
     ) -> torch.Tensor:
-        """The acceptance-weighted ChEES gradient with respect to $\\log T$."""
+        """The gradient of $\\log(\\mathrm{ChEES} / hT)$ with respect to $\\log T$,
+        from acceptance-weighted averages over the chains."""
         scale = state.variance.sqrt()
         weight = torch.where(ok, accept_prob, 0.0)
         z0 = (initial / scale).flatten(1)
@@ -340,15 +346,14 @@ class ChEESAdaptation:
         dz = torch.where(expand_as(ok, velocity), velocity / scale, 0.0).flatten(1)
         c0 = z0 - z0.mean(0)
         c1 = z1 - (weight[:, None] * z1).sum(0) / (weight.sum() + 1e-20)
-        per_chain = (c1.square().sum(1) - c0.square().sum(1)) * (c1 * dz).sum(1)
-        per_chain = torch.where(ok, per_chain, 0.0)
-        length = state.log_trajectory.exp()
-        return jitter * length * (weight * per_chain).sum() / (weight.sum() + 1e-20)
+        change = c1.square().sum(1) - c0.square().sum(1)
+        derivative = torch.where(ok, change * (c1 * dz).sum(1), 0.0)  # d ChEES_i / dt
+        chees = torch.where(ok, 0.25 * change**2, 0.0)
+        length = jitter * state.log_trajectory.exp()
+        ratio = (weight * derivative).sum() / ((weight * chees).sum() + 1e-20)
+        return length * ratio - 1.0
 
     def restart(self, state: ChEESState, step_size: torch.Tensor) -> ChEESState:
-        """Restart dual averaging from ``step_size``, Adam and the moving average of $\\log T$
-        after a mass-matrix update (the trajectory length itself carries over)."""
-        zero = torch.zeros_like(state.adam_m)
-        return state._replace(
-            dual=dual_averaging_init(step_size), adam_m=zero, adam_v=zero, t_window=0
-        )
+        """Restart dual averaging from ``step_size`` after a mass-matrix update (the trajectory
+        length and its optimiser carry over)."""
+        return state._replace(dual=dual_averaging_init(step_size, self.shrink_to))
