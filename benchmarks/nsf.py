@@ -83,12 +83,20 @@ def models(transforms: int, bins: int, hidden: tuple[int, ...]) -> dict[str, Cal
 
 
 def parse_guide(spec: str) -> tuple[str, dict]:
-    """``"bnaf:parallel=forward,num_layers=3"`` -> ``("bnaf", {...})`` (ints parsed)."""
+    """``"bnaf:parallel=forward,init_scale=1.0,warm_start=None"`` -> ``("bnaf", {...})``: ints,
+    floats and ``None`` parsed, anything else kept as a string."""
     name, _, rest = spec.partition(":")
-    options = {}
+    options: dict = {}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        options[key] = int(value) if value.lstrip("-").isdigit() else value
+        for parse in (int, float):
+            try:
+                options[key] = parse(value)
+                break
+            except ValueError:
+                continue
+        else:
+            options[key] = None if value == "None" else value
     return name, options
 
 
