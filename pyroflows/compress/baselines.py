@@ -49,7 +49,7 @@ def baseline_sizes(x: torch.Tensor, num_levels: int) -> dict[str, float]:
     Returns:
         ``{"raw": ..., "gzip": ..., "bz2": ..., "lzma": ..., "zstd": ..., "png": ...}`` in bits per
         pixel (``"raw"``: the packed input itself; ``"zstd"`` only when ``zstandard`` is
-        installed), each with its maximum compression level.
+        installed, ``"png"`` when Pillow is), each with its maximum compression level.
     """
     check_tensor(x, "x", floating=False)
     num_levels = check_int(num_levels, "num_levels", minimum=2, maximum=256)
@@ -73,5 +73,8 @@ def baseline_sizes(x: torch.Tensor, num_levels: int) -> dict[str, float]:
         pass
     else:
         sizes["zstd"] = len(zstandard.ZstdCompressor(level=22).compress(raw))
-    sizes["png"] = len(_png(images, num_levels))
+    try:
+        sizes["png"] = len(_png(images, num_levels))
+    except ImportError:  # Pillow comes with matplotlib (the "plot" extra)
+        pass
     return {name: 8 * size / images.size for name, size in sizes.items()}
