@@ -29,6 +29,7 @@ from pyroflows.mcmc.sgld import SGLD
 
 __all__ = [
     "BatchedKernel",
+    "RunState",
     "Gibbs",
     "HMC",
     "MALA",

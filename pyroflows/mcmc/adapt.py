@@ -24,22 +24,26 @@ $\mathrm{ChEES} = \tfrac14 \mathbb E\bigl[(\|z' - \bar z'\|^2 - \|z - \bar z\|^2
 estimated across the chains in the whitened coordinates $z = M^{1/2} x$ and weighted by the
 acceptance probabilities (divergent transitions weigh 0). Its time derivative per chain is
 $(\|z'-\bar z'\|^2 - \|z-\bar z\|^2)\,(z'-\bar z')\cdot\dot z'$ at the end of a trajectory
-jittered to length $hT$. The objective is ChEES **per gradient evaluation**, $\log
-\mathrm{ChEES}(hT) - \log(hT)$ (the cost-aware variant of Sountsov & Hoffman's SGA-HMC): plain
-ChEES is nearly flat in long trajectories on curved targets such as the banana, where its noisy
-ascent drifts to long, costly trajectories (measurements in ``docs/mcmc.md``). Steps are RMSProp-normalised
-(squared-gradient decay 0.95, as TFP's implementation) and clipped to $\pm 0.35$ in $\log T$.
-The step size follows dual averaging on the **harmonic mean** of the acceptance probabilities (a
-few chains stuck at low acceptance pull it down, unlike the arithmetic mean), and the diagonal
-mass matrix comes from the chains' pooled variance in the same windows as above; at each new
-mass matrix only dual averaging restarts. After warm-up, $T$ is the moving average of $\log T$
-with weights $t^{-1/2}$ and $\epsilon$ the dual-averaging average.
+jittered to length $hT$ (the integration time $L\epsilon$ actually run). The objective is ChEES
+**per gradient evaluation**, $\log \mathrm{ChEES}(hT) - \log(hT)$ (the cost-aware variant of
+Sountsov & Hoffman's SGA-HMC): plain ChEES is nearly flat in long trajectories on curved targets
+such as the banana, where its noisy ascent drifts to long, costly trajectories (measurements in
+``docs/mcmc.md``). Its gradient in $\log T$, $hT\,\partial_t\mathrm{ChEES} / \mathrm{ChEES} - 1$,
+is formed from running averages (decay 0.9) of numerator and denominator, a ratio far less noisy
+with few chains than per-step ratios; steps are RMSProp-normalised (squared-gradient decay 0.95,
+as in TFP's implementation), clipped to $\pm 0.35$ in $\log T$, and $T$ stays within one and
+``max_steps`` leapfrog steps. The step size follows dual averaging on the **harmonic mean** of the
+acceptance probabilities (a few chains stuck at low acceptance pull it down, unlike the
+arithmetic mean), and the diagonal mass matrix comes from the chains' pooled variance in the same
+windows as above; at each new mass matrix only dual averaging restarts. After warm-up, $T$ is
+the moving average of $\log T$ with weights $t^{-1/2}$ and $\epsilon$ the dual-averaging
+average.
 
 References: Hoffman & Gelman (2014), *The No-U-Turn Sampler*, JMLR; Hoffman, Radul & Sountsov
 (2021), *An adaptive MCMC scheme for setting trajectory lengths in Hamiltonian Monte Carlo*,
 AISTATS; Sountsov & Hoffman (2021), *Focusing on difficult directions for learning HMC trajectory
-lengths* (SGA-HMC); Stan Reference Manual, "HMC algorithm parameters"; Chan, Golub & LeVeque (1983),
-*Algorithms for computing the sample variance*.
+lengths* (SGA-HMC); Stan Reference Manual, "HMC algorithm parameters"; Chan, Golub & LeVeque
+(1983), *Algorithms for computing the sample variance*.
 """
 
 from __future__ import annotations
@@ -218,6 +222,7 @@ class ChEESState(NamedTuple):
     log_trajectory: torch.Tensor
     log_trajectory_avg: torch.Tensor
     mean_square: torch.Tensor
+    chees_moments: torch.Tensor
     variance: torch.Tensor
     welford: WelfordState
     t: int
@@ -244,6 +249,8 @@ class ChEESAdaptation:
 
     #: RMSProp's decay of the squared gradient, and the largest change of $\log T$ per step
     rms_decay, max_log_update = 0.95, 0.35
+    #: decay of the running averages of ChEES and its derivative, whose ratio is the gradient
+    moment_decay = 0.9
 
     def __init__(
         self,
@@ -264,7 +271,9 @@ class ChEESAdaptation:
         """Start with one leapfrog step's trajectory, $T = \\epsilon$."""
         log_t = step_size.log()
         dual = dual_averaging_init(step_size, self.shrink_to)
-        return ChEESState(dual, log_t, log_t, torch.zeros_like(log_t), variance, EMPTY_WELFORD, 0)
+        zero = torch.zeros_like(log_t)
+        moments = torch.zeros((2,), dtype=log_t.dtype, device=log_t.device)
+        return ChEESState(dual, log_t, log_t, zero, moments, variance, EMPTY_WELFORD, 0)
 
     def step_size(self, state: ChEESState, final: bool = False) -> torch.Tensor:
         """$\\epsilon$: the dual-averaging iterate during warm-up, its average at the end."""
@@ -284,7 +293,7 @@ class ChEESAdaptation:
         velocity: torch.Tensor,
         accept_prob: torch.Tensor,
         diverging: torch.Tensor,
-        jitter: float,
+        length: torch.Tensor,
     ) -> tuple[ChEESState, bool]:
         """One warm-up step from one jittered HMC transition.
 
@@ -295,7 +304,7 @@ class ChEESAdaptation:
             velocity: $M^{-1}p'$ at the end points.
             accept_prob: the transition's acceptance probabilities ``(C,)``.
             diverging: its divergence flags ``(C,)``.
-            jitter: the fraction $h$ of $T$ the transition ran.
+            length: the integration time the transition ran, $L\\epsilon \\approx hT$.
 
         Returns:
             the new state and whether a mass-matrix window ended (then the caller searches a
@@ -307,7 +316,11 @@ class ChEESAdaptation:
         inverse = torch.where(ok, 1 / accept_prob.clamp_min(1e-20), 0.0)
         harmonic = torch.nan_to_num(ok.sum() / inverse.sum(), nan=0.0)
         dual = dual_averaging_update(state.dual, self.target_accept_prob - harmonic)
-        gradient = self._gradient(state, initial, proposal, velocity, accept_prob, ok, jitter)
+        moments = self._moments(state, initial, proposal, velocity, accept_prob, ok, length)
+        moments = torch.where(torch.isfinite(moments), moments, state.chees_moments)
+        moments = self.moment_decay * state.chees_moments + (1 - self.moment_decay) * moments
+        # d log(ChEES / hT) / d log T from the averaged numerator and denominator
+        gradient = moments[0] / (moments[1] + 1e-20) - 1.0
         mean_square = self.rms_decay * state.mean_square + (1 - self.rms_decay) * gradient**2
         unbiased = mean_square / (1 - self.rms_decay**t)
         step = (self.learning_rate * gradient / (unbiased.sqrt() + 1e-20)).clamp(
@@ -315,6 +328,8 @@ class ChEESAdaptation:
         )
         finite = torch.isfinite(step)
         log_t = torch.where(finite, state.log_trajectory + step, state.log_trajectory)
+        log_step = dual.log_step  # keep T within one and max_steps leapfrog steps
+        log_t = torch.minimum(torch.maximum(log_t, log_step), log_step + math.log(self.max_steps))
         mean_square = torch.where(finite, mean_square, state.mean_square)
         weight = t**-self.decay
         log_t_avg = weight * log_t + (1 - weight) * state.log_trajectory_avg
@@ -324,10 +339,10 @@ class ChEESAdaptation:
         ended = t in self.ends
         if ended:
             variance, welford = welford_variance(welford), EMPTY_WELFORD
-        new = ChEESState(dual, log_t, log_t_avg, mean_square, variance, welford, t)
+        new = ChEESState(dual, log_t, log_t_avg, mean_square, moments, variance, welford, t)
         return new, ended
 
-    def _gradient(
+    def _moments(
         self,
         state: ChEESState,
         initial: torch.Tensor,
@@ -335,10 +350,10 @@ class ChEESAdaptation:
         velocity: torch.Tensor,
         accept_prob: torch.Tensor,
         ok: torch.Tensor,
-        jitter: float,
+        length: torch.Tensor,
     ) -> torch.Tensor:
-        """The gradient of $\\log(\\mathrm{ChEES} / hT)$ with respect to $\\log T$,
-        from acceptance-weighted averages over the chains."""
+        """This transition's acceptance-weighted $hT\\,\\partial_t \\mathrm{ChEES}$ and
+        $\\mathrm{ChEES}$, stacked (their ratio minus one is the gradient)."""
         scale = state.variance.sqrt()
         weight = torch.where(ok, accept_prob, 0.0)
         z0 = (initial / scale).flatten(1)
@@ -349,9 +364,8 @@ class ChEESAdaptation:
         change = c1.square().sum(1) - c0.square().sum(1)
         derivative = torch.where(ok, change * (c1 * dz).sum(1), 0.0)  # d ChEES_i / dt
         chees = torch.where(ok, 0.25 * change**2, 0.0)
-        length = jitter * state.log_trajectory.exp()
-        ratio = (weight * derivative).sum() / ((weight * chees).sum() + 1e-20)
-        return length * ratio - 1.0
+        total = weight.sum() + 1e-20
+        return torch.stack([length * (weight * derivative).sum(), (weight * chees).sum()]) / total
 
     def restart(self, state: ChEESState, step_size: torch.Tensor) -> ChEESState:
         """Restart dual averaging from ``step_size`` after a mass-matrix update (the trajectory

@@ -248,22 +248,88 @@ def _record(
     stats["nonfinite"][i] = nonfinite
 
 
-def summarize(idata: az.InferenceData) -> dict[str, float]:
-    """The headline numbers of a run of [`sample`][pyroflows.mcmc.sample]: ``min_ess`` (the smallest bulk ESS over
-    the coordinates), ``min_ess_per_second``, ``max_rhat``, ``acceptance_rate``,
-    ``divergences``, ``nonfinite`` and the energy-evaluation counts."""
-    ess = float(az.ess(idata, var_names=["x"])["x"].min())
-    stats, attrs = idata.sample_stats, idata.attrs
-    num_chains = idata.posterior.sizes["chain"]
-    rhat = float(az.rhat(idata, var_names=["x"])["x"].max()) if num_chains > 1 else float("nan")
-    return {
+#: divergent transitions per sampling transition below which the advice calls them rare
+RARE_DIVERGENCES = 1e-3
+
+
+def summarize(idata: az.InferenceData) -> dict[str, Any]:
+    """The headline numbers of a run of [`sample`][pyroflows.mcmc.sample], with divergences and
+    non-finite energies put in context and an advice string a command line can print.
+
+    Args:
+        idata: the result of [`sample`][pyroflows.mcmc.sample] (energy or model path).
+
+    Returns:
+        ``min_ess`` (the smallest bulk ESS over every coordinate of every variable),
+        ``min_ess_per_second``, ``max_rhat``, ``acceptance_rate``; ``divergences`` (sampling
+        transitions that diverged, all chains), ``divergence_rate`` (per sampling transition),
+        ``diverging_chains`` (chains with at least one), ``warmup_divergences`` (discarded with the
+        warm-up: adaptation tries step sizes that are too large on purpose); ``nonfinite``
+        (proposals rejected for a non-finite energy, warm-up included) and ``nonfinite_rate``;
+        the energy-evaluation counts; and ``advice``: one or more sentences on whether the numbers
+        are a problem and what to do.
+    """
+    posterior, stats, attrs = idata.posterior, idata.sample_stats, idata.attrs
+    num_chains, num_draws = posterior.sizes["chain"], posterior.sizes["draw"]
+    ess = float(min(float(v.min()) for v in az.ess(idata).data_vars.values()))
+    rhat = float("nan")
+    if num_chains > 1:
+        rhat = float(max(float(v.max()) for v in az.rhat(idata).data_vars.values()))
+    diverging = stats["diverging"].values
+    transitions = num_chains * num_draws * int(attrs.get("thinning", 1))
+    warmup_transitions = num_chains * int(attrs.get("warmup_steps", 0))
+    divergences = int(diverging.sum())
+    nonfinite = int(stats["nonfinite"].sum()) + int(attrs.get("warmup_nonfinite", 0))
+    out = {
         "min_ess": ess,
         "min_ess_per_second": ess / attrs["sampling_time"],
         "max_rhat": rhat,
         "acceptance_rate": float(stats["acceptance_rate"].mean()),
-        "divergences": int(stats["diverging"].sum()),
-        "nonfinite": int(stats["nonfinite"].sum()) + int(attrs["warmup_nonfinite"]),
+        "divergences": divergences,
+        "divergence_rate": divergences / transitions,
+        "diverging_chains": int(diverging.any(axis=1).sum()),
+        "warmup_divergences": int(attrs.get("warmup_divergences", 0)),
+        "nonfinite": nonfinite,
+        "nonfinite_rate": nonfinite / (transitions + warmup_transitions),
         "sampling_time": float(attrs["sampling_time"]),
         "num_energy_evals": int(attrs["num_energy_evals"]),
         "num_energy_calls": int(attrs["num_energy_calls"]),
     }
+    out["advice"] = _advice(out, num_chains)
+    return out
+
+
+def _advice(m: dict[str, Any], num_chains: int) -> str:
+    """What the numbers of [`summarize`][pyroflows.mcmc.summarize] mean for the user."""
+    notes = []
+    where = f"in {m['diverging_chains']} of {num_chains} chains"
+    rate = f"{100 * m['divergence_rate']:.2g}% of sampling transitions"
+    if m["divergences"] == 0:
+        notes.append("No divergent transitions after warm-up.")
+    elif m["divergence_rate"] < RARE_DIVERGENCES:
+        notes.append(
+            f"{m['divergences']} divergent transitions ({rate}, {where}): rare, estimates are "
+            "probably fine; raise target_accept_prob (e.g. 0.9) to make sure."
+        )
+    else:
+        notes.append(
+            f"{m['divergences']} divergent transitions ({rate}, {where}): the sampler misses "
+            "regions of high curvature, so estimates may be biased; raise target_accept_prob "
+            "(0.9 to 0.95), lengthen the warm-up, or reparameterise (e.g. non-centred)."
+        )
+    if m["warmup_divergences"]:
+        notes.append(
+            f"The {m['warmup_divergences']} divergences during warm-up were discarded with it "
+            "(adaptation tries large steps on purpose)."
+        )
+    if m["nonfinite"]:
+        notes.append(
+            f"{m['nonfinite']} proposals ({100 * m['nonfinite_rate']:.2g}% of all transitions) "
+            "met a non-finite or invalid energy and were rejected: harmless when rare; if "
+            "frequent, check the energy for overflow or a support constraint."
+        )
+    if m["max_rhat"] > 1.01:
+        notes.append(
+            f"Max R-hat {m['max_rhat']:.3f} > 1.01: the chains disagree; run a longer warm-up."
+        )
+    return " ".join(notes)

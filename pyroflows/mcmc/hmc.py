@@ -252,7 +252,7 @@ class HMC(BatchedKernel):
         [`BatchedKernel.adapt`][pyroflows.mcmc.base.BatchedKernel.adapt])."""
         adapter = warmup.adapter
         if isinstance(adapter, ChEESAdaptation):
-            fraction = halton(before.iteration + 1)
+            length = info.num_steps * adapter.step_size(warmup.state)
             state, ended = adapter.update(
                 warmup.state,
                 before.position,
@@ -260,7 +260,7 @@ class HMC(BatchedKernel):
                 info.velocity,
                 info.accept_prob,
                 info.diverging,
-                fraction,
+                length,
             )
             step = adapter.step_size(state)
         else:
