@@ -61,7 +61,8 @@ def main() -> None:
                                importance_samples=args.importance_samples)
                 row.update(levels=levels, posterior=posterior, steps=args.steps, path=None)
                 rows.append(row)
-                cells = [str(levels), posterior] + [f"{row[key]:.4f}" for _, key in COLUMNS]
+                cells = [str(levels), posterior]
+                cells += [f"{row.get(key, float('nan')):.4f}" for _, key in COLUMNS]
                 excess = row["amortised_bits_per_dim"] - row["elbo_bits_per_dim"]
                 cells += [f"{100 * row['overhead']:+.2f}%",
                           f"{excess / row['sampling_se_bits_per_dim']:+.1f}",
