@@ -130,9 +130,10 @@ def add_common_arguments(
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-# multiply-adds per step that keep one more thread busy enough to pay for its synchronisation;
-# below it, extra OpenMP threads cost more than they give (5-10x on a busy 2-core machine)
-WORK_PER_THREAD = 50_000_000
+# multiply-adds per step (estimated: parameters x batch x pixels) that make one more thread pay
+# for its synchronisation. Below it extra OpenMP threads gain little on a quiet machine and cost
+# 5-10x on a busy one; Glow and RealNVP on 8x8 digits (2-4e10) still get one thread.
+WORK_PER_THREAD = 100_000_000_000
 
 
 def configure_threads(requested: int | None, work: float) -> int:

@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "sgld step (default: 0.1)")
     parser.add_argument("--num-steps", type=int_flag(1), default=10,
                         help="leapfrog steps per hmc transition (default: 10)")
+    parser.add_argument("--target-accept", type=positive_float, default=None,
+                        help="acceptance rate the hmc/mala step-size adaptation aims at, below 1; "
+                             "raise it (0.9-0.95) against divergences (default: the kernel's)")
     parser.add_argument("--thinning", type=int_flag(1), default=1,
                         help="keep every n-th draw (default: 1)")
 
@@ -62,10 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _kernel(name: str, target: Any, args: argparse.Namespace) -> Any:
     from pyroflows import mcmc
 
+    accept = {} if args.target_accept is None else {"target_accept_prob": args.target_accept}
     if name == "hmc":
-        return mcmc.HMC(target, step_size=args.step_size, num_steps=args.num_steps)
+        return mcmc.HMC(target, step_size=args.step_size, num_steps=args.num_steps, **accept)
     if name == "mala":
-        return mcmc.MALA(target, step_size=args.step_size)
+        return mcmc.MALA(target, step_size=args.step_size, **accept)
     if name == "mh":
         return mcmc.MH(target)
     if name == "sgld":
@@ -86,6 +90,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from pyroflows import energies, mcmc
     from pyroflows.mcmc.plots import plot_chains
 
+    if args.target_accept is not None and not args.target_accept < 1:
+        raise ValueError(f"--target-accept must lie in (0, 1), got {args.target_accept}")
     device = resolve_device(args.device)
     out = output_dir(args.out)
     target = energies.get(args.target).to(device)
@@ -116,8 +122,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{args.kernel} on {args.target}, {args.chains} chains x {args.steps} draws: "
             f"min ESS {metrics['min_ess']:.0f} ({metrics['min_ess_per_second']:.0f}/s), "
             f"max R-hat {metrics['max_rhat']:.3f}, acceptance {metrics['acceptance_rate']:.2f}, "
-            f"divergences {metrics['divergences']}, non-finite {metrics['nonfinite']}, "
             f"{metrics['num_energy_evals']} energy evaluations in "
             f"{metrics['sampling_time']:.1f} s; plot: {metrics['plot']}"
         )
+        # divergences and rejected proposals, put in context by summarize (what they mean,
+        # what to do); the CLI's name for target_accept_prob is --target-accept
+        advice = metrics.get("advice") or (
+            f"divergences {metrics['divergences']}, non-finite {metrics['nonfinite']}"
+        )
+        print(advice.replace("target_accept_prob", "--target-accept"))
     return metrics
