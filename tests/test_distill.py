@@ -1,4 +1,5 @@
-"""Probability density distillation: the KL falls, the teacher is untouched, bad input is refused."""
+"""Probability density distillation: the KL falls, the teacher is untouched, bad input is
+refused."""
 
 import pytest
 import torch
@@ -14,7 +15,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CP
 
 def _teacher(dim=2, context_dim=None, perturb=0.4):
     """A MAF pushed well off the identity: a skewed, correlated density."""
-    flow = pyroflows.build_flow("maf", dim, num_layers=2, hidden_dims=(16,), context_dim=context_dim)
+    flow = pyroflows.build_flow(
+        "maf", dim, num_layers=2, hidden_dims=(16,), context_dim=context_dim
+    )
     with torch.no_grad():
         for p in flow.parameters():
             p.add_(perturb * torch.randn_like(p))
@@ -34,12 +37,28 @@ def test_distill_reduces_kl_and_leaves_teacher_alone(noise_pool, anneal):
     teacher = _teacher()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = pyroflows.build_flow("iaf", 2, num_layers=2, hidden_dims=(16,))
-    history = distill(teacher, student, num_steps=150, batch_size=128, lr=5e-3, noise_pool=noise_pool,
-                      anneal=anneal, eval_size=2000, progress=False, seed=0)
+    history = distill(
+        teacher,
+        student,
+        num_steps=150,
+        batch_size=128,
+        lr=5e-3,
+        noise_pool=noise_pool,
+        anneal=anneal,
+        eval_size=2000,
+        progress=False,
+        seed=0,
+    )
     assert history["val_loss"][0] > 0.2  # a real gap to close
     assert history["val_loss"][-1] < 0.3 * history["val_loss"][0]
-    assert history["eval_step"][0] == 0 and history["eval_step"][-1] == 150 and len(history["train_loss"]) == 150
-    assert history["beta"][-1] == 1.0 and (history["beta"][0] < 0.05 if anneal else history["beta"][0] == 1.0)
+    assert (
+        history["eval_step"][0] == 0
+        and history["eval_step"][-1] == 150
+        and len(history["train_loss"]) == 150
+    )
+    assert history["beta"][-1] == 1.0 and (
+        history["beta"][0] < 0.05 if anneal else history["beta"][0] == 1.0
+    )
     fresh_kl, stderr = kl_estimate(student, teacher, 4000)  # not just the evaluation noise
     assert fresh_kl < 0.3 * history["val_loss"][0] + 3 * stderr
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
@@ -51,7 +70,9 @@ def test_conditional_distill_under_the_device_trap():
     student = pyroflows.build_flow("iaf", 2, num_layers=2, hidden_dims=(16,), context_dim=2)
     context = torch.randn(64, 2)
     with default_device_trap():
-        history = distill(teacher, student, num_steps=20, batch_size=32, context=context, progress=False)
+        history = distill(
+            teacher, student, num_steps=20, batch_size=32, context=context, progress=False
+        )
         kl, _ = kl_estimate(student, teacher, context=context)
     assert history["val_loss"][-1] < history["val_loss"][0]
     assert 0 < kl < history["val_loss"][0]
@@ -91,7 +112,10 @@ def test_moons_teacher_distils_into_an_iaf_student():
     kl, stderr = kl_estimate(student, teacher, 20_000)
     with torch.no_grad():
         nll_teacher, nll_student = -teacher.log_prob(test).mean(), -student.log_prob(test).mean()
-        own, students = teacher.log_prob(teacher.sample((20_000,))).mean(), teacher.log_prob(student.sample((20_000,))).mean()
+        own, students = (
+            teacher.log_prob(teacher.sample((20_000,))).mean(),
+            teacher.log_prob(student.sample((20_000,))).mean(),
+        )
     assert kl < 0.1
     assert students > own - 0.1  # the teacher scores the student's samples as well as its own
     assert nll_student < nll_teacher + 0.5

@@ -74,7 +74,17 @@ def test_fit_is_deterministic_with_a_seed():
 def test_fit_early_stopping():
     data = toy("moons", 300)
     flow = build_flow("realnvp", 2, num_layers=2, hidden_dims=(64, 64))
-    history = fit(flow, data, num_steps=3000, lr=5e-3, eval_every=10, patience=3, progress=False, seed=0, schedule="constant")
+    history = fit(
+        flow,
+        data,
+        num_steps=3000,
+        lr=5e-3,
+        eval_every=10,
+        patience=3,
+        progress=False,
+        seed=0,
+        schedule="constant",
+    )
     assert history["stopped_early"] and len(history["train_loss"]) < 3000
 
 
@@ -88,15 +98,18 @@ def test_fit_conditional():
     assert (samples.mean(0) - 3).abs().max() < 0.5
 
 
-@pytest.mark.parametrize("kwargs,err,match", [
-    (dict(num_steps=0), ValueError, "num_steps"),
-    (dict(batch_size=-1), ValueError, "batch_size"),
-    (dict(lr=0.0), ValueError, "lr"),
-    (dict(lr=-1e-3), ValueError, "lr"),
-    (dict(validation=1.5), ValueError, "validation"),
-    (dict(patience=0), ValueError, "patience"),
-    (dict(context=torch.zeros(10, 1)), ValueError, "context"),
-])
+@pytest.mark.parametrize(
+    "kwargs,err,match",
+    [
+        (dict(num_steps=0), ValueError, "num_steps"),
+        (dict(batch_size=-1), ValueError, "batch_size"),
+        (dict(lr=0.0), ValueError, "lr"),
+        (dict(lr=-1e-3), ValueError, "lr"),
+        (dict(validation=1.5), ValueError, "validation"),
+        (dict(patience=0), ValueError, "patience"),
+        (dict(context=torch.zeros(10, 1)), ValueError, "context"),
+    ],
+)
 def test_fit_bad_options(kwargs, err, match):
     flow = build_flow("nice", 2, num_layers=2, hidden_dims=(8,))
     state = {k: v.clone() for k, v in flow.state_dict().items()}
@@ -105,12 +118,15 @@ def test_fit_bad_options(kwargs, err, match):
     assert all(torch.equal(v, flow.state_dict()[k]) for k, v in state.items())
 
 
-@pytest.mark.parametrize("data,err,match", [
-    (torch.randn(10, 3), ValueError, r"\(n, 2\)"),
-    (torch.tensor([[0.0, float("nan")]] * 4), ValueError, "NaN"),
-    (torch.empty(0, 2), ValueError, "empty"),
-    ([[0.0, 1.0]], TypeError, "data"),
-])
+@pytest.mark.parametrize(
+    "data,err,match",
+    [
+        (torch.randn(10, 3), ValueError, r"\(n, 2\)"),
+        (torch.tensor([[0.0, float("nan")]] * 4), ValueError, "NaN"),
+        (torch.empty(0, 2), ValueError, "empty"),
+        ([[0.0, 1.0]], TypeError, "data"),
+    ],
+)
 def test_fit_bad_data(data, err, match):
     flow = build_flow("nice", 2, num_layers=2, hidden_dims=(8,))
     with pytest.raises(err, match=match):

@@ -11,6 +11,7 @@ import torch
 from conftest import default_device_trap
 from pyro import poutine
 from pyro.infer import MCMC, NUTS, SVI, Predictive, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer.autoguide.initialization import init_to_value
 from pyro.infer.reparam import NeuTraReparam
 
 import pyroflows
@@ -75,7 +76,17 @@ def vector_families():
 
 def test_recovers_exact_posterior_of_conjugate_model(data):
     guide = AutoFlow(linear_gaussian, flow="realnvp", num_layers=2, hidden_dims=(16,))
-    fit_guide(linear_gaussian, guide, data, num_steps=600, num_particles=16, lr=1e-2, final_lr=1e-4, progress=False, seed=0)
+    fit_guide(
+        linear_gaussian,
+        guide,
+        data,
+        num_steps=600,
+        num_particles=16,
+        lr=1e-2,
+        final_lr=1e-4,
+        progress=False,
+        seed=0,
+    )
     mean, cov = exact_posterior(data)
     z = guide.get_posterior().sample((20_000,))
     # posterior sd ~0.13: the mean to ~0.1 sd, the covariance to ~15%
@@ -88,8 +99,15 @@ def test_recovers_exact_posterior_of_conjugate_model(data):
 @pytest.mark.parametrize("flow", vector_families())
 def test_every_family_with_constrained_sites_and_plates(flow):
     y = torch.randn(8) + 1.0
-    guide = AutoFlow(constrained_model, flow=flow, num_layers=2, hidden_dims=(16,), num_quantile_samples=500)
-    svi = SVI(constrained_model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO(num_particles=4, vectorize_particles=True))
+    guide = AutoFlow(
+        constrained_model, flow=flow, num_layers=2, hidden_dims=(16,), num_quantile_samples=500
+    )
+    svi = SVI(
+        constrained_model,
+        guide,
+        pyro.optim.Adam({"lr": 1e-2}),
+        Trace_ELBO(num_particles=4, vectorize_particles=True),
+    )
     losses = [svi.step(y)]
     before = {n: p.detach().clone() for n, p in guide.named_parameters()}
     losses += [svi.step(y) for _ in range(4)]
@@ -103,11 +121,19 @@ def test_every_family_with_constrained_sites_and_plates(flow):
     assert torch.allclose(samples["weights"].sum(-1), torch.ones(()), atol=1e-5)
     quantiles = guide.quantiles([0.1, 0.5, 0.9])
     assert quantiles["weights"].shape == (3, 3)
-    assert (quantiles["scale"][0] <= quantiles["scale"][1]).all() and (quantiles["scale"][1] <= quantiles["scale"][2]).all()
+    assert (quantiles["scale"][0] <= quantiles["scale"][1]).all() and (
+        quantiles["scale"][1] <= quantiles["scale"][2]
+    ).all()
     assert guide.median()["scale"] > 0
 
 
-@pytest.mark.parametrize("elbo", [TraceMeanField_ELBO(num_particles=4, vectorize_particles=True), RenyiELBO(alpha=0.0, num_particles=4)])
+@pytest.mark.parametrize(
+    "elbo",
+    [
+        TraceMeanField_ELBO(num_particles=4, vectorize_particles=True),
+        RenyiELBO(alpha=0.0, num_particles=4),
+    ],
+)
 def test_other_elbos(data, elbo):
     # without a warm start: the Laplace start is already exact here, leaving nothing to learn
     guide = AutoFlow(linear_gaussian, flow="iaf", num_layers=2, hidden_dims=(8,), warm_start=None)
@@ -123,7 +149,9 @@ def test_log_prob_at_own_samples_equals_inverse_density():
             p.add_(0.1 * torch.randn_like(p))
     q = FlowPosterior(flow.base_dist(), flow.layers)
     z = q.rsample((5,))
-    torch.testing.assert_close(q.log_prob(z), flow.log_prob(z), atol=1e-5, rtol=0)  # memo vs inverse
+    torch.testing.assert_close(
+        q.log_prob(z), flow.log_prob(z), atol=1e-5, rtol=0
+    )  # memo vs inverse
     torch.testing.assert_close(q.log_prob(z.clone()), flow.log_prob(z), atol=1e-5, rtol=0)
     assert q.expand((4, 5)).rsample().shape == (4, 5, 3)
 
@@ -177,9 +205,19 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="num_quantile_samples"):
         AutoFlow(linear_gaussian, flow="realnvp", num_quantile_samples=0)
     with pytest.raises(ValueError, match="num_samples"):
-        log_importance_weights(linear_gaussian, AutoFlow(linear_gaussian, flow="realnvp"), torch.zeros(2, 3), num_samples=0)
+        log_importance_weights(
+            linear_gaussian,
+            AutoFlow(linear_gaussian, flow="realnvp"),
+            torch.zeros(2, 3),
+            num_samples=0,
+        )
     with pytest.raises(ValueError, match="num_steps"):
-        fit_guide(linear_gaussian, AutoFlow(linear_gaussian, flow="realnvp"), torch.zeros(2, 3), num_steps=0)
+        fit_guide(
+            linear_gaussian,
+            AutoFlow(linear_gaussian, flow="realnvp"),
+            torch.zeros(2, 3),
+            num_steps=0,
+        )
 
 
 def test_float64_and_default_device_trap(data):
@@ -196,7 +234,17 @@ def test_float64_and_default_device_trap(data):
 def test_cli_vi_prints_kl_and_writes_plot(tmp_path, capsys):
     from pyroflows.cli import main
 
-    common = ["--steps", "20", "--particles", "4", "--kl-samples", "500", "--out", str(tmp_path), "--quiet"]
+    common = [
+        "--steps",
+        "20",
+        "--particles",
+        "4",
+        "--kl-samples",
+        "500",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+    ]
     assert main(["vi", "--target", "banana", "--flow", "realnvp", "--json", *common]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["kl"] > -4 * metrics["kl_se"]  # a KL, up to Monte-Carlo error
@@ -204,3 +252,63 @@ def test_cli_vi_prints_kl_and_writes_plot(tmp_path, capsys):
     assert main(["vi", "--flow", "nope", *common]) == 2
     assert "unknown flow" in capsys.readouterr().err
     assert main(["vi", "--flow", "iaf", "--anneal", "50", *common]) == 2
+
+
+def test_warm_start_is_the_exact_posterior_of_a_gaussian_model(data):
+    guide = AutoFlow(linear_gaussian, flow="iaf", num_layers=1, hidden_dims=(8,))
+    guide(data)
+    mean, cov = exact_posterior(data)
+    assert guide.warm_start.kind == "full"
+    torch.testing.assert_close(guide.warm_start.loc, mean, atol=1e-4, rtol=0)
+    scale_tril = guide.warm_start.scale_tril
+    torch.testing.assert_close(scale_tril @ scale_tril.T, cov, atol=1e-5, rtol=1e-4)
+    z = guide.get_posterior().sample((20_000,))  # untrained: the Laplace approximation itself
+    torch.testing.assert_close(z.mean(0), mean, atol=0.01, rtol=0)
+    # get_transform is the whole map, for NeuTra
+    eps = guide.get_base_dist().sample((3,))
+    torch.testing.assert_close(guide.get_transform()(eps), mean + eps @ scale_tril.T)
+
+
+def test_diagnose_needs_training_then_reports_khat_ess_and_reweighted_draws(data):
+    guide = AutoFlow(linear_gaussian, flow="iaf", num_layers=1, hidden_dims=(8,))
+    with pytest.raises(RuntimeError, match="trained"):
+        guide.diagnose(data)
+    guide(data)
+    with pytest.raises(RuntimeError, match="fit_guide"):
+        guide.diagnose(data)
+    fit_guide(
+        linear_gaussian, guide, data, num_steps=20, progress=False, seed=0, num_elbo_samples=0
+    )
+    report = guide.diagnose(data, num_samples=4000)
+    assert report["khat"] < 0.5 and report["verdict"].startswith("good")
+    assert 0.5 * 4000 < report["ess"] <= 4000
+    assert report["elbo"] < exact_log_evidence(data) + 4 * report["elbo_stderr"]
+    weights, z = report["weights"], report["samples"]["z"]
+    assert z.shape == (4000, 2) and weights.sum().item() == pytest.approx(1.0)
+    mean, _ = exact_posterior(data)
+    torch.testing.assert_close((weights[:, None] * z).sum(0), mean, atol=0.02, rtol=0)
+
+
+def test_improper_posterior_warns_with_the_site():
+    def improper(y):
+        pyro.sample("loc", dist.Normal(0.0, 1.0))
+        # flat prior on a scale, observations all equal to 0: the density grows without bound
+        # as the scale goes to 0
+        scale = pyro.sample("scale", dist.ImproperUniform(dist.constraints.positive, (), ()))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(0.0, scale), obs=y)
+
+    init = init_to_value(values={"scale": torch.tensor(1.0)})
+    guide = AutoFlow(improper, flow="iaf", num_layers=1, hidden_dims=(4,), init_loc_fn=init)
+    with pytest.warns(UserWarning, match="'scale'"):
+        guide(torch.zeros(3))
+    assert guide.warm_start.kind == "init"
+
+
+def test_nonfinite_log_density_at_the_initial_point_names_the_site():
+    def model():
+        x = pyro.sample("x", dist.Normal(0.0, 1.0))
+        pyro.sample("bad", dist.Normal(x, 1.0), obs=torch.tensor(math.inf))
+
+    with pytest.raises(ValueError, match="'bad'"):
+        AutoFlow(model, flow="iaf", num_layers=1, hidden_dims=(4,))()

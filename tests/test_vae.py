@@ -23,7 +23,9 @@ def make(posterior, likelihood="bernoulli", x_dim=12):
 def binary(n=64, x_dim=12, seed=1):
     """Two prototype patterns with 10% of the pixels flipped: structure for a VAE to learn."""
     g = torch.Generator().manual_seed(seed)
-    prototypes = torch.stack([torch.arange(x_dim) % 2, (torch.arange(x_dim) < x_dim // 2).long()]).float()
+    prototypes = torch.stack(
+        [torch.arange(x_dim) % 2, (torch.arange(x_dim) < x_dim // 2).long()]
+    ).float()
     x = prototypes[torch.randint(2, (n,), generator=g)]
     flip = torch.rand(n, x_dim, generator=g) < 0.1
     return torch.where(flip, 1 - x, x)
@@ -45,7 +47,11 @@ def test_pyro_model_and_guide_match_the_direct_log_weights(posterior):
     model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
     pyro_log_w = model_trace.log_prob_sum() - guide_trace.log_prob_sum()
     z = guide_trace.nodes["z"]["value"].detach().clone()  # a new tensor: log q by inversion
-    direct = vae.prior().log_prob(z) + vae.likelihood_dist(z).log_prob(x) - vae.posterior_dist(x).log_prob(z)
+    direct = (
+        vae.prior().log_prob(z)
+        + vae.likelihood_dist(z).log_prob(x)
+        - vae.posterior_dist(x).log_prob(z)
+    )
     torch.testing.assert_close(pyro_log_w, direct.sum(), atol=1e-3, rtol=1e-5)
 
 
@@ -55,7 +61,9 @@ def test_shapes_and_iwae_bound_above_elbo(posterior, likelihood):
     vae = make(posterior, likelihood)
     x = binary(200) if likelihood == "bernoulli" else torch.randn(200, 12)
     elbo = torch.stack([vae.elbo(x) for _ in range(10)]).mean(0)
-    bounds = [vae.log_likelihood(x, num_samples=k, chunk_size=30).mean().item() for k in (1, 10, 100)]
+    bounds = [
+        vae.log_likelihood(x, num_samples=k, chunk_size=30).mean().item() for k in (1, 10, 100)
+    ]
     assert elbo.shape == vae.log_likelihood(x, num_samples=2).shape == (200,)
     assert elbo.mean() < bounds[1] < bounds[2]
     assert bounds[0] < bounds[1]
@@ -75,7 +83,16 @@ def test_trains_with_pyro_svi_and_with_fit_vae(posterior):
         svi.step(x)
     after_svi = vae.log_likelihood(x, 50).mean()
     assert after_svi > before + 1.0  # SVI's optimiser reaches the encoder, decoder and flow
-    history = fit_vae(vae, x, num_epochs=10, batch_size=32, lr=1e-2, validation=binary(32, seed=2), progress=False, seed=0)
+    history = fit_vae(
+        vae,
+        x,
+        num_epochs=10,
+        batch_size=32,
+        lr=1e-2,
+        validation=binary(32, seed=2),
+        progress=False,
+        seed=0,
+    )
     first, last = history["train_loss"][:4], history["train_loss"][-4:]  # 4 steps per epoch
     assert sum(last) < sum(first)
     assert len(history["val_loss"]) == 10 and history["best_step"] is not None

@@ -102,7 +102,8 @@ class AutoFlow(AutoContinuous):
         ...     with pyro.plate("data", len(y)):
         ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
         >>> guide = AutoFlow(model, flow="realnvp", num_layers=2)
-        >>> svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), pyro.infer.Trace_ELBO())
+        >>> optim = pyro.optim.Adam({"lr": 1e-2})
+        >>> svi = pyro.infer.SVI(model, guide, optim, pyro.infer.Trace_ELBO())
         >>> loss = svi.step(torch.randn(10))
         >>> sorted(guide.quantiles([0.1, 0.9]))
         ['mu']
@@ -145,12 +146,19 @@ class AutoFlow(AutoContinuous):
         self._max_plate_nesting = plate_nesting(self.model, args, kwargs)
         if self._warm is None:
             self.warm_start = WarmStart(
-                loc, torch.diag_embed(torch.full_like(loc, self._init_scale)), "init", math.nan)
+                loc, torch.diag_embed(torch.full_like(loc, self._init_scale)), "init", math.nan
+            )
         else:
             with torch.enable_grad():
                 self.warm_start = laplace_warm_start(
-                    self, self.model, args, kwargs, init=loc, init_scale=self._init_scale,
-                    num_starts=self._num_starts, laplace=self._warm == "laplace",
+                    self,
+                    self.model,
+                    args,
+                    kwargs,
+                    init=loc,
+                    init_scale=self._init_scale,
+                    num_starts=self._num_starts,
+                    laplace=self._warm == "laplace",
                 )
         self.register_buffer("base_loc", self.warm_start.loc.detach().clone())
         self.register_buffer("base_scale_tril", self.warm_start.scale_tril.detach().clone())
@@ -176,7 +184,8 @@ class AutoFlow(AutoContinuous):
         density evaluations."""
         if self._fixed_latent is not None:
             return pyro.sample(
-                f"_{self._pyro_name}_latent", dist.Delta(self._fixed_latent, event_dim=1),
+                f"_{self._pyro_name}_latent",
+                dist.Delta(self._fixed_latent, event_dim=1),
                 infer={"is_auxiliary": True},
             )
         return super().sample_latent(*args, **kwargs)
@@ -224,7 +233,9 @@ class AutoFlow(AutoContinuous):
             ``ess`` (effective sample size of the smoothed weights), ``verdict`` (one line),
             ``elbo`` and ``elbo_stderr`` (the ELBO from the same draws), ``weights``
             (normalised smoothed weights, ``(num_samples,)``) and ``samples`` (site name ->
-            constrained draws ``(num_samples, *site_shape)``): ``(weights * x).sum(0)``
+            constrained draws ``(num_samples, *site_shape)``, latent sites and, for models
+            that vectorise over an outer plate, ``pyro.deterministic`` sites):
+            ``(weights * x).sum(0)``
             is the PSIS estimate of a posterior mean, and resampling by ``weights`` gives
             PSIS-reweighted draws.
 
@@ -236,10 +247,11 @@ class AutoFlow(AutoContinuous):
 
         check_int(num_samples, "num_samples", minimum=2)
         if self.prototype_trace is None or all(
-            p._version == v for p, v in zip(self.parameters(), self._setup_versions)
+            p._version == v for p, v in zip(self.parameters(), self._setup_versions, strict=True)
         ):
             raise RuntimeError(
-                "diagnose() needs a trained guide: run fit_guide(model, guide, ...) (or SVI) first")
+                "diagnose() needs a trained guide: run fit_guide(model, guide, ...) (or SVI) first"
+            )
         latent = self.get_posterior().sample((num_samples,))
         log_w, trace = unconstrained_log_density(self, self.model, latent, args, kwargs)
         log_q = self.get_posterior().log_prob(latent)
@@ -256,20 +268,32 @@ class AutoFlow(AutoContinuous):
         elif khat < 0.7:
             verdict = f"usable: k-hat {khat:.2f} < 0.7; prefer the PSIS-reweighted draws"
         else:
-            verdict = (f"unreliable: k-hat {khat:.2f} >= 0.7; do not trust the guide's draws, "
-                       "run NeuTra-HMC with its transform")
+            verdict = (
+                f"unreliable: k-hat {khat:.2f} >= 0.7; do not trust the guide's draws, "
+                "run NeuTra-HMC with its transform"
+            )
         ok = log_w[finite]
         samples = {
-            name: biject_to(site["fn"].support)(value).reshape(
-                num_samples, *self.prototype_trace.nodes[name]["value"].shape)
+            name: biject_to(site["fn"].support)(value)
             for name, site, value in self._unpacked(latent)
         }
+        if self._vectorizable:  # the one model trace holds every draw's deterministic sites
+            for name, site in trace.nodes.items():
+                if site["type"] == "sample" and site["infer"].get("_deterministic"):
+                    shape = site["value"].shape[1:]
+                    while len(shape) > 0 and shape[0] == 1 and len(shape) > site["fn"].event_dim:
+                        shape = shape[1:]
+                    samples[name] = site["value"].reshape(num_samples, *shape)
         ref = latent
         return dict(
-            khat=khat, ess=ess, verdict=verdict,
-            elbo=float(ok.mean()), elbo_stderr=float(ok.std() / math.sqrt(max(len(ok), 1))),
+            khat=khat,
+            ess=ess,
+            verdict=verdict,
+            elbo=float(ok.mean()),
+            elbo_stderr=float(ok.std() / math.sqrt(max(len(ok), 1))),
             num_nonfinite=int((~finite).sum()),
-            weights=weights.to(device=ref.device, dtype=ref.dtype), samples=samples,
+            weights=weights.to(device=ref.device, dtype=ref.dtype),
+            samples=samples,
         )
 
     def _unpacked(self, latent: torch.Tensor) -> list[tuple[str, dict, torch.Tensor]]:
@@ -295,7 +319,9 @@ class AutoFlow(AutoContinuous):
         }
 
     @torch.no_grad()
-    def quantiles(self, quantiles: Sequence[float] | torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+    def quantiles(
+        self, quantiles: Sequence[float] | torch.Tensor, *args: Any, **kwargs: Any
+    ) -> dict[str, torch.Tensor]:
         """Marginal posterior quantiles of every latent site, estimated from
         ``num_quantile_samples`` draws (Monte-Carlo error about $\\sqrt{p(1-p)/N} / q(x_p)$).
 

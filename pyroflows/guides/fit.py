@@ -25,7 +25,8 @@ def _latent_dim(guide: Callable, args: tuple, kwargs: dict) -> int:
         return int(guide.latent_dim)
     trace = poutine.trace(guide).get_trace(*args, **kwargs)
     return sum(
-        site["value"].numel() for site in trace.nodes.values()
+        site["value"].numel()
+        for site in trace.nodes.values()
         if site["type"] == "sample" and not site["is_observed"]
     )
 
@@ -121,7 +122,8 @@ def fit_guide(
     final_lr = lr / 10 if final_lr is None else check_positive(final_lr, "final_lr")
     if elbo is not None and not hasattr(elbo, "differentiable_loss"):
         raise TypeError(
-            f"elbo must offer differentiable_loss (e.g. Trace_ELBO), got {type(elbo).__name__}")
+            f"elbo must offer differentiable_loss (e.g. Trace_ELBO), got {type(elbo).__name__}"
+        )
     if checkpoint is not None and not isinstance(guide, nn.Module):
         raise TypeError("checkpoint needs the guide to be an nn.Module (e.g. an autoguide)")
     module = guide if isinstance(guide, nn.Module) else nn.Module()
@@ -130,8 +132,11 @@ def fit_guide(
         if num_particles is None:
             num_particles = default_particles(_latent_dim(guide, args, kwargs))
         check_int(num_particles, "num_particles")
-        loss = elbo if elbo is not None else Trace_ELBO(
-            num_particles=num_particles, vectorize_particles=True)
+        loss = (
+            elbo
+            if elbo is not None
+            else Trace_ELBO(num_particles=num_particles, vectorize_particles=True)
+        )
         beta = 1.0
 
         def tempered(*args: Any, **kwargs: Any) -> Any:
@@ -140,8 +145,12 @@ def fit_guide(
 
         with poutine.trace(param_only=True) as params:
             loss.differentiable_loss(tempered, guide, *args, **kwargs)
-        parameters = list({id(p): p for p in (
-            site["value"].unconstrained() for site in params.trace.nodes.values())}.values())
+        parameters = list(
+            {
+                id(p): p
+                for p in (site["value"].unconstrained() for site in params.trace.nodes.values())
+            }.values()
+        )
 
         def loss_fn(step: int) -> torch.Tensor:
             nonlocal beta
@@ -149,17 +158,31 @@ def fit_guide(
             return loss.differentiable_loss(tempered, guide, *args, **kwargs)
 
         history = train_loop(
-            module, loss_fn, num_steps=num_steps, lr=lr, generator=g, parameters=parameters,
-            schedule="exponential", final_lr=final_lr, max_grad_norm=max_grad_norm,
-            eval_every=eval_every, patience=patience, progress=progress, kind="fit_guide",
-            checkpoint=checkpoint, resume=resume, distributed=distributed,
-            min_delta=0.0, plateau_after=anneal_steps,
+            module,
+            loss_fn,
+            num_steps=num_steps,
+            lr=lr,
+            generator=g,
+            parameters=parameters,
+            schedule="exponential",
+            final_lr=final_lr,
+            max_grad_norm=max_grad_norm,
+            eval_every=eval_every,
+            patience=patience,
+            progress=progress,
+            kind="fit_guide",
+            checkpoint=checkpoint,
+            resume=resume,
+            distributed=distributed,
+            min_delta=0.0,
+            plateau_after=anneal_steps,
         )
         history["num_particles"] = num_particles
         if num_elbo_samples:
             with torch.no_grad():
                 log_w = log_importance_weights(
-                    model, guide, *args, num_samples=num_elbo_samples, **kwargs)
+                    model, guide, *args, num_samples=num_elbo_samples, **kwargs
+                )
             history["elbo"] = log_w.mean().item()
             history["elbo_stderr"] = log_w.std().item() / math.sqrt(num_elbo_samples)
     return history

@@ -4,7 +4,8 @@ Variational objectives evaluate $\log q(z)$ only at samples $z$ that $q$ just dr
 transformed distribution $q = T_\# \mathcal N(0, I)$ knows that density from the forward pass,
 
 $$
-z = T(\varepsilon), \qquad \log q(z) = \log \mathcal N(\varepsilon; 0, I) - \log\bigl|\det \tfrac{\partial T}{\partial \varepsilon}\bigr|,
+z = T(\varepsilon), \qquad \log q(z) = \log \mathcal N(\varepsilon; 0, I)
+  - \log\bigl|\det \tfrac{\partial T}{\partial \varepsilon}\bigr|,
 $$
 
 but ``torch``'s ``TransformedDistribution.log_prob`` inverts $T$ instead, which for an IAF is

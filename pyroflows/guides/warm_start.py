@@ -94,7 +94,11 @@ def unconstrained_log_density(
 
 
 def _log_density(
-    guide: Any, model: Callable, u: torch.Tensor, args: tuple, kwargs: dict,
+    guide: Any,
+    model: Callable,
+    u: torch.Tensor,
+    args: tuple,
+    kwargs: dict,
     vectorized: bool = False,
 ) -> tuple[torch.Tensor, Any]:
     nesting = guide._max_plate_nesting
@@ -104,16 +108,22 @@ def _log_density(
             if vectorized:
                 guide._fixed_latent = u.reshape(len(u), *([1] * nesting), u.shape[-1])
                 log_w, model_trace, _ = vectorized_importance_weights(
-                    model, guide, *args, num_samples=len(u), max_plate_nesting=nesting,
+                    model,
+                    guide,
+                    *args,
+                    num_samples=len(u),
+                    max_plate_nesting=nesting,
                     **kwargs,
                 )
                 return log_w.reshape(len(u)), model_trace
             guide._fixed_latent = u[0]
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-                *args, **kwargs)
+                *args, **kwargs
+            )
             log_w = sum(_site_log_probs(model_trace).values()) - sum(
-                _site_log_probs(guide_trace).values())
+                _site_log_probs(guide_trace).values()
+            )
             return log_w.reshape(1), model_trace
     finally:
         guide._fixed_latent = None
@@ -123,6 +133,16 @@ def _vectorizes(guide: Any, model: Callable, x: torch.Tensor, args: tuple, kwarg
     """Whether the model runs with a batch of two latents in an outer plate."""
     unconstrained_log_density(guide, model, torch.stack([x, x]), args, kwargs)
     return getattr(guide, "_vectorizable", True)
+
+
+def _density_or_nan(
+    guide: Any, model: Callable, x: torch.Tensor, args: tuple, kwargs: dict
+) -> torch.Tensor:
+    """``log p(x)`` of one point, NaN where the model refuses it (a parameter out of support)."""
+    try:
+        return _log_density(guide, model, x[None], args, kwargs)[0]
+    except (ValueError, RuntimeError):
+        return x.new_full((1,), math.nan)
 
 
 def _site_log_probs(trace: Any) -> dict[str, torch.Tensor]:
@@ -194,12 +214,17 @@ def laplace_warm_start(
         )
     if not _vectorizes(guide, model, init, args, kwargs):
         num_starts = 1  # one model run per start and per evaluation: the init point only
-    noise = (2 * torch.rand((num_starts - 1, dim), dtype=init.dtype, device=init.device) - 1)
+    noise = 2 * torch.rand((num_starts - 1, dim), dtype=init.dtype, device=init.device) - 1
     starts = torch.cat([init[None], init + jitter * noise])
     u = starts.clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS(
-        [u], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-6,
-        tolerance_change=10 * torch.finfo(u.dtype).eps, history_size=20,
+        [u],
+        lr=1.0,
+        max_iter=max_iter,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-6,
+        tolerance_change=10 * torch.finfo(u.dtype).eps,
+        history_size=20,
     )
 
     def objective() -> torch.Tensor:
@@ -212,7 +237,9 @@ def laplace_warm_start(
         return loss
 
     fallback = WarmStart(
-        init.detach(), torch.diag_embed(torch.full_like(init, init_scale)), "init",
+        init.detach(),
+        torch.diag_embed(torch.full_like(init, init_scale)),
+        "init",
         float(start_density),
     )
     try:
@@ -220,21 +247,25 @@ def laplace_warm_start(
     except (ValueError, RuntimeError):  # a start left the support: keep what is usable
         pass
     with torch.no_grad():
-        final, _ = unconstrained_log_density(guide, model, u.detach(), args, kwargs)
-        final = final.reshape(-1)
+        final = torch.cat([_density_or_nan(guide, model, row, args, kwargs) for row in u])
         ok = torch.isfinite(final) & torch.isfinite(u).all(-1)
-        far = (u - starts).abs() > 50  # exp(50): a scale or rate running to 0 or infinity
-        if not bool(ok.any()):
-            return fallback
-        best = int(torch.where(ok, final, final.new_full((), -math.inf)).argmax())
-        if bool(far[best].any()):
-            sites = [name for name, s in _site_slices(guide) if bool(far[best, s].any())]
+        far = ((u - starts).abs() > 50) | ~torch.isfinite(u)  # exp(50): a scale gone to 0 or inf
+        if bool(ok.any()):
+            best = int(torch.where(ok, final, final.new_full((), -math.inf)).argmax())
+            runaway = far[best]
+        else:
+            best, runaway = 0, far.any(0)
+        if bool(runaway.any()):
+            sites = [name for name, s in _site_slices(guide) if bool(runaway[s].any())]
             warnings.warn(
                 f"the MAP search diverges along site(s) {', '.join(map(repr, sites))}: the "
                 "posterior may be improper (a flat prior without enough data?); the warm start "
                 "falls back to the init point",
-                UserWarning, stacklevel=4,
+                UserWarning,
+                stacklevel=4,
             )
+            return fallback
+        if not bool(ok.any()):
             return fallback
         loc = u[best].detach().clone()
     if not laplace:

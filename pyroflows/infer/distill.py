@@ -53,10 +53,16 @@ def _check_pair(teacher: Any, student: Any) -> None:
             f"and {tuple(student.event_shape)}"
         )
     if teacher.context_dim != student.context_dim:
-        raise ValueError(f"teacher and student must have the same context_dim, got {teacher.context_dim} and {student.context_dim}")
+        raise ValueError(
+            "teacher and student must have the same context_dim, got "
+            f"{teacher.context_dim} and {student.context_dim}"
+        )
     t, s = teacher.base_loc, student.base_loc
     if (t.device, t.dtype) != (s.device, s.dtype):
-        raise TypeError(f"teacher is {t.dtype} on {t.device} but student is {s.dtype} on {s.device}; move one of them")
+        raise TypeError(
+            f"teacher is {t.dtype} on {t.device} but student is {s.dtype} on {s.device}; "
+            "move one of them"
+        )
 
 
 def _check_context(context: Any, flow: Flow) -> torch.Tensor | None:
@@ -65,8 +71,16 @@ def _check_context(context: Any, flow: Flow) -> torch.Tensor | None:
             raise ValueError("context given for unconditional flows (build them with context_dim)")
         return None
     ref = flow.base_loc
-    if not isinstance(context, torch.Tensor) or context.dim() != 2 or context.shape[1] != flow.context_dim or not len(context):
-        raise ValueError(f"context must be a tensor of shape (n, {flow.context_dim}) for conditional flows, got {getattr(context, 'shape', context)!r}")
+    if (
+        not isinstance(context, torch.Tensor)
+        or context.dim() != 2
+        or context.shape[1] != flow.context_dim
+        or not len(context)
+    ):
+        raise ValueError(
+            f"context must be a tensor of shape (n, {flow.context_dim}) for conditional flows, "
+            f"got {getattr(context, 'shape', context)!r}"
+        )
     return context.to(device=ref.device, dtype=ref.dtype)
 
 
@@ -184,6 +198,7 @@ def distill(
     anneal_steps = anneal * num_steps
 
     with run_generator(seed, student) as g:
+
         def noise(n: int) -> torch.Tensor:
             z = torch.randn((n, *student.event_shape), generator=g, device="cpu", dtype=ref.dtype)
             return student.base_loc + student.base_scale * z.to(ref.device)
@@ -213,19 +228,30 @@ def distill(
             teacher.requires_grad_(False)  # gradients flow through the teacher to x, not into it
             start = kl_estimate(student, teacher, context=context, noise=eval_noise)
             history = train_loop(
-                student, loss_fn, num_steps=num_steps, lr=lr, generator=g, schedule=schedule,
+                student,
+                loss_fn,
+                num_steps=num_steps,
+                lr=lr,
+                generator=g,
+                schedule=schedule,
                 final_lr=lr / 100 if schedule == "exponential" else 0.0,
-                max_grad_norm=max_grad_norm, validate=validate, eval_every=eval_every,
-                progress=progress, kind="distill", checkpoint=checkpoint, resume=resume,
+                max_grad_norm=max_grad_norm,
+                validate=validate,
+                eval_every=eval_every,
+                progress=progress,
+                kind="distill",
+                checkpoint=checkpoint,
+                resume=resume,
                 distributed=distributed,
             )
         finally:
-            for p, flag in zip(teacher.parameters(), flags):
+            for p, flag in zip(teacher.parameters(), flags, strict=True):
                 p.requires_grad_(flag)
             teacher.train(was_training)
     history["val_loss"].insert(0, start[0])
     history["eval_step"].insert(0, 0)
     history["val_stderr"] = [start[1], *stderr]
-    history["beta"] = [min(1.0, s / anneal_steps) if anneal_steps else 1.0
-                       for s in range(1, history["steps"] + 1)]
+    history["beta"] = [
+        min(1.0, s / anneal_steps) if anneal_steps else 1.0 for s in range(1, history["steps"] + 1)
+    ]
     return history

@@ -39,7 +39,8 @@ def sync_gradients(module: nn.Module) -> list[RemovableHandle]:
         ```
     """
     if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("sync_gradients needs torch.distributed initialised first (dist.init_process_group)")
+        raise ValueError(
+            "sync_gradients needs torch.distributed initialised first (dist.init_process_group)")
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     world = dist.get_world_size()

@@ -24,7 +24,9 @@ def as_data(data: Any, flow: Flow, name: str = "data") -> torch.Tensor:
     ref = flow.base_loc
     event = tuple(flow.event_shape)
     if data.dim() != len(event) + 1 or tuple(data.shape[1:]) != event:
-        raise ValueError(f"{name} must have shape (n, {', '.join(map(str, event))}), got {tuple(data.shape)}")
+        raise ValueError(
+            f"{name} must have shape (n, {', '.join(map(str, event))}), got {tuple(data.shape)}"
+        )
     if len(data) == 0:
         raise ValueError(f"{name} is empty")
     data = data.to(device=ref.device, dtype=ref.dtype)
@@ -33,7 +35,9 @@ def as_data(data: Any, flow: Flow, name: str = "data") -> torch.Tensor:
     return data
 
 
-def _mean_nll(flow: Flow, data: torch.Tensor, context: torch.Tensor | None, chunk: int = 4096) -> float:
+def _mean_nll(
+    flow: Flow, data: torch.Tensor, context: torch.Tensor | None, chunk: int = 4096
+) -> float:
     with torch.no_grad():
         total = 0.0
         for start in range(0, len(data), chunk):
@@ -49,8 +53,14 @@ def _checked_context(flow: Flow, context: Any, data: torch.Tensor) -> torch.Tens
         raise ValueError("context is required to fit a conditional flow")
     if flow.context_dim is None:
         raise ValueError("context given but the flow is unconditional (build it with context_dim)")
-    if not isinstance(context, torch.Tensor) or tuple(context.shape) != (len(data), flow.context_dim):
-        raise ValueError(f"context must have shape ({len(data)}, {flow.context_dim}), got {tuple(getattr(context, 'shape', ()))}")
+    if not isinstance(context, torch.Tensor) or tuple(context.shape) != (
+        len(data),
+        flow.context_dim,
+    ):
+        raise ValueError(
+            f"context must have shape ({len(data)}, {flow.context_dim}), "
+            f"got {tuple(getattr(context, 'shape', ()))}"
+        )
     context = context.to(data)
     if not torch.isfinite(context).all():
         raise ValueError("context contains NaN or inf")
@@ -137,7 +147,8 @@ def fit(
     if isinstance(validation, torch.Tensor):
         if context is not None:
             raise ValueError(
-                "a separate validation tensor is not supported with context; pass a fraction")
+                "a separate validation tensor is not supported with context; pass a fraction"
+            )
         val_data, val_context = as_data(validation, flow, "validation"), None
     else:
         check_number(validation, "validation", low=0.0, high=1.0, high_open=True)
@@ -148,7 +159,8 @@ def fit(
             num_val = max(1, int(round(validation * len(data))))
             if num_val >= len(data):
                 raise ValueError(
-                    f"validation={validation} leaves no training data out of {len(data)} points")
+                    f"validation={validation} leaves no training data out of {len(data)} points"
+                )
             order = torch.randperm(len(data), generator=g, device="cpu").to(data.device)
             val_data, data = data[order[:num_val]], data[order[num_val:]]
             if context is not None:
@@ -156,7 +168,8 @@ def fit(
 
         def draw() -> torch.Tensor:
             return torch.randint(len(data), (batch_size,), generator=g, device="cpu").to(
-                data.device)
+                data.device
+            )
 
         if distributed:
             # data-dependent initialisation (ActNorm, marginal CDFs) on the first *global*
@@ -173,12 +186,26 @@ def fit(
 
         validate = None
         if val_data is not None:
+
             def validate() -> float:
                 return _mean_nll(flow, val_data, val_context)
 
         return train_loop(
-            flow, loss_fn, num_steps=num_steps, lr=lr, generator=g, schedule=schedule,
-            final_lr=final_lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-            validate=validate, eval_every=eval_every, patience=patience, progress=progress,
-            kind="fit", checkpoint=checkpoint, resume=resume, distributed=distributed,
+            flow,
+            loss_fn,
+            num_steps=num_steps,
+            lr=lr,
+            generator=g,
+            schedule=schedule,
+            final_lr=final_lr,
+            weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm,
+            validate=validate,
+            eval_every=eval_every,
+            patience=patience,
+            progress=progress,
+            kind="fit",
+            checkpoint=checkpoint,
+            resume=resume,
+            distributed=distributed,
         )

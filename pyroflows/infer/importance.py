@@ -25,7 +25,7 @@ import torch
 from pyro import poutine
 from pyro.infer.importance import vectorized_importance_weights
 
-from pyroflows.registry import _positive_int
+from pyroflows.validation import check_int
 
 
 def log_mean_exp(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -40,9 +40,15 @@ def log_mean_exp(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def log_importance_weights(
-    model: Callable, guide: Callable, *args: Any, num_samples: int, max_plate_nesting: int | None = None, **kwargs: Any
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    num_samples: int,
+    max_plate_nesting: int | None = None,
+    **kwargs: Any,
 ) -> torch.Tensor:
-    """$\\log p(x, z_k) - \\log q(z_k)$ for ``num_samples`` draws of ``guide``, in one vectorised run.
+    """$\\log p(x, z_k) - \\log q(z_k)$ for ``num_samples`` draws of ``guide``, in one
+    vectorised run.
 
     Args:
         model: a Pyro model.
@@ -55,11 +61,17 @@ def log_importance_weights(
     Returns:
         Tensor of shape ``(num_samples,)``.
     """
-    _positive_int(num_samples, "num_samples")
+    check_int(num_samples, "num_samples")
     if max_plate_nesting is None:
         max_plate_nesting = _plate_nesting(model, guide, args, kwargs)
     log_w, _, _ = vectorized_importance_weights(
-        model, guide, *args, num_samples=num_samples, max_plate_nesting=max_plate_nesting, normalized=False, **kwargs
+        model,
+        guide,
+        *args,
+        num_samples=num_samples,
+        max_plate_nesting=max_plate_nesting,
+        normalized=False,
+        **kwargs,
     )
     return log_w
 
@@ -80,9 +92,15 @@ def _plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) 
 
 
 def reverse_kl(
-    model: Callable, guide: Callable, log_normalizer: float, *args: Any, num_samples: int = 10_000, **kwargs: Any
+    model: Callable,
+    guide: Callable,
+    log_normalizer: float,
+    *args: Any,
+    num_samples: int = 10_000,
+    **kwargs: Any,
 ) -> tuple[float, float]:
-    """$\\mathrm{KL}(q \\,\\|\\, p) = \\log Z - \\mathbb E_q[\\log \\tilde p - \\log q]$ and its standard error.
+    """$\\mathrm{KL}(q \\,\\|\\, p) = \\log Z - \\mathbb E_q[\\log \\tilde p - \\log q]$ and its
+    standard error.
 
     Args:
         model: a Pyro model whose joint density is $\\tilde p$ (e.g. an energy target's

@@ -106,7 +106,7 @@ def _rng_state(module: nn.Module) -> dict[str, Any]:
 
 def _set_rng_state(module: nn.Module, state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
-    for device, cuda_state in zip(_cuda_devices(module), state["cuda"]):
+    for device, cuda_state in zip(_cuda_devices(module), state["cuda"], strict=True):
         torch.cuda.set_rng_state(cuda_state, device)
 
 
@@ -222,9 +222,11 @@ def train_loop(
     if resume and checkpoint is None:
         raise ValueError("resume=True needs a checkpoint path")
     rank, world = _world(distributed)
-    params = list(parameters) if parameters is not None else [
-        p for p in module.parameters() if p.requires_grad
-    ]
+    params = (
+        list(parameters)
+        if parameters is not None
+        else [p for p in module.parameters() if p.requires_grad]
+    )
     if not params:
         raise ValueError(f"{kind}: nothing to train (no parameter requires grad)")
     eval_every = eval_every or max(1, num_steps // 20)
@@ -235,8 +237,16 @@ def train_loop(
 
     optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     history: dict[str, Any] = dict(
-        train_loss=[], lr=[], val_loss=[], window_loss=[], eval_step=[], best_val_loss=math.inf,
-        best_step=None, stopped_early=False, skipped_steps=0, steps=0,
+        train_loss=[],
+        lr=[],
+        val_loss=[],
+        window_loss=[],
+        eval_step=[],
+        best_val_loss=math.inf,
+        best_step=None,
+        stopped_early=False,
+        skipped_steps=0,
+        steps=0,
     )
     state = dict(scale=1.0, failures=0, since_best=0, best=math.inf, best_state=None, window=0)
     first_step = 1
@@ -253,12 +263,20 @@ def train_loop(
     def save() -> None:
         if checkpoint is None or rank != 0:
             return
-        torch.save(dict(
-            format=CHECKPOINT_FORMAT, kind=kind, module=module.state_dict(),
-            optimizer=optimizer.state_dict(), generator=generator.get_state(),
-            rng=_rng_state(module), history=history, state=state,
-            extra=None if extra_state is None else extra_state[0](),
-        ), checkpoint)
+        torch.save(
+            dict(
+                format=CHECKPOINT_FORMAT,
+                kind=kind,
+                module=module.state_dict(),
+                optimizer=optimizer.state_dict(),
+                generator=generator.get_state(),
+                rng=_rng_state(module),
+                history=history,
+                state=state,
+                extra=None if extra_state is None else extra_state[0](),
+            ),
+            checkpoint,
+        )
 
     good = [p.detach().clone() for p in params]  # parameters of the last finite step
 
@@ -277,7 +295,8 @@ def train_loop(
             threshold = 0.0
         else:
             window = torch.tensor(
-                history["train_loss"][state["window"]:], dtype=torch.float64, device="cpu")
+                history["train_loss"][state["window"] :], dtype=torch.float64, device="cpu"
+            )
             state["window"] = len(history["train_loss"])
             if len(window) == 0:
                 return False
@@ -299,7 +318,9 @@ def train_loop(
 
     module.train()
     bar = tqdm(
-        range(first_step, num_steps + 1), disable=not progress or rank != 0, desc=kind,
+        range(first_step, num_steps + 1),
+        disable=not progress or rank != 0,
+        desc=kind,
         dynamic_ncols=True,
     )
     step = first_step - 1
@@ -343,8 +364,13 @@ def train_loop(
             if broken or state["failures"] >= max_failures:
                 restore_good()
                 bar.close()
-                why = "the parameters became non-finite" if broken else (
-                    f"{state['failures']} consecutive steps had a non-finite loss or gradient")
+                why = (
+                    "the parameters became non-finite"
+                    if broken
+                    else (
+                        f"{state['failures']} consecutive steps had a non-finite loss or gradient"
+                    )
+                )
                 raise TrainingDiverged(
                     f"{kind} diverged at step {step}: loss {value.item():.4g} at learning rate "
                     f"{current:.3g} ({why}); the parameters of the last finite step were "
@@ -353,8 +379,10 @@ def train_loop(
         if step % eval_every == 0 or step == num_steps:
             stop = evaluate(step)
             if validate is not None:
-                bar.set_postfix(loss=f"{history['train_loss'][-1]:.4g}" if history["train_loss"]
-                                else "nan", val=f"{history['val_loss'][-1]:.4g}")
+                bar.set_postfix(
+                    loss=f"{history['train_loss'][-1]:.4g}" if history["train_loss"] else "nan",
+                    val=f"{history['val_loss'][-1]:.4g}",
+                )
             save()
             if stop:
                 history["stopped_early"] = True

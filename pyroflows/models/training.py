@@ -86,20 +86,32 @@ def fit_vae(
             position = (step - 1) % steps_per_epoch
             if position == 0:  # a fresh shuffle on the CPU: reproducible on any device
                 order["perm"] = torch.randperm(len(data), generator=g, device="cpu")
-            rows = order["perm"][position * batch_size:(position + 1) * batch_size]
+            rows = order["perm"][position * batch_size : (position + 1) * batch_size]
             return -vae.elbo(data[rows.to(data.device)]).mean()
 
         validate = None
         if validation is not None:
+
             def validate() -> float:
                 return -vae.elbo(validation).mean().item()
 
         history = train_loop(
-            vae, loss_fn, num_steps=num_steps, lr=lr, generator=g, schedule=schedule,
+            vae,
+            loss_fn,
+            num_steps=num_steps,
+            lr=lr,
+            generator=g,
+            schedule=schedule,
             final_lr=lr / 100 if schedule == "exponential" else 0.0,
-            max_grad_norm=max_grad_norm, validate=validate, eval_every=steps_per_epoch,
-            patience=patience, progress=progress, kind="fit_vae", checkpoint=checkpoint,
-            resume=resume, distributed=distributed,
+            max_grad_norm=max_grad_norm,
+            validate=validate,
+            eval_every=steps_per_epoch,
+            patience=patience,
+            progress=progress,
+            kind="fit_vae",
+            checkpoint=checkpoint,
+            resume=resume,
+            distributed=distributed,
             extra_state=(lambda: dict(order), order.update),
         )
     history["steps_per_epoch"] = steps_per_epoch
