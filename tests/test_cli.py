@@ -148,3 +148,12 @@ def test_vi_figure_is_large_with_axes_and_kl():
     panels = fig.axes[:2]
     assert all(ax.get_xlabel() and ax.get_xticks().size for ax in panels)
     assert "0.012" in panels[1].get_title()
+
+
+def test_sample_puts_divergences_in_context(tmp_path, capsys):
+    assert main(["sample", "--target", "banana", "--steps", "20", "--warmup", "20", "--chains", "8",
+                 "--target-accept", "0.9", "--quiet", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "divergent transitions" in out and "target_accept_prob" not in out
+    assert main(["sample", "--target-accept", "1.5", "--quiet", "--out", str(tmp_path)]) == 2
+    assert "--target-accept" in capsys.readouterr().err
