@@ -13,12 +13,14 @@ a thin layer on top.
 **Energies that raise.** A proposal far in the tails can make an energy built from
 ``torch.distributions`` fail its argument validation (``ValueError: Expected parameter loc ...
 to satisfy the constraint Real()``). [`EnergyFunction`][pyroflows.mcmc.core.EnergyFunction]
-treats such a proposal like one with a non-finite energy: the batch is split in halves, the
-halves are evaluated again (validation stays on), and recursion isolates the chains whose
-evaluation raises; they get energy NaN, so the accept step rejects and counts them. This costs
-about $2k \log_2 C$ extra calls for $k$ failing chains, only on the step where it happens. The
-starting points are evaluated without this guard, so a systematic error surfaces with its own
-message.
+treats such a proposal like one with a non-finite energy. On that error the batch is evaluated
+once more with validation switched off for that one call (``pyro.validation_enabled(False)``;
+the user's setting is restored at once): rows it makes non-finite are the failing chains. The
+remaining rows are evaluated again with validation on; should one of them still raise (an
+invalid parameter that happened to give a finite value), halving the batch isolates it. Failing
+chains get energy NaN, so the accept step rejects and counts them. This costs two extra calls in
+the usual case, only on the step where it happens. The starting points are evaluated without
+this guard, so a systematic error surfaces with its own message.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import math
 from collections.abc import Callable
 from typing import NamedTuple
 
+import pyro
 import torch
 
 Energy = Callable[[torch.Tensor], torch.Tensor]
@@ -92,11 +95,35 @@ class EnergyFunction:
         except ValueError as error:
             if not guard or not is_validation_error(error):
                 raise
+        # Find the failing rows: one evaluation with validation off marks the rows it makes
+        # non-finite; the rest are re-evaluated with validation on, bisecting if one still fails.
+        with pyro.validation_enabled(False):
+            out = self._evaluate(x, with_grad)
+        u = out[0] if with_grad else out
+        good = torch.isfinite(u.reshape(u.shape[0], -1)).all(1)
+        result = self._fill(x, with_grad)
+        if good.any():
+            index = good.nonzero().flatten()
+            values = self._bisect(x[index], with_grad)
+            for full, part in zip(result, values if with_grad else (values,), strict=True):
+                full[index] = part
+        return result if with_grad else result[0]
+
+    def _fill(self, x: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, ...]:
+        u = x.new_full(x.shape[: x.dim() - self.event_dim], math.nan)
+        return (u, torch.full_like(x, math.nan)) if with_grad else (u,)
+
+    def _bisect(self, x: torch.Tensor, with_grad: bool):
+        try:
+            return self._evaluate(x, with_grad)
+        except ValueError as error:
+            if not is_validation_error(error):
+                raise
         if x.shape[0] == 1:  # this chain's evaluation fails validation: a non-finite energy
-            u = x.new_full(x.shape[: x.dim() - self.event_dim], math.nan)
-            return (u, torch.full_like(x, math.nan)) if with_grad else u
+            fill = self._fill(x, with_grad)
+            return fill if with_grad else fill[0]
         half = x.shape[0] // 2
-        parts = [self._guarded(x[:half], with_grad, True), self._guarded(x[half:], with_grad, True)]
+        parts = [self._bisect(x[:half], with_grad), self._bisect(x[half:], with_grad)]
         if with_grad:
             return tuple(torch.cat(pair) for pair in zip(*parts, strict=True))
         return torch.cat(parts)

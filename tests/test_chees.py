@@ -1,0 +1,124 @@
+"""ChEES-HMC (the default warm-up of HMC with many chains) against exact answers, within
+Monte-Carlo error from arviz's ESS: an ill-conditioned rotated Gaussian, the banana, the funnel's
+scale variable; its statistics and parameters."""
+
+import math
+import warnings
+
+import arviz as az
+import numpy as np
+import pytest
+import torch
+
+from pyroflows import energies, mcmc
+
+warnings.filterwarnings("ignore", category=FutureWarning)  # arviz's refactor notice
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def rotated_gaussian(dim: int, condition: float, seed: int = 0) -> energies.Gaussian:
+    """N(0, Q diag(eigenvalues) Q^T), eigenvalues log-spaced from 1 to ``condition``."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+    eig = torch.logspace(0, math.log10(condition), dim, dtype=torch.float64)
+    return energies.Gaussian(torch.zeros(dim), (q @ torch.diag(eig) @ q.T).float())
+
+
+def run(target, num_chains, warmup, draws, seed=0, **options):
+    kernel = mcmc.HMC(target, **options)
+    init = torch.randn(
+        num_chains, *target.event_shape, generator=torch.Generator().manual_seed(seed)
+    )
+    idata = mcmc.sample(kernel, init, draws, warmup_steps=warmup, progress=False, seed=seed)
+    return kernel, idata
+
+
+def assert_within_mc_error(values, exact, z=4.5):
+    """|mean(f) - E f| <= z sd(f) / sqrt(ESS(f)) for f of shape (chain, draw)."""
+    ess = float(az.ess(values))
+    se = values.std() / math.sqrt(ess)
+    assert abs(values.mean() - exact) <= z * se, (values.mean(), exact, se, ess)
+
+
+def check_gaussian(idata, target):
+    x = idata.posterior["x"].values.astype(np.float64)
+    cov = target.covariance.double().numpy()
+    # along the eigenvectors, where the scales differ by the condition number
+    eig, vec = np.linalg.eigh(cov)
+    z = x @ vec
+    for i in range(z.shape[-1]):
+        assert_within_mc_error(z[..., i], 0.0)
+        assert_within_mc_error(z[..., i] ** 2, eig[i])
+
+
+def test_chees_rotated_gaussian_moments():
+    target = rotated_gaussian(10, 100.0)
+    kernel, idata = run(target, 128, 300, 200)
+    assert kernel.uses_chees(128) and kernel.params.jittered
+    check_gaussian(idata, target)
+    assert idata.sample_stats["diverging"].values.sum() == 0
+
+
+@pytest.mark.slow
+def test_chees_100d_condition_1000_moments():
+    target = rotated_gaussian(100, 1000.0)
+    _, idata = run(target, 128, 600, 400)
+    check_gaussian(idata, target)
+
+
+def test_chees_banana_moments_and_few_divergences():
+    target = energies.get("banana")  # x1 ~ N(0, 1), x2 | x1 ~ N(x1^2 - 1, 1): var 1 and 3
+    kernel, idata = run(target, 128, 300, 300)
+    x = idata.posterior["x"].values.astype(np.float64)
+    assert_within_mc_error(x[..., 0], 0.0)
+    assert_within_mc_error(x[..., 1], 0.0)
+    assert_within_mc_error(x[..., 0] ** 2, 1.0)
+    assert_within_mc_error(x[..., 1] ** 2, 3.0)
+    summary = mcmc.summarize(idata)
+    assert summary["divergence_rate"] < 1e-3, summary["advice"]
+    assert summary["max_rhat"] < 1.02
+    # the learned trajectory stays short enough to pay: a few units, not tens
+    length = float(kernel.params.step_size) * kernel.params.num_steps
+    assert 1.0 < length < 8.0
+
+
+def test_chees_learns_a_quarter_period_on_a_standard_normal():
+    target = energies.Gaussian(torch.zeros(5), torch.ones(5))
+    kernel, idata = run(target, 256, 200, 20)
+    length = float(kernel.params.step_size) * kernel.params.num_steps
+    # ChEES per gradient of sin^2(hT) / (hT), h ~ U(0, 1): the optimum is near T = 2.3
+    assert 1.2 < length < 3.5
+    assert torch.allclose(kernel.inverse_mass_matrix, torch.ones(5), atol=0.25)
+
+
+@pytest.mark.slow
+def test_chees_funnel_scale_variable():
+    target = energies.get("funnel", dim=5)  # v ~ N(0, 3^2)
+    _, idata = run(target, 256, 1000, 500, target_accept_prob=0.9, max_steps=256)
+    v = idata.posterior["x"].values[..., 0].astype(np.float64)
+    assert_within_mc_error(v, 0.0)
+    assert_within_mc_error(v**2, 9.0)
+
+
+def test_sample_stats_of_jittered_and_fixed_trajectories():
+    target = energies.get("gaussian", dim=3, correlation=0.5)
+    _, chees = run(target, 32, 100, 30, adapt="chees")
+    stats = chees.sample_stats
+    steps = stats["n_steps"].values
+    assert (steps >= 1).all() and len(np.unique(steps)) > 1  # jittered lengths
+    assert (steps == steps[:1]).all()  # the same for every chain: one batched call per step
+    assert np.unique(stats["step_size"].values).size == 1  # frozen after warm-up
+    assert (stats["energy"].values >= -stats["lp"].values - 1e-4).all()  # H >= U
+    _, fixed = run(target, 32, 100, 30, num_steps=4)
+    assert (fixed.sample_stats["n_steps"].values == 4).all()
+    _, few = run(target, 8, 50, 5)  # "auto" with few chains: fixed-length HMC
+    assert (few.sample_stats["n_steps"].values == 10).all()
+
+
+def test_chees_with_few_chains_still_converges():
+    """With 16 chains the ChEES statistic is noisy; the trajectory must not collapse."""
+    target = energies.get("banana")
+    kernel, idata = run(target, 16, 300, 200, adapt="chees")
+    length = float(kernel.params.step_size) * kernel.params.num_steps
+    assert length > 1.0
+    assert float(az.rhat(idata)["x"].max()) < 1.05
