@@ -53,8 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-size", type=positive_float, default=0.1,
                         help="initial step size of hmc/mala (adapted during warm-up) or the "
                              "sgld step (default: 0.1)")
-    parser.add_argument("--num-steps", type=int_flag(1), default=10,
-                        help="leapfrog steps per hmc transition (default: 10)")
+    parser.add_argument("--num-steps", type=int_flag(1), default=None,
+                        help="leapfrog steps per hmc transition (default: trajectory length "
+                             "adapted by ChEES with 16 or more chains, else 10)")
     parser.add_argument("--target-accept", type=positive_float, default=None,
                         help="acceptance rate the hmc/mala step-size adaptation aims at, below 1; "
                              "raise it (0.9-0.95) against divergences (default: the kernel's)")
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--target ising is discrete: use --kernel gibbs")
     # work per step: every chain's event, once per leapfrog step: small, so one thread
     threads = configure_threads(args.threads, args.chains * target.event_shape.numel()
-                                * args.num_steps)
+                                * (args.num_steps or 10))
     torch.manual_seed(args.seed)
     shape = (args.chains, *target.event_shape)
     if target.name == "ising":

@@ -37,5 +37,6 @@ __all__ = [
     "ModelPotential",
     "SGLD",
     "sample",
+    "neutra",
     "summarize",
 ]

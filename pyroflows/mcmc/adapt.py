@@ -88,7 +88,8 @@ class DualAveragingState(NamedTuple):
 
 
 def dual_averaging_init(step_size: torch.Tensor, shrink_to: float = 10.0) -> DualAveragingState:
-    """Start dual averaging at ``step_size``, shrinking towards ``shrink_to`` times it (Stan: 10)."""
+    """Start dual averaging at ``step_size``, shrinking towards ``shrink_to`` times it (Stan:
+    10)."""
     log_step = step_size.log()
     center = log_step + math.log(shrink_to)
     return DualAveragingState(log_step, log_step, torch.zeros_like(log_step), 0, center)
