@@ -157,3 +157,14 @@ def test_sample_puts_divergences_in_context(tmp_path, capsys):
     assert "divergent transitions" in out and "target_accept_prob" not in out
     assert main(["sample", "--target-accept", "1.5", "--quiet", "--out", str(tmp_path)]) == 2
     assert "--target-accept" in capsys.readouterr().err
+
+
+def test_sample_command_under_the_default_device_trap(tmp_path):
+    import pyro
+    from conftest import default_device_trap
+
+    args = build_parser().parse_args(["sample", "--target", "banana", "--steps", "5", "--warmup",
+                                      "5", "--chains", "4", "--quiet", "--out", str(tmp_path)])
+    # torch's own argument validation makes tensors on the default device: switch it off
+    with default_device_trap(), pyro.validation_enabled(False):
+        assert args.run(args)["plot"].endswith(".png")

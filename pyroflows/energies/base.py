@@ -38,7 +38,7 @@ class Target(nn.Module):
         super().__init__()
         self.event_shape = torch.Size(event_shape)
         # device/dtype anchor for tensors made without an input (samples, the model's carrier)
-        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+        self.register_buffer("_anchor", torch.zeros((), device="cpu"), persistent=False)
 
     @property
     def event_dim(self) -> int:

@@ -25,7 +25,7 @@ def plot_chains(idata: az.InferenceData, path: str | Path, energy=None, max_poin
         pad = 0.1 * (hi - lo)
         lo, hi = lo - pad, hi + pad
         if energy is not None and points.shape[1] == 2:
-            xs, ys = (torch.linspace(float(lo[i]), float(hi[i]), 200, dtype=torch.float64) for i in range(2))
+            xs, ys = (torch.linspace(float(lo[i]), float(hi[i]), 200, dtype=torch.float64, device="cpu") for i in range(2))
             grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1)
             with torch.no_grad():
                 dens = torch.exp(-energy(grid.to(torch.float32)).double())
