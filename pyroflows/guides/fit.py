@@ -51,6 +51,7 @@ def fit_guide(
     anneal_steps: int = 0,
     eval_every: int = 100,
     patience: int | None = 5,
+    cooldown: int = 300,
     num_elbo_samples: int = 2000,
     progress: bool = True,
     seed: int | None = None,
@@ -67,7 +68,8 @@ def fit_guide(
     minimises the negative ELBO over every parameter the model and guide use, with the learning
     rate decaying geometrically from ``lr`` to ``final_lr``. Every ``eval_every`` steps the mean
     loss of the last window is compared with the best so far; ``patience`` windows without an
-    improvement beyond twice the window's standard error end the run.
+    improvement beyond twice the window's standard error end the run, after ``cooldown`` more
+    steps at a learning rate falling to 0.
 
     Args:
         model: a Pyro model.
@@ -89,6 +91,8 @@ def fit_guide(
             No plateau stop happens while annealing.
         eval_every: steps per plateau window.
         patience: windows without improvement before stopping (``None``: run the budget).
+        cooldown: steps after the plateau with the learning rate falling linearly to 0 (the
+            optimiser's noise at a constant rate is what is left of the error there).
         num_elbo_samples: guide draws for the final ELBO estimate (0: skip it; the model must
             be vectorisable over a particle plate for it).
         progress: show a tqdm progress bar.
@@ -174,8 +178,8 @@ def fit_guide(
             checkpoint=checkpoint,
             resume=resume,
             distributed=distributed,
-            min_delta=0.0,
             plateau_after=anneal_steps,
+            cooldown=cooldown,
         )
         history["num_particles"] = num_particles
         if num_elbo_samples:

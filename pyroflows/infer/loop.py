@@ -144,6 +144,7 @@ def train_loop(
     patience: int | None = None,
     min_delta: float = 0.0,
     plateau_after: int = 0,
+    cooldown: int = 0,
     backoff: float = 0.5,
     max_failures: int = 10,
     progress: bool = True,
@@ -180,6 +181,9 @@ def train_loop(
             Without ``validate``, an improvement must exceed twice the window mean's standard
             error, so Monte-Carlo noise alone does not keep a run going.
         min_delta: smallest decrease that counts as an improvement.
+        cooldown: once patience runs out, train this many more steps with the learning rate
+            falling linearly to 0 before stopping (averages out the optimiser's stationary
+            noise, which at a plateau is what is left of the error).
         plateau_after: evaluations up to this step never count against ``patience`` (e.g. while
             the objective itself changes, as under annealing).
         backoff: learning-rate factor after a non-finite step (undone over 50 finite steps).
@@ -217,6 +221,7 @@ def train_loop(
         check_int(patience, "patience")
     check_number(min_delta, "min_delta", low=0.0)
     check_int(plateau_after, "plateau_after", minimum=0)
+    check_int(cooldown, "cooldown", minimum=0)
     check_number(backoff, "backoff", low=0.0, high=1.0, low_open=True, high_open=True)
     check_int(max_failures, "max_failures")
     if resume and checkpoint is None:
@@ -248,7 +253,10 @@ def train_loop(
         skipped_steps=0,
         steps=0,
     )
-    state = dict(scale=1.0, failures=0, since_best=0, best=math.inf, best_state=None, window=0)
+    state = dict(
+        scale=1.0, failures=0, since_best=0, best=math.inf, best_state=None, window=0,
+        cooldown_from=None,
+    )
     first_step = 1
     if resume and Path(checkpoint).is_file():
         saved = _load_checkpoint(Path(checkpoint), module, kind)
@@ -326,6 +334,9 @@ def train_loop(
     step = first_step - 1
     for step in bar if not history["stopped_early"] else ():
         current = state["scale"] * _schedule(schedule, step - 1, num_steps, lr, final_lr)
+        if state["cooldown_from"] is not None:
+            start = state["cooldown_from"]
+            current *= max(0.0, 1 - (step - start) / (cooldown + 1))
         for group in optimizer.param_groups:
             group["lr"] = current
         optimizer.zero_grad(set_to_none=True)
@@ -376,13 +387,19 @@ def train_loop(
                     f"{current:.3g} ({why}); the parameters of the last finite step were "
                     "restored. Try a smaller lr or max_grad_norm."
                 )
-        if step % eval_every == 0 or step == num_steps:
+        if state["cooldown_from"] is not None:
+            if step >= state["cooldown_from"] + cooldown:
+                history["stopped_early"] = True
+                break
+        elif step % eval_every == 0 or step == num_steps:
             stop = evaluate(step)
             if validate is not None:
                 bar.set_postfix(
                     loss=f"{history['train_loss'][-1]:.4g}" if history["train_loss"] else "nan",
                     val=f"{history['val_loss'][-1]:.4g}",
                 )
+            if stop and cooldown and step < num_steps:
+                state["cooldown_from"], stop = step, False
             save()
             if stop:
                 history["stopped_early"] = True
