@@ -219,3 +219,18 @@ def test_gaussian_covariance_errors():
         energies.Gaussian([0.0, 0.0], [1.0, 0.0])
     with pytest.raises(ValueError, match=r"covariance \(D, D\) or \(D,\)"):
         energies.Gaussian([0.0, 0.0], [1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "ising"] + ["dense100"])
+def test_energy_and_gradient_on_the_chosen_device(name, device, dtype):
+    target = (energies.get("gaussian", dim=100, correlation=0.5) if name == "dense100"
+              else energies.get(name))
+    x64 = torch.randn(64, *target.event_shape, dtype=torch.float64)
+    reference = torch.func.grad(lambda x: target.energy(x).sum())(x64)
+    moved = target.to(device)
+    x = x64.to(device, dtype).requires_grad_()
+    u = moved.energy(x)
+    (grad,) = torch.autograd.grad(u.sum(), x)
+    assert u.device == x.device and u.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(grad.cpu().double(), reference, rtol=tol, atol=tol)
