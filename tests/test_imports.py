@@ -67,3 +67,28 @@ def test_every_extra_in_the_table_is_declared_in_pyproject():
     pyproject = Path(__file__).parent.parent / "pyproject.toml"
     declared = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
     assert set(EXTRAS.values()) <= set(declared)
+
+
+def test_core_works_without_the_optional_packages():
+    # a fresh interpreter in which every optional package is missing, as after `pip install .`
+    code = f"""
+import importlib.abc, sys
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {sorted(EXTRAS)!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Missing())
+import torch, pyroflows
+import pyroflows.infer, pyroflows.guides, pyroflows.models, pyroflows.plotting
+for name in pyroflows.available_flows():
+    shape = (1, 4, 4) if not pyroflows.registry.family_spec(name).vector else 2
+    try:
+        pyroflows.build_flow(name, shape, num_layers=1, hidden_dims=(4,))
+    except ImportError as err:
+        print(name, err)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()  # only cnf needs an extra, and its error names it
+    assert len(lines) == 1 and lines[0].startswith("cnf "), out.stdout
+    assert 'pip install "pyroflows[cnf]"' in lines[0]

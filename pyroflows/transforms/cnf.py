@@ -62,8 +62,6 @@ from pyroflows.transforms.base import FlowTransform, expand_context
 from pyroflows.transforms.numerics import exact_or_estimator, jacobian, rademacher_like
 from pyroflows.validation import check_choice, check_int, check_positive
 
-_torchdiffeq = require("torchdiffeq")  # the cnf extra: a clear error when it is missing
-
 TRACE_MODES = ("auto", "exact", "hutchinson")
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "adaptive_heun", "fehlberg2")
 FIXED_METHODS = ("rk4", "midpoint", "euler")
@@ -100,6 +98,7 @@ class ContinuousFlow(FlowTransform):
         adjoint: bool = False,
         max_num_steps: int = 10_000,
     ) -> None:
+        require("torchdiffeq")  # the cnf extra: fail when building, not at the first solve
         super().__init__((input_dim,), context_dim)
         self.trace = exact_or_estimator(trace, "trace", TRACE_MODES, input_dim, "hutchinson")
         self.method = check_choice(method, "method", ADAPTIVE_METHODS + FIXED_METHODS)
@@ -153,7 +152,8 @@ class ContinuousFlow(FlowTransform):
             if context is not None and context.requires_grad:
                 params.append(context)
             kwargs["adjoint_params"] = tuple(params)
-        solve = _torchdiffeq.odeint_adjoint if self.adjoint else _torchdiffeq.odeint
+        torchdiffeq = require("torchdiffeq")
+        solve = torchdiffeq.odeint_adjoint if self.adjoint else torchdiffeq.odeint
         # torchdiffeq makes some tensors without a device: pin them to the inputs' device
         with torch.device(start.device):
             try:
