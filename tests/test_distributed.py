@@ -130,3 +130,50 @@ def test_sync_gradients_keeps_vae_and_autoflow_ranks_identical(tmp_path, sync):
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     same = all(torch.allclose(a[m][k], b[m][k], atol=1e-6) for m in a for k in a[m])
     assert same == sync  # identical with sync_gradients, different without it
+
+
+def _trainers_worker(rank: int, port: int, out: str) -> None:
+    """fit_guide, fit_vae and distill with distributed=True: each rank its own data shard."""
+    import pyro
+
+    from pyroflows.guides import AutoFlow, fit_guide
+    from pyroflows.infer import distill
+    from pyroflows.models import VAE, fit_vae
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(rank)  # different initialisations: rank 0's are broadcast
+        shard = torch.Generator().manual_seed(rank)
+        x = torch.bernoulli(torch.full((32, 6), 0.3), generator=shard)
+        vae = VAE(6, 2, hidden_dims=(8,), posterior="iaf", num_flows=1)
+        fit_vae(vae, x, num_epochs=2, batch_size=16, progress=False, seed=rank, distributed=True)
+
+        def model(y):
+            loc = pyro.sample("loc", pyro.distributions.Normal(torch.zeros(2), 1.0).to_event(1))
+            with pyro.plate("n", len(y)):
+                pyro.sample("y", pyro.distributions.Normal(loc, 1.0).to_event(1), obs=y)
+
+        pyro.clear_param_store()
+        y = torch.randn(20, 2, generator=shard)
+        guide = AutoFlow(model, flow="realnvp", num_layers=2, hidden_dims=(8,))
+        fit_guide(model, guide, y, num_steps=5, num_elbo_samples=0, progress=False, seed=rank,
+                  distributed=True)
+
+        teacher = build_flow("maf", 2, num_layers=1, hidden_dims=(8,))
+        student = build_flow("iaf", 2, num_layers=1, hidden_dims=(8,))
+        distill(teacher, student, num_steps=5, eval_size=16, progress=False, seed=rank,
+                distributed=True)
+        states = {"vae": vae.state_dict(), "guide": guide.state_dict(),
+                  "student": student.state_dict()}
+        torch.save(states, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_guides_vaes_and_distillation_train_data_parallel(tmp_path):
+    mp.spawn(_trainers_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for part in a:
+        for key in a[part]:
+            assert torch.allclose(a[part][key], b[part][key], atol=1e-6), (part, key)
