@@ -6,13 +6,15 @@ import time
 import warnings
 from typing import Any
 
-import arviz as az
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pyroflows._optional import require
 from pyroflows.mcmc.base import BatchedKernel
 from pyroflows.validation import check_int
+
+az = require("arviz")  # the mcmc extra: an ImportError that names it
 
 #: per-draw statistics recorded in ``sample_stats`` (arviz names where arviz has one)
 STATS = ("acceptance_rate", "step_size", "diverging", "energy", "lp", "nonfinite", "n_steps")

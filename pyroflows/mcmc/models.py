@@ -18,12 +18,14 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import arviz as az
 import numpy as np
 import torch
 
+from pyroflows._optional import require
 from pyroflows.mcmc.potential import InitStrategy, ModelPotential
 from pyroflows.validation import check_int
+
+az = require("arviz")  # the mcmc extra: an ImportError that names it
 
 __all__ = ["sample_model", "to_inference_data"]
 
