@@ -111,8 +111,12 @@ def fit_and_score(
         predictive = Predictive(target.model, guide=guide, num_samples=num_plot_samples,
                                 parallel=True)
         samples = predictive()["x"].reshape(-1, 2).cpu()
-    return dict(kl=kl, kl_se=kl_se, train_seconds=seconds,
-                final_loss=history["train_loss"][-1], samples=samples)
+    result = dict(kl=kl, kl_se=kl_se, train_seconds=seconds,
+                  final_loss=history["train_loss"][-1], samples=samples)
+    if hasattr(guide, "diagnose"):  # AutoFlow: PSIS k-hat of the trained guide, and its verdict
+        report = guide.diagnose(num_samples=min(kl_samples, 4000))
+        result.update(khat=report["khat"], verdict=report["verdict"])
+    return result
 
 
 def plot_vi(
@@ -207,11 +211,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def make_guide(model: Callable) -> AutoFlow:
         return AutoFlow(model, args.flow, num_layers=args.num_layers, hidden_dims=args.hidden)
 
-    # the guide's parameters exist after one call; work per step = parameters x particles
-    probe = make_guide(target.model)
-    probe()
-    work = sum(p.numel() for p in probe.parameters()) * args.particles
-    threads = configure_threads(args.threads, work)
+    # a guide over a 2-D target is small work whatever the flow: one thread unless --threads
+    threads = configure_threads(args.threads, 0)
     result = fit_and_score(
         target, make_guide, num_steps=args.steps, anneal_steps=anneal,
         num_particles=args.particles, kl_samples=args.kl_samples, lr=args.lr, seed=args.seed,
@@ -228,4 +229,5 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{label} on {args.target}, {args.steps} steps: KL(q||p) = {result['kl']:.4f} "
             f"± {result['kl_se']:.4f} nats ({args.kl_samples} samples); plot: {plot}"
         )
+        print(f"diagnose: {result['verdict']}")
     return metrics
