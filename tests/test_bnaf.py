@@ -127,7 +127,7 @@ def test_helper_and_conditional_sampling_under_the_device_trap():
     [
         (dict(parallel="sideways"), "parallel"),
         (dict(hidden_dims=(0,)), "hidden_dims"),
-        (dict(bisection_steps=0), "bisection_steps"),
+        (dict(max_iterations=0), "max_iterations"),
         (dict(ordering=[0, 0, 1]), "ordering"),
     ],
 )
