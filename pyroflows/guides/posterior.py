@@ -20,6 +20,7 @@ from __future__ import annotations
 import pyro.distributions as dist
 import torch
 from pyro.distributions.util import sum_rightmost
+from torch.distributions import Transform
 
 
 class FlowPosterior(dist.TransformedDistribution):
@@ -28,6 +29,7 @@ class FlowPosterior(dist.TransformedDistribution):
     Args:
         base_distribution: the base, usually a standard Normal ``.to_event(1)``.
         transforms: a transform or a list of them (``pyroflows`` layers, Pyro or torch ones).
+        validate_args: check arguments (Pyro's default when ``None``).
 
     Example:
         >>> import pyroflows
@@ -37,6 +39,14 @@ class FlowPosterior(dist.TransformedDistribution):
         >>> q.log_prob(z).shape  # the forward pass's density: no root search
         torch.Size([5])
     """
+
+    def __init__(
+        self,
+        base_distribution: dist.Distribution,
+        transforms: Transform | list[Transform],
+        validate_args: bool | None = None,
+    ) -> None:
+        super().__init__(base_distribution, transforms, validate_args=validate_args)
 
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
         x = self.base_dist.rsample(sample_shape)

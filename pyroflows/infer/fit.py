@@ -127,12 +127,14 @@ def fit(
         ``stopped_early``, ``skipped_steps``, ``lr``.
 
     Example:
-        >>> from pyroflows import build_flow
-        >>> from pyroflows.datasets import toy
-        >>> flow = build_flow("realnvp", 2)
-        >>> history = fit(flow, toy("moons", 2000), num_steps=200, progress=False)
-        >>> history["val_loss"][-1] < history["val_loss"][0]
-        True
+        ```python
+        from pyroflows import build_flow
+        from pyroflows.datasets import toy
+
+        flow = build_flow("realnvp", 2)
+        history = fit(flow, toy("moons", 2000), num_steps=200, progress=False)
+        print(history["val_loss"][0], "->", history["best_val_loss"])
+        ```
     """
     if not isinstance(flow, Flow):
         raise TypeError(f"flow must be a pyroflows.Flow, got {type(flow).__name__}")

@@ -1,6 +1,6 @@
-r"""The one training loop behind [`fit`][pyroflows.infer.fit],
+r"""The one training loop behind [`fit`][pyroflows.infer.fit.fit],
 [`fit_guide`][pyroflows.guides.fit_guide], [`fit_vae`][pyroflows.models.fit_vae] and
-[`distill`][pyroflows.infer.distill].
+[`distill`][pyroflows.infer.distill.distill].
 
 Each of them builds a loss closure ``loss_fn(step) -> Tensor`` and hands it to
 [`train_loop`][pyroflows.infer.loop.train_loop], which owns everything else: Adam, the

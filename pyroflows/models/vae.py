@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -90,7 +91,7 @@ class VAE(PyroModule):
         flow_hidden_dims: int | Sequence[int] | None = None,
         context_dim: int | None = None,
         name: str = "vae",
-        **flow_options,
+        **flow_options: Any,
     ) -> None:
         super().__init__(name)
         self.x_dim = _positive_int(x_dim, "x_dim")
