@@ -152,6 +152,8 @@ def test_pyro_model_passed_as_energy_is_a_clear_type_error():
         mcmc.SGLD()
     with pytest.raises(TypeError, match="exactly one"):
         mcmc.MH(GAUSS, model=_model)
+    with pytest.raises(TypeError, match=r"Gibbs does not sample Pyro models.*HMC\(model"):
+        mcmc.Gibbs(GAUSS, model=_model)
 
 
 def test_model_kernel_keeps_the_model():

@@ -69,6 +69,7 @@ class Gibbs(BatchedKernel):
             from torch's global generator (they are the user's code).
         scale: initial random-walk scale of every coordinate (continuous mode).
         adapt_scale: tune the per-coordinate scales during warm-up (continuous mode).
+        model: not supported (a ``TypeError`` saying which kernels take models).
 
     Example:
         >>> from pyroflows import energies, mcmc
@@ -85,7 +86,15 @@ class Gibbs(BatchedKernel):
         conditionals: Sequence[Callable[[torch.Tensor], torch.Tensor]] | None = None,
         scale: float = 1.0,
         adapt_scale: bool = True,
+        *,
+        model: Callable | None = None,
     ) -> None:
+        if model is not None:
+            raise TypeError(
+                "Gibbs does not sample Pyro models: for continuous latent sites use "
+                "HMC(model=...), MH(model=...) or SGLD(model=...); discrete latent sites are "
+                "not supported by the model path yet"
+            )
         if support is not None:
             if (
                 not isinstance(support, torch.Tensor)
