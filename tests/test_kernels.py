@@ -117,7 +117,7 @@ def test_energy_function_isolates_rows_that_fail_validation():
 
 
 def test_energy_function_bisects_rows_finite_without_validation():
-    """An Exponential scored at a negative value: finite with validation off, so bisection finds it."""
+    """An Exponential at a negative value: finite without validation, so bisection finds it."""
     energy = EnergyFunction(lambda x: -dist.Exponential(1.0).log_prob(x).sum(-1), 1)
     x = torch.rand(8, 2)
     x[5, 1] = -1.0
