@@ -125,14 +125,16 @@ class RationalQuadraticSpline:
             c = -s_k * dy
             disc = (b * b - 4 * a * c).clamp_min(0)
             xi = ((2 * c) / (-b - torch.sqrt(disc))).clamp(0, 1)
-            out = x_k + xi * w_k
         else:
             xi = ((v - x_k) / w_k).clamp(0, 1)
-            xi1 = xi * (1 - xi)
-            out = y_k + h_k * (s_k * xi * xi + d_k * xi1) / (s_k + delta * xi1)
         xi1 = xi * (1 - xi)
+        denom = s_k + delta * xi1
+        if inverse:
+            out = x_k + xi * w_k
+        else:
+            out = y_k + h_k * (s_k * xi * xi + d_k * xi1) / denom
         numer = d_k1 * xi * xi + 2 * s_k * xi1 + d_k * (1 - xi) * (1 - xi)
-        log_deriv = 2 * torch.log(s_k) + torch.log(numer) - 2 * torch.log(s_k + delta * xi1)
+        log_deriv = 2 * torch.log(s_k) + torch.log(numer) - 2 * torch.log(denom)
         out, log_deriv = out.squeeze(-1), log_deriv.squeeze(-1)
         return torch.where(inside, out, inputs), torch.where(inside, log_deriv, 0.0)
 
