@@ -83,6 +83,12 @@ _TAIL = struct.Struct("<5I")  # initial words, payload words, data / payload / m
 Choose = Callable[[list[int], np.ndarray], np.ndarray]
 
 
+def _valid_bits(words: np.ndarray) -> int:
+    """Bits of information on an ANS stack made of ``words`` (the top word's leading zeros
+    excluded): the stack's size at a resolution finer than whole words."""
+    return constriction.stream.stack.AnsCoder(words).num_valid_bits()
+
+
 def _initial_words(num: int) -> np.ndarray:
     """``num`` fixed pseudo-random uint32 words (SHA-256 in counter mode: stable everywhere)."""
     blocks = [hashlib.sha256(b"pyroflows-bbans" + i.to_bytes(4, "little")).digest()
@@ -422,8 +428,9 @@ class BitsBackCodec:
 
         Returns:
             A dict of bits per dimension (pixel): ``"bits_per_dim"`` (the whole message:
-            header, initial bits and payload), ``"amortised_bits_per_dim"`` (the payload's
-            growth over the initial bits: their cost amortised away), ``"elbo_bits_per_dim"``
+            header, initial bits and payload), ``"amortised_bits_per_dim"`` (the stack's
+            growth over the initial bits, counted in bits rather than whole words: the cost of
+            the initial bits and the header amortised away), ``"elbo_bits_per_dim"``
             ($-$ELBO), ``"sampling_se_bits_per_dim"`` (the standard deviation of the amortised
             rate around $-$ELBO that random latent draws alone would cause), ``"overhead"``
             (amortised over $-$ELBO, minus 1), ``"nll_bits_per_dim"``
@@ -442,7 +449,10 @@ class BitsBackCodec:
         spread = math.sqrt(weights.var(0).sum().item()) * bits if num_samples > 1 else math.nan
         out = dict(
             bits_per_dim=8 * len(message) / dims,
-            amortised_bits_per_dim=(8 * len(payload) - 32 * self.initial_words) / dims,
+            amortised_bits_per_dim=(
+                _valid_bits(np.frombuffer(payload, "<u4").astype(np.uint32))
+                - _valid_bits(_initial_words(self.initial_words))
+            ) / dims,
             elbo_bits_per_dim=elbo,
             sampling_se_bits_per_dim=spread,
         )
