@@ -92,6 +92,40 @@ class _SetLatents(Messenger):
             self.log_det.append(log_det)
 
 
+def finite_start(
+    energy: Callable[[torch.Tensor], torch.Tensor],
+    draw: Callable[[], torch.Tensor],
+    generator: torch.Generator,
+    *,
+    max_tries: int = 100,
+) -> torch.Tensor:
+    """Starting points ``(C, D)`` where ``energy`` is finite: chains at a non-finite energy are
+    redrawn (``draw()`` gives fresh candidates for all chains) up to ``max_tries`` times; the few
+    that never find one copy chains that did.
+
+    Raises:
+        ValueError: no chain found a finite energy.
+    """
+    u = draw()
+    for _ in range(max_tries):
+        with torch.no_grad():
+            bad = ~torch.isfinite(energy(u))
+        if not bad.any():
+            return u
+        u = torch.where(bad[:, None], draw(), u)
+    good = (~bad).nonzero().flatten()
+    if len(good) == 0:
+        raise ValueError(
+            f"every chain starts at a non-finite energy (after {max_tries} tries of the init "
+            "strategy): the model's density is -inf or NaN there; give init values inside "
+            "its support"
+        )
+    pick = torch.randint(len(good), (int(bad.sum()),), generator=generator, device=u.device)
+    u = u.clone()
+    u[bad] = u[good[pick]]
+    return u
+
+
 class ModelPotential:
     """Batched potential energy of a Pyro model on the unconstrained space of its latent sites.
 
@@ -404,25 +438,10 @@ class ModelPotential:
         if generator is None:
             generator = torch.Generator(device=self._device)
             generator.manual_seed(int(torch.randint(2**62, (), device="cpu")))
-        u = self._init_chains(num_chains, strategy, generator)
-        for _ in range(max_tries):
-            with torch.no_grad():
-                bad = ~torch.isfinite(self.energy(u))
-            if not bad.any():
-                return u
-            u = torch.where(bad[:, None], self._init_chains(num_chains, strategy, generator), u)
-        good = (~bad).nonzero().flatten()
-        if len(good) == 0:
-            raise ValueError(
-                f"every chain starts at a non-finite energy (after {max_tries} tries of the init "
-                "strategy): the model's density is -inf or NaN there; give init values inside "
-                "its support"
-            )
-        # the few chains that never found a finite start copy ones that did
-        pick = torch.randint(len(good), (int(bad.sum()),), generator=generator, device=u.device)
-        u = u.clone()
-        u[bad] = u[good[pick]]
-        return u
+        return finite_start(
+            self.energy, lambda: self._init_chains(num_chains, strategy, generator), generator,
+            max_tries=max_tries,
+        )
 
     def _check_values(self, values: Mapping[str, Any], num_chains: int) -> None:
         for name, value in values.items():
