@@ -1,5 +1,5 @@
 r"""Warm-up adaptation as explicit state: every adapter is a configuration object with
-``init(...) -> state`` and ``update(state, ...) -> state`` over [`NamedTuple`][typing.NamedTuple]
+``init(...) -> state`` and ``update(state, ...) -> state`` over `NamedTuple`
 states, pooled over the batch of chains. Nothing is kept on the kernel, so a second run starts
 exactly where a fresh one would.
 

@@ -1,7 +1,7 @@
 r"""The pure core of the samplers: explicit chain states and transitions, BlackJAX style.
 
 A transition is a function ``(state, generator, ...) -> (state, info)`` over
-[`NamedTuple`][typing.NamedTuple] states whose tensors hold **all** chains (leading dimension
+`NamedTuple` states whose tensors hold **all** chains (leading dimension
 ``C``). It draws random numbers only from the ``torch.Generator`` it is given, changes nothing
 outside its return value, and never reads a tensor back to the host: acceptance, divergence and
 non-finite flags stay tensors, so a transition queues work on an accelerator without waiting

@@ -55,7 +55,7 @@ def run_chains(
 
     Returns:
         ``draws`` of shape ``(num_samples, num_chains, *event_shape)``; ``stats``: name ->
-        ``(num_chains, num_samples)`` tensors (see [`STATS`][pyroflows.mcmc.driver.STATS]);
+        ``(num_chains, num_samples)`` tensors (see `STATS`);
         ``attrs``: ``sampling_time`` (seconds, warm-up included), ``num_energy_calls``,
         ``num_energy_evals``, ``warmup_nonfinite``, ``kernel``, ``warmup_steps``, ``thinning``.
     """
