@@ -7,7 +7,10 @@ target of the guide is $\log p(u) = \log p(x, T(u)) + \log|\det J_T(u)|$. The wa
    evaluation, the starts in a particle plate): the init strategy's point and jittered copies;
 2. takes the Hessian $H = -\nabla^2 \log p(\hat u)$ by autograd and its Cholesky factor, so
    $\mathcal N(\hat u, H^{-1})$ is the Laplace approximation; where $H$ is not positive
-   definite, a diagonal $1 / \sqrt{H_{ii}}$ (or the guide's ``init_scale``) replaces it.
+   definite, a diagonal $1 / \sqrt{H_{ii}}$ (or the guide's ``init_scale``) replaces it;
+3. when starts end on several optima of similar height (a multimodal posterior), keeps the
+   init point with the guide's ``init_scale`` instead: a Gaussian around one optimum is a poor
+   start there, and training (with annealing) spreads better from a broad one.
 
 [`AutoFlow`][pyroflows.guides.AutoFlow] puts $(\hat u, L)$, $L L^\top = H^{-1}$, in a fixed
 affine map after its flow, so the flow and its learnable affine stage work in whitened
@@ -35,8 +38,10 @@ class WarmStart:
     Attributes:
         loc: the MAP point $\\hat u$ (or the init point when the MAP failed).
         scale_tril: lower-triangular $L$ with $L L^\\top$ the Laplace covariance.
-        kind: ``"full"`` (Cholesky of $H^{-1}$), ``"diagonal"`` (fallback) or ``"init"``
-            (no usable MAP: the init point with the guide's ``init_scale``).
+        kind: ``"full"`` (Cholesky of $H^{-1}$), ``"diagonal"`` (fallback), ``"multimodal"``
+            (starts ended on several optima of similar height: the init point with the guide's
+            ``init_scale``), ``"map"`` (no Laplace) or ``"init"`` (no usable MAP: the init
+            point with the guide's ``init_scale``).
         log_density: $\\log p(\\hat u)$ (unnormalised).
     """
 
@@ -171,7 +176,7 @@ def laplace_warm_start(
     init: torch.Tensor,
     init_scale: float,
     num_starts: int = 8,
-    jitter: float = 1.0,
+    jitter: float = 2.0,
     max_iter: int = 100,
     laplace: bool = True,
     max_dense_dim: int = 256,
@@ -271,23 +276,51 @@ def laplace_warm_start(
     if not laplace:
         return WarmStart(loc, fallback.scale_tril, "map", float(final[best]))
 
-    def neg_log_density(x: torch.Tensor) -> torch.Tensor:
-        return -_log_density(guide, model, x[None], args, kwargs)[0][0]
+    def laplace_at(x: torch.Tensor) -> tuple[torch.Tensor, str]:
+        """The Laplace scale at ``x``: Cholesky of the inverse Hessian, else diagonal."""
 
-    if dim <= max_dense_dim:
-        hessian = torch.autograd.functional.hessian(neg_log_density, loc)
-        hessian = 0.5 * (hessian + hessian.T)
-        precision_tril, info = torch.linalg.cholesky_ex(hessian)
-        if int(info) == 0 and bool(torch.isfinite(precision_tril).all()):
-            cov = torch.cholesky_inverse(precision_tril)
-            scale_tril, info = torch.linalg.cholesky_ex(0.5 * (cov + cov.T))
-            if int(info) == 0:
-                return WarmStart(loc, scale_tril, "full", float(final[best]))
-        diag = torch.diagonal(hessian)
-    else:
-        diag = _hessian_diagonal(neg_log_density, loc)
-    scale = torch.where(diag > 0, diag.clamp(min=1e-30).rsqrt(), torch.full_like(diag, init_scale))
-    return WarmStart(loc, torch.diag_embed(scale), "diagonal", float(final[best]))
+        def neg_log_density(y: torch.Tensor) -> torch.Tensor:
+            return -_log_density(guide, model, y[None], args, kwargs)[0][0]
+
+        if dim <= max_dense_dim:
+            hessian = torch.autograd.functional.hessian(neg_log_density, x)
+            hessian = 0.5 * (hessian + hessian.T)
+            precision_tril, info = torch.linalg.cholesky_ex(hessian)
+            if int(info) == 0 and bool(torch.isfinite(precision_tril).all()):
+                cov = torch.cholesky_inverse(precision_tril)
+                scale_tril, info = torch.linalg.cholesky_ex(0.5 * (cov + cov.T))
+                if int(info) == 0:
+                    return scale_tril, "full"
+            diag = torch.diagonal(hessian)
+        else:
+            diag = _hessian_diagonal(neg_log_density, x)
+        fill = torch.full_like(diag, init_scale)
+        return torch.diag_embed(torch.where(diag > 0, diag.clamp(min=1e-30).rsqrt(), fill)), (
+            "diagonal")
+
+    scale_tril, kind = laplace_at(loc)
+    modes = _other_modes(u.detach(), final, ok, best, scale_tril)
+    if modes:
+        # several optima of similar height: a Gaussian around one of them is a poor start
+        # (and around all of them a degenerate one); start broad at the init point instead
+        return WarmStart(fallback.loc, fallback.scale_tril, "multimodal", fallback.log_density)
+    return WarmStart(loc, scale_tril, kind, float(final[best]))
+
+
+def _other_modes(
+    u: torch.Tensor, log_p: torch.Tensor, ok: torch.Tensor, best: int, scale_tril: torch.Tensor,
+    *, separation: float = 3.0, height: float = 5.0,
+) -> list[int]:
+    """Starts that ended on other optima than ``best``: more than ``separation`` Laplace sds
+    from it and from each other, and within ``height`` nats of its log-density."""
+    whiten = torch.linalg.solve_triangular(scale_tril, u.T, upper=False).T
+    found: list[int] = [best]
+    for k in torch.argsort(log_p, descending=True).tolist():
+        if k in found or not bool(ok[k]) or bool(log_p[k] < log_p[best] - height):
+            continue
+        if all(float((whiten[k] - whiten[j]).norm()) > separation for j in found):
+            found.append(k)
+    return found[1:]
 
 
 def _hessian_diagonal(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
