@@ -250,3 +250,24 @@ def test_nsf_learns_eight_gaussians():
     fit(flow, train, num_steps=2000, batch_size=256, lr=1e-3, progress=False, seed=0)
     with torch.no_grad():
         assert -flow.log_prob(test).mean().item() < 2.30
+
+
+@pytest.mark.parametrize("shape", [(3,), (2, 4, 4)])
+def test_unconditional_part_is_transformed_and_exactly_inverted(shape):
+    mask = coupling_mask(shape, "half" if len(shape) == 1 else "checkerboard")
+    layer = Coupling(mask, RationalQuadraticSpline(bins=4), (8,), unconditional=True).double()
+    plain = Coupling(mask, RationalQuadraticSpline(bins=4), (8,)).double()
+    for module in (layer, plain):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.normal_(0, 0.1)
+    z = torch.randn(4, *shape, dtype=torch.float64)
+    x, ladj = layer.forward_and_log_det(z)
+    assert not torch.allclose(x[..., mask], z[..., mask])  # the conditioning part moves too
+    assert torch.equal(plain.forward_and_log_det(z)[0][..., mask], z[..., mask])
+    z_back, ladj_back = layer.inverse_and_log_det(x)
+    assert torch.allclose(z_back, z, atol=1e-10) and torch.allclose(ladj_back, ladj, atol=1e-10)
+    jac = torch.autograd.functional.jacobian(
+        lambda v: layer.forward_and_log_det(v)[0].reshape(-1), z[0]
+    ).reshape(z[0].numel(), -1)
+    assert torch.allclose(torch.linalg.slogdet(jac)[1], ladj[0], atol=1e-9)

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from pyroflows.nn.conv import ConvConditioner
 from pyroflows.nn.dense import DenseConditioner
@@ -78,6 +79,9 @@ class Coupling(FlowTransform):
         hidden_dims: conditioner widths (MLP for vectors; channel width and number of residual
             blocks for images).
         context_dim: width of a context vector, or ``None``.
+        unconditional: also transform the conditioning part, with the same elementwise map and
+            learned constant parameters (zero-initialised: the identity), so a layer transforms
+            every coordinate; the conditioner still reads that part before its map.
 
     Example:
         >>> layer = Coupling(coupling_mask((4,), "half"), "affine", hidden_dims=(16,))
@@ -93,11 +97,15 @@ class Coupling(FlowTransform):
         elementwise: str | ElementwiseMap = "affine",
         hidden_dims: Sequence[int] = (64, 64),
         context_dim: int | None = None,
+        unconditional: bool = False,
     ) -> None:
         super().__init__(tuple(mask.shape), context_dim)
         self.elementwise = resolve_elementwise(elementwise)
         num_params = self.elementwise.num_params
         self.register_buffer("mask", mask.bool())
+        # one (num_params, *part) block of constants: the conditioning part's own map
+        shape = (int(mask.sum()),) if mask.dim() == 1 else tuple(mask.shape)
+        self.constants = nn.Parameter(torch.zeros(num_params, *shape)) if unconditional else None
         if self.event_dim == 1:
             # Vectors: gather the two parts, so the MLP only sees (and predicts) what it needs.
             idx_a, idx_b = mask.nonzero().flatten(), (~mask).nonzero().flatten()
@@ -132,15 +140,25 @@ class Coupling(FlowTransform):
                 a, b = inputs[..., self.idx_a], inputs[..., self.idx_b]
             else:
                 a, b = inputs[..., self._halves[0]], inputs[..., self._halves[1]]
-            params = self.conditioner(a, expand_context(context, batch))
-            out_b, ladj = apply(b, params)
+            out_a, ladj = a, 0.0
+            if self.constants is not None:  # the conditioner reads z_a: invert x_a first
+                out_a, ladj_a = apply(a, tuple(c.expand_as(a) for c in self.constants))
+                ladj = ladj_a.sum(-1)
+            params = self.conditioner(out_a if inverse else a, expand_context(context, batch))
+            out_b, ladj_b = apply(b, params)
+            ladj = ladj + ladj_b.sum(-1)
             if self._halves is None:
-                return torch.cat([a, out_b], dim=-1)[..., self.merge], ladj.sum(-1)
-            return torch.cat([a, out_b] if self._halves[2] else [out_b, a], dim=-1), ladj.sum(-1)
+                return torch.cat([out_a, out_b], dim=-1)[..., self.merge], ladj
+            return torch.cat([out_a, out_b] if self._halves[2] else [out_b, out_a], dim=-1), ladj
         mask = self.mask.to(inputs.dtype)
-        params = self.conditioner(inputs * mask, expand_context(context, batch))
+        out_a, ladj_a = inputs, None
+        if self.constants is not None:
+            out_a, ladj_a = apply(inputs, tuple(c.expand_as(inputs) for c in self.constants))
+        cond = out_a if inverse else inputs
+        params = self.conditioner(cond * mask, expand_context(context, batch))
         out, ladj = apply(inputs, params)
-        return torch.where(self.mask, inputs, out), sum_event(ladj * (1 - mask), 3)
+        ladj = ladj * (1 - mask) if ladj_a is None else torch.where(self.mask, ladj_a, ladj)
+        return torch.where(self.mask, out_a, out), sum_event(ladj, 3)
 
     def forward_and_log_det(
         self, z: torch.Tensor, context: torch.Tensor | None = None
@@ -162,6 +180,7 @@ def coupling_layers(
     hidden_dims: Sequence[int],
     context_dim: int | None = None,
     mask: str | None = None,
+    unconditional: bool = False,
 ) -> list[Coupling]:
     """``num_layers`` coupling layers whose masks alternate parity, so every coordinate is
     transformed: the builder behind ``nice``, ``realnvp`` and ``nsf``.
@@ -175,10 +194,18 @@ def coupling_layers(
         context_dim: width of a context vector, or ``None``.
         mask: mask kind (see [`coupling_mask`][pyroflows.transforms.coupling.coupling_mask]);
             ``"half"`` for vectors and ``"checkerboard"`` for images by default.
+        unconditional: every layer also maps its conditioning part (see
+            [`Coupling`][pyroflows.transforms.coupling.Coupling]).
     """
     event_shape = tuple(event_shape)
     kind = mask or ("half" if len(event_shape) == 1 else "checkerboard")
     return [
-        Coupling(coupling_mask(event_shape, kind, i % 2), elementwise, hidden_dims, context_dim)
+        Coupling(
+            coupling_mask(event_shape, kind, i % 2),
+            elementwise,
+            hidden_dims,
+            context_dim,
+            unconditional,
+        )
         for i in range(num_layers)
     ]

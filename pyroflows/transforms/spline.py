@@ -154,6 +154,7 @@ def spline_coupling(
     context_dim: int | None = None,
     parity: int = 0,
     mask: str = "half",
+    unconditional: bool = True,
     **spline: Any,
 ) -> Coupling:
     """One rational-quadratic spline coupling layer over vectors (Pyro-style helper).
@@ -164,6 +165,8 @@ def spline_coupling(
         context_dim: width of a context vector, or ``None``.
         parity: 0 or 1: which part is transformed.
         mask: ``"half"`` or ``"alternate"``.
+        unconditional: also map the conditioning part with a spline of learned constant
+            parameters, so the layer transforms every coordinate.
         **spline: ``bins``, ``bound``, ``min_bin_width``, ``min_bin_height``,
             ``min_derivative`` of
             [`RationalQuadraticSpline`][pyroflows.transforms.spline.RationalQuadraticSpline].
@@ -173,6 +176,7 @@ def spline_coupling(
         RationalQuadraticSpline(**spline),
         hidden_dims,
         context_dim,
+        unconditional,
     )
 
 
@@ -214,6 +218,7 @@ def build_nsf(
     min_bin_width: float = 1e-3,
     min_bin_height: float = 1e-3,
     min_derivative: float = 1e-3,
+    unconditional: bool = True,
     actnorm: bool = True,
 ) -> list[FlowTransform]:
     """NSF (coupling): ``num_layers`` rational-quadratic spline couplings with alternating masks.
@@ -226,11 +231,16 @@ def build_nsf(
             ``"channel"`` uses that mask in every layer.
         bins, bound, min_bin_width, min_bin_height, min_derivative: the spline
             ([`RationalQuadraticSpline`][pyroflows.transforms.spline.RationalQuadraticSpline]).
+        unconditional: every coupling also maps its conditioning part with a spline of learned
+            constant parameters (as zuko's two-pass NSF and nflows'
+            ``apply_unconditional_transform`` do), so each layer transforms every coordinate.
         actnorm: images only: ActNorm before every coupling.
     """
     spline = RationalQuadraticSpline(bins, bound, min_bin_width, min_bin_height, min_derivative)
     if len(shape) == 1:
-        return coupling_layers(shape, num_layers, spline, hidden_dims, context_dim, mask)
+        return coupling_layers(
+            shape, num_layers, spline, hidden_dims, context_dim, mask, unconditional
+        )
     shape = check_image_shape(shape, "nsf")
     alternate = mask is None and shape[0] > 1  # checkerboard, channel, then both flipped
     layers: list[FlowTransform] = []
@@ -238,7 +248,7 @@ def build_nsf(
         kind = ("checkerboard", "channel")[i % 2] if alternate else (mask or "checkerboard")
         parity = (i // 2) % 2 if alternate else i % 2
         cmask = coupling_mask(shape, kind, parity)
-        layers.append(Coupling(cmask, spline, hidden_dims, context_dim))
+        layers.append(Coupling(cmask, spline, hidden_dims, context_dim, unconditional))
         if actnorm:
             layers.append(ActNorm(shape))
     return layers
