@@ -57,7 +57,9 @@ def run_chains(
         ``draws`` of shape ``(num_samples, num_chains, *event_shape)``; ``stats``: name ->
         ``(num_chains, num_samples)`` tensors (see `STATS`);
         ``attrs``: ``sampling_time`` (seconds, warm-up included), ``num_energy_calls``,
-        ``num_energy_evals``, ``warmup_nonfinite``, ``kernel``, ``warmup_steps``, ``thinning``.
+        ``num_energy_evals`` (points, summed over chains), ``warmup_nonfinite``,
+        ``warmup_divergences``, ``warmup_diverging_chains``, ``kernel``, ``warmup_steps``,
+        ``thinning``.
     """
     if not isinstance(kernel, BatchedKernel):
         raise TypeError(f"kernel must be a pyroflows.mcmc kernel, got {type(kernel).__name__}")
@@ -155,11 +157,11 @@ def sample(
     Returns:
         For an energy, ``InferenceData`` with ``posterior["x"]`` of dims ``(chain, draw, x_dim_0,
         ...)`` and ``sample_stats``: ``acceptance_rate`` (the MH acceptance probability, 1 for
-        exact updates), ``step_size``, ``diverging``, ``energy`` (the target's $U(x)$ — not a
-        Hamiltonian), ``lp`` ($-U(x)$) and ``nonfinite`` (proposals rejected for a non-finite
-        energy since the previous draw). Its ``attrs`` hold ``sampling_time`` (seconds, warm-up
-        included), ``num_energy_calls`` (batched calls), ``num_energy_evals`` (points evaluated,
-        summed over chains), ``warmup_nonfinite`` and the kernel's name. For a model, every
+        exact updates), ``step_size``, ``diverging``, ``energy`` (the Hamiltonian for HMC, the
+        target's $U(x)$ for the other kernels), ``lp`` ($-U(x)$), ``n_steps`` (leapfrog steps)
+        and ``nonfinite`` (proposals rejected for a non-finite or invalid energy since the
+        previous draw). Its ``attrs`` are those of
+        [`run_chains`][pyroflows.mcmc.driver.run_chains]. For a model, every
         latent and deterministic site by name, constrained, with ``log_likelihood`` and
         ``observed_data`` as well.
     """
