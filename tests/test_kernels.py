@@ -11,6 +11,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from conftest import default_device_trap
+from pyro.infer import MCMC
 
 from pyroflows import build_flow, energies, mcmc
 from pyroflows.mcmc.core import EnergyFunction
@@ -159,6 +160,8 @@ def test_pyro_model_passed_as_energy_is_a_clear_type_error():
 def test_model_kernel_keeps_the_model():
     for kernel in (mcmc.HMC(model=_model), mcmc.MH(model=_model), mcmc.SGLD(model=_model)):
         assert kernel.model is _model and kernel.energy is None
+    with pytest.raises(ValueError, match="runs through pyroflows.mcmc.sample"):
+        MCMC(mcmc.HMC(model=_model), num_samples=5, disable_progbar=True).run(torch.zeros(3))
 
 
 # -- bad input --------------------------------------------------------------------------------

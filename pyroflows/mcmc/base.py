@@ -282,6 +282,11 @@ class BatchedKernel(MCMCKernel):
     def setup(self, warmup_steps: int, *args: Any, **kwargs: Any) -> None:
         """Start a run whose first ``warmup_steps`` steps adapt (Pyro calls this)."""
         self.warmup_steps = check_int(warmup_steps, "warmup_steps", minimum=0)
+        if self.energy is None:
+            raise ValueError(
+                "a kernel built with model= runs through pyroflows.mcmc.sample(kernel, "
+                "num_chains=..., num_samples=...), which builds and binds the model's potential"
+            )
         self._reset_totals()
         if self.run is not None:
             self.set_chains(self.run.chains.position)

@@ -66,7 +66,7 @@ class MH(BatchedKernel):
         target_accept_prob: acceptance rate aimed at (default 0.234, or 0.44 in 1-D).
         refit_every: with a flow proposal, refit it every this many warm-up steps on the chains'
             states since the last refit (``None``: never). The refit trains the flow in place.
-        refit_steps: optimiser steps of each refit ([`fit`][pyroflows.infer.fit]).
+        refit_steps: optimiser steps of each refit ([`fit`][pyroflows.infer.fit.fit]).
         refit_lr: learning rate of each refit.
         model: a Pyro model instead of an energy (keyword only).
 
