@@ -9,7 +9,9 @@ from pyroflows.datasets import toy
 from pyroflows.infer import fit
 
 
-@pytest.mark.parametrize("name,shape", [("realnvp", 2), ("nice", 3), ("planar", 2), ("realnvp", (1, 4, 4))])
+@pytest.mark.parametrize(
+    "name,shape", [("realnvp", 2), ("nice", 3), ("planar", 2), ("realnvp", (1, 4, 4))]
+)
 def test_save_load_exact(name, shape, tmp_path):
     flow = build_flow(name, shape, num_layers=2, hidden_dims=(8,))
     event = (shape,) if isinstance(shape, int) else shape

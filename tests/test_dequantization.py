@@ -57,7 +57,9 @@ def test_bound_is_honest_and_tightens_to_the_exact_discrete_likelihood():
     exact = -torch.log2(normal.cdf((x[:, 0] + 1) / K) - normal.cdf(x[:, 0] / K))
     # the uniform-dequantisation bound in closed form: E[-log N((x+u)/K; 0, s^2)] + log K
     second_moment = ((x[:, 0] + 0.5) ** 2 + 1 / 12) / K**2
-    bound = (math.log(s) + 0.5 * math.log(2 * math.pi) + second_moment / (2 * s**2) + math.log(K)) / math.log(2)
+    bound = (
+        math.log(s) + 0.5 * math.log(2 * math.pi) + second_moment / (2 * s**2) + math.log(K)
+    ) / math.log(2)
     assert (bound > exact).all()  # honest: never below the true bits/dim
     torch.manual_seed(0)
     single = bits_per_dim(flow, x.repeat(20000, 1), K).reshape(20000, 3).mean(0)
@@ -83,7 +85,11 @@ def test_levels_are_checked_and_nothing_is_corrupted():
     torch.manual_seed(0)
     before = model.log_prob(good)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    for bad, what in [(good + 17, r"0\.\.16.*\[17"), (good - 1, r"0\.\.16.*\[-1"), (good + 0.5, "not all integers")]:
+    for bad, what in [
+        (good + 17, r"0\.\.16.*\[17"),
+        (good - 1, r"0\.\.16.*\[-1"),
+        (good + 0.5, "not all integers"),
+    ]:
         with pytest.raises(ValueError, match=what):
             model.log_prob(bad)
         with pytest.raises(ValueError, match=what):
@@ -92,7 +98,7 @@ def test_levels_are_checked_and_nothing_is_corrupted():
         bits_per_dim(model, good, 16)
     with pytest.raises(ValueError, match="num_levels"):
         DequantizedFlow(flow, 1)
-    with pytest.raises(ValueError, match=r"\(\.\.\., 1, 4, 4\)"):
+    with pytest.raises(ValueError, match=r"1, 4, 4\)"):
         model.log_prob(torch.zeros(4, 2, 4, 4))
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     torch.manual_seed(0)
@@ -124,15 +130,22 @@ def test_fit_trains_a_variational_dequantizer_jointly_and_state_round_trips():
 
     train, test = digits()
     torch.manual_seed(0)
-    model = DequantizedFlow(pyroflows.build_flow("glow", (1, 8, 8), num_layers=1, hidden_dims=(8,)), 17, "variational")
+    model = DequantizedFlow(
+        pyroflows.build_flow("glow", (1, 8, 8), num_layers=1, hidden_dims=(8,)), 17, "variational"
+    )
     deq_before = [p.detach().clone() for p in model.dequantizer.parameters()]
     torch.manual_seed(1)
     start = bits_per_dim(model, test[:100], 17).mean()
     fit(model, train, num_steps=30, batch_size=32, lr=3e-3, validation=0, progress=False, seed=0)
     torch.manual_seed(1)
     assert bits_per_dim(model, test[:100], 17).mean() < start - 0.3
-    assert any(not torch.equal(a, b) for a, b in zip(deq_before, model.dequantizer.parameters()))
-    copy = DequantizedFlow(pyroflows.build_flow("glow", (1, 8, 8), num_layers=1, hidden_dims=(8,)), 17, "variational")
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(deq_before, model.dequantizer.parameters(), strict=True)
+    )
+    copy = DequantizedFlow(
+        pyroflows.build_flow("glow", (1, 8, 8), num_layers=1, hidden_dims=(8,)), 17, "variational"
+    )
     copy.load_state_dict(model.state_dict())
     torch.manual_seed(2)
     a = model.log_prob(test[:5])
@@ -141,7 +154,9 @@ def test_fit_trains_a_variational_dequantizer_jointly_and_state_round_trips():
 
 
 def test_dequantized_flow_under_the_device_trap_and_in_float64():
-    model = DequantizedFlow(pyroflows.build_flow("realnvp", (1, 4, 4), num_layers=1, hidden_dims=(4,)), 4, "variational")
+    model = DequantizedFlow(
+        pyroflows.build_flow("realnvp", (1, 4, 4), num_layers=1, hidden_dims=(4,)), 4, "variational"
+    )
     x = torch.randint(4, (3, 1, 4, 4)).float()
     with default_device_trap():
         lp = model.log_prob(x)

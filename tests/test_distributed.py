@@ -21,8 +21,16 @@ def _data():
 def _train(distributed: bool, name: str = "realnvp"):
     torch.manual_seed(0)
     flow = build_flow(name, 3, num_layers=2, hidden_dims=(16,))
-    fit(flow, _data(), num_steps=STEPS, batch_size=BATCH, validation=0, progress=False, seed=7,
-        distributed=distributed)
+    fit(
+        flow,
+        _data(),
+        num_steps=STEPS,
+        batch_size=BATCH,
+        validation=0,
+        progress=False,
+        seed=7,
+        distributed=distributed,
+    )
     return flow.state_dict()
 
 
@@ -68,10 +76,28 @@ def test_cli_under_torchrun(tmp_path):
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-         "-m", "pyroflows.cli", "fit", "--distributed", "--steps", "10", "--num-samples", "256",
-         "--json", "--quiet", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={_free_port()}",
+            "-m",
+            "pyroflows.cli",
+            "fit",
+            "--distributed",
+            "--steps",
+            "10",
+            "--num-samples",
+            "256",
+            "--json",
+            "--quiet",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -98,7 +124,10 @@ def _vae_worker(rank: int, port: int, out: str, sync: bool) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         torch.manual_seed(rank)  # different initialisations: sync_gradients must broadcast rank 0's
-        data = torch.bernoulli(torch.full((64, 6), 0.3, dtype=torch.float32), generator=torch.Generator().manual_seed(rank))
+        data = torch.bernoulli(
+            torch.full((64, 6), 0.3, dtype=torch.float32),
+            generator=torch.Generator().manual_seed(rank),
+        )
         vae = VAE(6, 2, hidden_dims=(8,), posterior="iaf", num_flows=1)
         if sync:
             sync_gradients(vae)
@@ -157,15 +186,27 @@ def _trainers_worker(rank: int, port: int, out: str) -> None:
         pyro.clear_param_store()
         y = torch.randn(20, 2, generator=shard)
         guide = AutoFlow(model, flow="realnvp", num_layers=2, hidden_dims=(8,))
-        fit_guide(model, guide, y, num_steps=5, num_elbo_samples=0, progress=False, seed=rank,
-                  distributed=True)
+        fit_guide(
+            model,
+            guide,
+            y,
+            num_steps=5,
+            num_elbo_samples=0,
+            progress=False,
+            seed=rank,
+            distributed=True,
+        )
 
         teacher = build_flow("maf", 2, num_layers=1, hidden_dims=(8,))
         student = build_flow("iaf", 2, num_layers=1, hidden_dims=(8,))
-        distill(teacher, student, num_steps=5, eval_size=16, progress=False, seed=rank,
-                distributed=True)
-        states = {"vae": vae.state_dict(), "guide": guide.state_dict(),
-                  "student": student.state_dict()}
+        distill(
+            teacher, student, num_steps=5, eval_size=16, progress=False, seed=rank, distributed=True
+        )
+        states = {
+            "vae": vae.state_dict(),
+            "guide": guide.state_dict(),
+            "student": student.state_dict(),
+        }
         torch.save(states, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -29,7 +29,8 @@ Example:
     >>> from pyroflows.datasets import digits
     >>> from pyroflows.infer import DequantizedFlow, bits_per_dim, fit
     >>> train, test = digits()
-    >>> model = DequantizedFlow(pyroflows.build_flow("glow", (1, 8, 8), num_layers=2, hidden_dims=(16,)), 17)
+    >>> glow = pyroflows.build_flow("glow", (1, 8, 8), num_layers=2, hidden_dims=(16,))
+    >>> model = DequantizedFlow(glow, 17)
     >>> history = fit(model, train, num_steps=20, progress=False)
     >>> bits_per_dim(model, test, 17).mean() > 0
     tensor(True)
@@ -62,10 +63,15 @@ def check_levels(x: torch.Tensor, num_levels: int, name: str = "x") -> None:
     if x.is_floating_point() and not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or inf; expected integer levels 0..{num_levels - 1}")
     low, high = x.min().item(), x.max().item()
-    if low < 0 or high > num_levels - 1 or (x.is_floating_point() and not torch.equal(x, x.round())):
+    if (
+        low < 0
+        or high > num_levels - 1
+        or (x.is_floating_point() and not torch.equal(x, x.round()))
+    ):
         raise ValueError(
             f"{name} must hold integer levels 0..{num_levels - 1} (num_levels={num_levels}), "
-            f"got values in [{low:g}, {high:g}]{'' if torch.equal(x, x.round()) else ' that are not all integers'}"
+            f"got values in [{low:g}, {high:g}]"
+            f"{'' if torch.equal(x, x.round()) else ' that are not all integers'}"
         )
 
 
@@ -93,18 +99,34 @@ class VariationalDequantizer(nn.Module):
         super().__init__()
         dim = math.prod(flow.event_shape)
         if flow.context_dim != dim:
-            raise ValueError(f"the dequantization flow needs context_dim = {dim} (the flattened data), got {flow.context_dim}")
+            raise ValueError(
+                f"the dequantization flow needs context_dim = {dim} (the flattened data), "
+                f"got {flow.context_dim}"
+            )
         self.flow = flow
         self.num_levels = _check_num_levels(num_levels)
 
     @classmethod
-    def build(cls, shape: tuple[int, ...], num_levels: int, *, num_layers: int = 4, hidden_dims: tuple[int, ...] = (32,)) -> VariationalDequantizer:
+    def build(
+        cls,
+        shape: tuple[int, ...],
+        num_levels: int,
+        *,
+        num_layers: int = 4,
+        hidden_dims: tuple[int, ...] = (32,),
+    ) -> VariationalDequantizer:
         """A default ``q(u | x)``: ``num_layers`` affine couplings (checkerboard for images)."""
         from pyroflows.registry import build_flow
 
         mask = "checkerboard" if len(shape) == 3 else None
-        flow = build_flow("realnvp", shape if len(shape) == 3 else shape[0], num_layers=num_layers,
-                          hidden_dims=hidden_dims, context_dim=math.prod(shape), mask=mask)
+        flow = build_flow(
+            "realnvp",
+            shape if len(shape) == 3 else shape[0],
+            num_layers=num_layers,
+            hidden_dims=hidden_dims,
+            context_dim=math.prod(shape),
+            mask=mask,
+        )
         return cls(flow, num_levels)
 
     def forward(self, x: torch.Tensor, event_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,11 +161,18 @@ class DequantizedFlow(Flow):
         torch.Size([5])
     """
 
-    def __init__(self, flow: Flow, num_levels: int, dequantizer: str | nn.Module = "uniform") -> None:
+    def __init__(
+        self, flow: Flow, num_levels: int, dequantizer: str | nn.Module = "uniform"
+    ) -> None:
         if not isinstance(flow, Flow) or isinstance(flow, DequantizedFlow):
-            raise TypeError(f"flow must be a pyroflows.Flow over continuous data, got {type(flow).__name__}")
+            raise TypeError(
+                f"flow must be a pyroflows.Flow over continuous data, got {type(flow).__name__}"
+            )
         if flow.context_dim is not None:
-            raise ValueError("DequantizedFlow models unconditional discrete data: flow must have context_dim=None")
+            raise ValueError(
+                "DequantizedFlow models unconditional discrete data: "
+                "flow must have context_dim=None"
+            )
         nn.Module.__init__(self)
         self.model = flow
         self.event_shape = flow.event_shape
@@ -154,10 +183,14 @@ class DequantizedFlow(Flow):
         elif dequantizer == "variational":
             dequantizer = VariationalDequantizer.build(tuple(flow.event_shape), num_levels)
         elif not isinstance(dequantizer, nn.Module):
-            raise ValueError(f"dequantizer must be 'uniform', 'variational' or an nn.Module, got {dequantizer!r}")
+            raise ValueError(
+                f"dequantizer must be 'uniform', 'variational' or an nn.Module, got {dequantizer!r}"
+            )
         self.dequantizer = dequantizer
         self.to(flow.base_loc)
-        self.config = dict(flow.config, num_levels=num_levels, dequantizer=type(dequantizer).__name__)
+        self.config = dict(
+            flow.config, num_levels=num_levels, dequantizer=type(dequantizer).__name__
+        )
 
     # the continuous model's parts, so every inherited Flow method sees them
     @property
@@ -175,7 +208,9 @@ class DequantizedFlow(Flow):
     def dequantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``y = (x + u) / K`` with ``u ~ q(u | x)``, and ``log q(y | x)`` (a density on ``y``)."""
         u, log_q = self.dequantizer(x, self.event_dim)
-        return (x + u) / self.num_levels, log_q + math.prod(self.event_shape) * math.log(self.num_levels)
+        return (x + u) / self.num_levels, log_q + math.prod(self.event_shape) * math.log(
+            self.num_levels
+        )
 
     def log_prob(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """A one-sample estimate of the lower bound on ``log P(x)`` for integer levels ``x``."""
@@ -189,21 +224,30 @@ class DequantizedFlow(Flow):
 
     @torch.no_grad()
     def sample(self, sample_shape=(), context: torch.Tensor | None = None) -> torch.Tensor:
-        """Discrete samples: levels ``floor(K y)`` of model samples ``y``, clamped to ``0 .. K-1``."""
+        """Discrete samples: levels ``floor(K y)`` of model samples ``y``, clamped to
+        ``0 .. K-1``."""
         y = self.model.sample(sample_shape, context)
         return (y * self.num_levels).floor().clamp(0, self.num_levels - 1)
 
     def rsample(self, sample_shape=(), context=None):
-        raise NotImplementedError("discrete samples have no reparameterisation; use .model.rsample for y")
+        raise NotImplementedError(
+            "discrete samples have no reparameterisation; use .model.rsample for y"
+        )
 
     def rsample_and_log_prob(self, sample_shape=(), context=None):
-        raise NotImplementedError("discrete samples have no reparameterisation; use .model.rsample_and_log_prob for y")
+        raise NotImplementedError(
+            "discrete samples have no reparameterisation; use .model.rsample_and_log_prob for y"
+        )
 
     def dist(self, context=None):
-        raise NotImplementedError("DequantizedFlow is a discrete model; .model.dist() is the continuous flow over y")
+        raise NotImplementedError(
+            "DequantizedFlow is a discrete model; .model.dist() is the continuous flow over y"
+        )
 
 
-def bits_per_dim(flow: Flow, x: torch.Tensor, num_levels: int, *, num_samples: int = 1) -> torch.Tensor:
+def bits_per_dim(
+    flow: Flow, x: torch.Tensor, num_levels: int, *, num_samples: int = 1
+) -> torch.Tensor:
     """An upper bound on ``-log2 P(x) / D``, the discrete model's bits per dimension.
 
     ``flow`` is either a :class:`DequantizedFlow` (its dequantizer is used) or a continuous flow
@@ -224,7 +268,9 @@ def bits_per_dim(flow: Flow, x: torch.Tensor, num_levels: int, *, num_samples: i
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     if isinstance(flow, DequantizedFlow):
         if flow.num_levels != num_levels:
-            raise ValueError(f"num_levels={num_levels} but the model was built for {flow.num_levels} levels")
+            raise ValueError(
+                f"num_levels={num_levels} but the model was built for {flow.num_levels} levels"
+            )
         model = flow
     elif isinstance(flow, Flow):
         model = DequantizedFlow(flow, num_levels)
@@ -241,7 +287,9 @@ def bits_per_dim(flow: Flow, x: torch.Tensor, num_levels: int, *, num_samples: i
     return -bound / (math.prod(model.event_shape) * math.log(2))
 
 
-def independent_bits_per_dim(train: torch.Tensor, test: torch.Tensor, num_levels: int, *, smoothing: float = 1.0) -> torch.Tensor:
+def independent_bits_per_dim(
+    train: torch.Tensor, test: torch.Tensor, num_levels: int, *, smoothing: float = 1.0
+) -> torch.Tensor:
     """The independent-pixel baseline: each dimension its own categorical over the ``K`` levels
     (counts from ``train`` plus ``smoothing``), i.e. uniformly dequantised histograms. Returns
     the bits per dimension of each ``test`` point, to compare with :func:`bits_per_dim`.
@@ -258,7 +306,10 @@ def independent_bits_per_dim(train: torch.Tensor, test: torch.Tensor, num_levels
     check_levels(train, num_levels, "train")
     check_levels(test, num_levels, "test")
     if train.shape[1:] != test.shape[1:]:
-        raise ValueError(f"train and test must share the event shape, got {tuple(train.shape[1:])} and {tuple(test.shape[1:])}")
+        raise ValueError(
+            "train and test must share the event shape, got "
+            f"{tuple(train.shape[1:])} and {tuple(test.shape[1:])}"
+        )
     train, test = train.long().flatten(1), test.long().flatten(1)
     counts = F.one_hot(train, num_levels).sum(0).double() + smoothing  # (D, K)
     log_probs = counts.log() - counts.sum(-1, keepdim=True).log()
