@@ -108,7 +108,7 @@ def test_realnvp_guide_on_eight_schools_is_stable():
         guide,
         Y,
         SIGMA,
-        num_steps=150,
+        num_steps=60,
         num_particles=16,
         lr=1e-2,
         progress=False,
