@@ -1,7 +1,7 @@
 """VI benchmark: AutoFlow with every vector flow family against Pyro's autoguides on U1-U4.
 
 Every guide gets the same SVI budget (steps, particles, annealing, learning-rate schedule, seed)
-through :func:`pyroflows.commands.vi.fit_and_score`; the score is
+through `pyroflows.commands.vi.fit_and_score`; the score is
 KL(q || p) = E_q[log q + U] + log Z from ``--kl-samples`` draws (standard error alongside).
 Pyro's baselines: ``AutoNormal``, ``AutoMultivariateNormal``, ``AutoIAFNormal`` (4 affine
 autoregressive layers, hidden [64, 64]) and ``AutoNormalizingFlow`` with two block neural

@@ -289,8 +289,8 @@ def run_benchmark(
         batch: batch size of every operation.
         rounds: timed rounds (the median is reported); each runs every call once, shuffled.
         warmup: untimed rounds first.
-        libraries: which of :data:`LIBRARIES` to try (missing ones are skipped and listed).
-        ops: which of :data:`OPS` to time.
+        libraries: which of `LIBRARIES` to try (missing ones are skipped and listed).
+        ops: which of `OPS` to time.
         seed: seed of the models and of the shuffling.
         progress: called with a short status line after each round.
 

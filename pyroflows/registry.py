@@ -11,9 +11,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyroflows.validation import check_int
+
+if TYPE_CHECKING:  # the flow module loads at call time (light imports); here for the annotation
+    from pyroflows.flow import Flow
 
 # name -> "module:builder"; imported lazily, so an unused family costs nothing at import time.
 _FAMILIES: dict[str, str] = {
@@ -154,7 +157,7 @@ def build_flow(
     hidden_dims: int | Sequence[int] | None = None,
     context_dim: int | None = None,
     **family_options: Any,
-):
+) -> Flow:
     """Build a normalizing flow of family ``name`` over events of ``shape``.
 
     Args:

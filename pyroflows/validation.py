@@ -97,7 +97,7 @@ def check_tensor(
     """``value`` if it is a tensor (floating-point unless ``floating=False``) whose trailing
     dimensions are ``event_shape`` (when given) after at least ``min_batch_dims`` batch dims.
 
-    Finiteness is a separate check (:func:`check_finite`): it costs a host sync, which hot paths
+    Finiteness is a separate check (`check_finite`): it costs a host sync, which hot paths
     avoid."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")

@@ -70,3 +70,17 @@ def test_committed_tutorials_are_executed_and_render(path):
     assert markdown.startswith("# "), f"{path.name} does not start with a title"
     code = [c for c in notebook["cells"] if c["cell_type"] == "code" and c.get("source")]
     assert any(c.get("outputs") for c in code), f"{path.name} is committed without outputs"
+
+
+SPHINX_ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|exc|obj|ref):`")
+
+
+def test_no_sphinx_roles():
+    """mkdocs renders Sphinx roles as raw text: cross-references are `[text][identifier]`."""
+    files = [*ROOT.glob("pyroflows/**/*.py"), *DOCS.glob("*.md"), ROOT / "README.md",
+             *ROOT.glob("benchmarks/*.py"), *NOTEBOOKS]
+    found = [f"{path.relative_to(ROOT)}:{number}"
+             for path in files
+             for number, line in enumerate(path.read_text().splitlines(), 1)
+             if SPHINX_ROLE.search(line)]
+    assert not found, f"Sphinx roles left: {found}"

@@ -28,7 +28,7 @@ importance sampling (Yao et al. 2018): $\hat k < 0.7$ means the guide's draws, r
 usable; above it, run NeuTra-HMC with the guide's transform.
 
 The guide's ``log_prob`` at its own samples comes from the forward pass
-(:class:`~pyroflows.guides.posterior.FlowPosterior`), so inverse-expensive families (IAF,
+([`FlowPosterior`][pyroflows.guides.posterior.FlowPosterior]), so inverse-expensive families (IAF,
 planar) cost one pass per ELBO evaluation, as in Kingma et al. (2016).
 
 References:
@@ -45,16 +45,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.distributions import constraints
 from pyro.distributions.transforms import AffineTransform, ComposeTransform, LowerCholeskyAffine
+from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
+from pyro.poutine.runtime import NonlocalExit
 from torch.distributions import Transform, biject_to
 
 from pyroflows.guides.posterior import FlowPosterior
@@ -179,6 +183,65 @@ class AutoFlow(AutoContinuous):
             self.scale = PyroParam(torch.ones_like(loc), constraints.softplus_positive)
         self._setup_versions = [p._version for p in self.parameters()]
 
+    def _dependent_sites(self) -> set[str]:
+        """Latent sites whose support has tensor parameters (``interval(0, 1 - alpha)``):
+        their bounds may depend on other sites, so they are looked up at every call."""
+        return {
+            name
+            for name, site in self.prototype_trace.iter_stochastic_nodes()
+            if any(isinstance(v, torch.Tensor) for v in vars(site["fn"].support).values())
+        }
+
+    def _current_support(
+        self, name: str, values: dict[str, torch.Tensor], args: tuple, kwargs: dict
+    ) -> constraints.Constraint:
+        """The support of site ``name`` given the values of the sites before it: the model is
+        run, conditioned on ``values``, up to that site."""
+        model = poutine.escape(
+            poutine.condition(self.model, data=values), escape_fn=lambda msg: msg["name"] == name
+        )
+        try:
+            with poutine.block():
+                model(*args, **kwargs)
+        except NonlocalExit as exit:  # the handlers' contexts have unwound: nothing to reset
+            return exit.site["fn"].support
+        raise RuntimeError(f"site {name!r} was not reached in the model")
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Draw every latent site (Pyro's ``AutoContinuous.forward``, except that a site whose
+        support depends on other sites, such as ``beta ~ interval(0, 1 - alpha)``, is
+        constrained with its support at the values just drawn, not at the prototype's).
+
+        Returns:
+            site name -> value.
+        """
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        dependent = self._dependent_sites()
+        latent = self.sample_latent(*args, **kwargs)
+        plates = self._create_plates(*args, **kwargs)
+        result: dict[str, torch.Tensor] = {}
+        for site, unconstrained in self._unpack_latent(latent):
+            name = site["name"]
+            support = site["fn"].support
+            if name in dependent:
+                support = self._current_support(name, result, args, kwargs)
+            transform = biject_to(support)
+            value = transform(unconstrained)
+            if poutine.get_mask() is False:
+                log_density = 0.0
+            else:
+                log_density = transform.inv.log_abs_det_jacobian(value, unconstrained)
+                log_density = sum_rightmost(
+                    log_density, log_density.dim() - value.dim() + site["fn"].event_dim
+                )
+            delta = dist.Delta(value, log_density=log_density, event_dim=site["fn"].event_dim)
+            with ExitStack() as stack:
+                for frame in self._cond_indep_stacks[name]:
+                    stack.enter_context(plates[frame.name])
+                result[name] = pyro.sample(name, delta)
+        return result
+
     def sample_latent(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """A draw of $u$ from the posterior, or the fixed latent set by the warm start's
         density evaluations."""
@@ -277,9 +340,11 @@ class AutoFlow(AutoContinuous):
             name: biject_to(site["fn"].support)(value)
             for name, site, value in self._unpacked(latent)
         }
-        if self._vectorizable:  # the one model trace holds every draw's deterministic sites
+        if self._vectorizable:  # the one model trace holds every draw of every site
             for name, site in trace.nodes.items():
-                if site["type"] == "sample" and site["infer"].get("_deterministic"):
+                if site["type"] == "sample" and (
+                    name in samples or site["infer"].get("_deterministic")
+                ):
                     shape = site["value"].shape[1:]
                     while len(shape) > 0 and shape[0] == 1 and len(shape) > site["fn"].event_dim:
                         shape = shape[1:]
@@ -342,5 +407,6 @@ class AutoFlow(AutoContinuous):
 
     @torch.no_grad()
     def median(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """Marginal posterior medians of every latent site (Monte-Carlo, see :meth:`quantiles`)."""
+        """Marginal posterior medians of every latent site (Monte-Carlo, see
+        [`quantiles`][pyroflows.guides.autoflow.AutoFlow.quantiles])."""
         return {name: q[0] for name, q in self.quantiles([0.5], *args, **kwargs).items()}

@@ -9,10 +9,11 @@ z = T(\varepsilon), \qquad \log q(z) = \log \mathcal N(\varepsilon; 0, I)
 $$
 
 but ``torch``'s ``TransformedDistribution.log_prob`` inverts $T$ instead, which for an IAF is
-$D$ sequential passes and for a planar flow a root search per layer. :class:`FlowPosterior`
-remembers the density of the sample it drew last (matched by tensor identity, never by value)
-and inverts only for values it did not draw. The memo lives on the distribution object, which
-guides build afresh at every call, so nothing outlives one ELBO evaluation.
+$D$ sequential passes and for a planar flow a root search per layer.
+[`FlowPosterior`][pyroflows.guides.posterior.FlowPosterior] remembers the density of the sample it
+drew last (matched by tensor identity, never by value) and inverts only for values it did not draw.
+The memo lives on the distribution object, which guides build afresh at every call, so nothing
+outlives one ELBO evaluation.
 """
 
 from __future__ import annotations

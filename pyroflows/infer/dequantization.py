@@ -15,11 +15,12 @@ $$
   flow, $u = \sigma(v)$ with $v$ from a flow conditioned on $x$, trained jointly with the model;
   the bound tightens as $q$ approaches the model's posterior over the cell.
 
-Training maximises the bound with :func:`~pyroflows.infer.fit`, drawing fresh noise every step:
-:class:`DequantizedFlow` wraps a flow so that its ``log_prob`` on discrete data *is* a one-sample
-estimate of the bound. :func:`bits_per_dim` reports $-\log_2 P(x) / D$ from above, with an
-importance-weighted bound over ``num_samples`` draws (tighter as it grows, never below the truth
-in expectation).
+Training maximises the bound with [`fit`][pyroflows.infer.fit.fit], drawing fresh noise every step:
+[`DequantizedFlow`][pyroflows.infer.dequantization.DequantizedFlow] wraps a flow so that its
+``log_prob`` on discrete data *is* a one-sample estimate of the bound.
+[`bits_per_dim`][pyroflows.infer.dequantization.bits_per_dim] reports $-\log_2 P(x) / D$ from above,
+with an importance-weighted bound over ``num_samples`` draws (tighter as it grows, never below the
+truth in expectation).
 
 Reference: Theis, van den Oord, Bethge (2016), *A note on the evaluation of generative models*;
 Ho, Chen, Srinivas, Duan, Abbeel (2019), *Flow++*.
@@ -88,11 +89,11 @@ class VariationalDequantizer(nn.Module):
     (rescaled, flattened) discrete input.
 
     Args:
-        flow: a conditional :class:`~pyroflows.Flow` over the data's event shape with
+        flow: a conditional [`Flow`][pyroflows.Flow] over the data's event shape with
             ``context_dim`` equal to the number of dimensions ``D``.
         num_levels: ``K``, to rescale the levels to ``[-1, 1]`` for the context.
 
-    Build one with :meth:`build`.
+    Build one with [`build`][pyroflows.infer.dequantization.VariationalDequantizer.build].
     """
 
     def __init__(self, flow: Flow, num_levels: int) -> None:
@@ -142,17 +143,18 @@ class DequantizedFlow(Flow):
     """A model of discrete data: the continuous flow ``model`` over ``y = (x + u) / K``.
 
     ``log_prob(x)`` takes integer levels ``x`` and returns a one-sample estimate of the lower
-    bound on ``log P(x)`` (fresh noise every call), so :func:`~pyroflows.infer.fit` trains the
+    bound on ``log P(x)`` (fresh noise every call), so [`fit`][pyroflows.infer.fit.fit] trains the
     model (and a variational dequantizer) by maximising it. ``sample`` returns discrete levels.
     The layers, base distribution, ``forward_and_log_det`` and ``inverse_and_log_det`` are the
     model's (the map between the latent and ``y``); ``model`` is the continuous flow itself,
     trained in place.
 
     Args:
-        flow: an unconditional :class:`~pyroflows.Flow` over the data's event shape.
+        flow: an unconditional [`Flow`][pyroflows.Flow] over the data's event shape.
         num_levels: ``K``, the number of levels (``x`` takes values ``0 .. K - 1``).
         dequantizer: ``"uniform"``, ``"variational"`` (a default
-            :class:`VariationalDequantizer`) or a dequantizer module.
+            [`VariationalDequantizer`][pyroflows.infer.dequantization.VariationalDequantizer]) or a
+            dequantizer module.
 
     Example:
         >>> import pyroflows
@@ -250,9 +252,10 @@ def bits_per_dim(
 ) -> torch.Tensor:
     """An upper bound on ``-log2 P(x) / D``, the discrete model's bits per dimension.
 
-    ``flow`` is either a :class:`DequantizedFlow` (its dequantizer is used) or a continuous flow
-    over ``y = (x + u) / K`` (uniform dequantization). With ``num_samples = S`` the bound is the
-    importance-weighted ``-log(1/S sum_s P(x, u_s) / q(u_s | x))``, tighter as ``S`` grows.
+    ``flow`` is either a [`DequantizedFlow`][pyroflows.infer.dequantization.DequantizedFlow] (its
+    dequantizer is used) or a continuous flow over ``y = (x + u) / K`` (uniform dequantization).
+    With ``num_samples = S`` the bound is the importance-weighted ``-log(1/S sum_s P(x, u_s) / q(u_s
+    | x))``, tighter as ``S`` grows.
 
     Args:
         flow: the model.
@@ -292,7 +295,8 @@ def independent_bits_per_dim(
 ) -> torch.Tensor:
     """The independent-pixel baseline: each dimension its own categorical over the ``K`` levels
     (counts from ``train`` plus ``smoothing``), i.e. uniformly dequantised histograms. Returns
-    the bits per dimension of each ``test`` point, to compare with :func:`bits_per_dim`.
+    the bits per dimension of each ``test`` point, to compare with
+    [`bits_per_dim`][pyroflows.infer.dequantization.bits_per_dim].
 
     Args:
         train: ``(n, *event_shape)`` integer levels the histograms are counted on.

@@ -1,7 +1,7 @@
 """Data-parallel training for code that does not call a module's ``forward`` (Pyro's ``SVI``,
-:func:`~pyroflows.models.fit_vae`, hand-written loops): ``sync_gradients``.
+[`fit_vae`][pyroflows.models.fit_vae], hand-written loops): ``sync_gradients``.
 
-:func:`~pyroflows.infer.fit` wraps a flow in ``DistributedDataParallel`` itself
+[`fit`][pyroflows.infer.fit.fit] wraps a flow in ``DistributedDataParallel`` itself
 (``fit(..., distributed=True)``). DDP averages gradients only for computations that go through
 the wrapper's ``forward``; ``SVI.step`` calls the model and the guide directly, so for guides and
 VAEs the gradients are averaged by hooks on the parameters instead, as backward produces them.
@@ -24,8 +24,8 @@ def sync_gradients(module: nn.Module) -> list[RemovableHandle]:
     the same parameters. Remove the hooks with ``[h.remove() for h in handles]``.
 
     Args:
-        module: a flow, an :class:`~pyroflows.guides.AutoFlow` guide, a
-            :class:`~pyroflows.models.VAE` or any ``nn.Module``.
+        module: a flow, an [`AutoFlow`][pyroflows.guides.AutoFlow] guide, a
+            [`VAE`][pyroflows.models.VAE] or any ``nn.Module``.
 
     Returns:
         The gradient hooks' handles.

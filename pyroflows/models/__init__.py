@@ -1,5 +1,5 @@
-"""Models with flow-based inference: a :class:`VAE` whose posterior is a Gaussian or a flow,
-and :func:`fit_vae` to train it on mini-batches."""
+"""Models with flow-based inference: a [`VAE`][pyroflows.models.VAE] whose posterior is a Gaussian
+or a flow, and [`fit_vae`][pyroflows.models.fit_vae] to train it on mini-batches."""
 
 from pyroflows.models.training import fit_vae
 from pyroflows.models.vae import VAE

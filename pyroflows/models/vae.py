@@ -14,7 +14,8 @@ context $h$ (the identity for ``posterior="gaussian"``). With an IAF this is Kin
 posterior's density comes from the sampling pass, with no inversion:
 $\log q(z \mid x) = \log\mathcal N(\varepsilon) - \sum_i \log\sigma_{\phi,i}(x) - \log|\det \partial T_h|$.
 
-Bounds on $\log p(x)$ from $K$ posterior draws (:mod:`pyroflows.infer.importance`):
+Bounds on $\log p(x)$ from $K$ posterior draws
+([`pyroflows.infer.importance`][pyroflows.infer.importance]):
 
 $$
 \mathrm{ELBO}(x) = \mathbb E_q\Bigl[\log \frac{p(x, z)}{q(z \mid x)}\Bigr]
@@ -22,9 +23,10 @@ $$
 \;\le\; \log p(x),
 $$
 
-and $\mathcal L_K \to \log p(x)$ as $K \to \infty$: :meth:`VAE.log_likelihood` with
-$K = 1000$ measures the model, the gap $\log p(x) - \mathrm{ELBO}(x) = \mathrm{KL}(q \,\|\, p(z\mid x))$
-the posterior's inexactness (approximation plus amortisation gap; Cremer, Li & Duvenaud 2018).
+and $\mathcal L_K \to \log p(x)$ as $K \to \infty$:
+[`VAE.log_likelihood`][pyroflows.models.vae.VAE.log_likelihood] with $K = 1000$ measures the model,
+the gap $\log p(x) - \mathrm{ELBO}(x) = \mathrm{KL}(q \,\|\, p(z\mid x))$ the posterior's
+inexactness (approximation plus amortisation gap; Cremer, Li & Duvenaud 2018).
 
 References:
     Kingma & Welling (2014), *Auto-Encoding Variational Bayes*.
@@ -63,8 +65,9 @@ class VAE(PyroModule):
         z_dim: latent width $d$.
         hidden_dims: encoder widths; the decoder mirrors them.
         likelihood: ``"bernoulli"`` (data in $\\{0, 1\\}$) or ``"normal"`` (real data).
-        posterior: ``"gaussian"``, or a flow family of :func:`pyroflows.available_flows`
-            refining the Gaussian, conditioned on an encoder context.
+        posterior: ``"gaussian"``, or a flow family of
+            [`available_flows`][pyroflows.available_flows] refining the Gaussian, conditioned on an
+            encoder context.
         num_flows: layers of that flow (the family's default if ``None``).
         flow_hidden_dims: widths of the flow's networks (the family's default if ``None``).
         context_dim: width of the encoder's context $h$ (default ``hidden_dims[-1]``).

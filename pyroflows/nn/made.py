@@ -10,13 +10,13 @@ so the Jacobian of the map it parameterises is triangular in the ordering.
 Reference: Germain, Gregor, Murray, Larochelle (2015), *MADE: Masked Autoencoder for
 Distribution Estimation*; Paige and Wood (2016) for the context input.
 
-Why not Pyro's :class:`pyro.nn.AutoRegressiveNN`: inverting an autoregressive layer with it
+Why not Pyro's `pyro.nn.AutoRegressiveNN`: inverting an autoregressive layer with it
 takes $D$ full passes. Here hidden units are stored sorted by degree, so
-:meth:`MADE.autoregress` computes each unit exactly *once* while the outputs are generated one
-after the other: a sequential inversion costs about one network pass of arithmetic (in $D$
-small steps) instead of $D$ passes; ``benchmarks/flows.py`` measures it against Pyro, zuko,
-nflows and normflows (see ``docs/benchmarks.md``). The parallel pass is the same masked MLP as
-Pyro's.
+[`MADE.autoregress`][pyroflows.nn.made.MADE.autoregress] computes each unit exactly *once* while the
+outputs are generated one after the other: a sequential inversion costs about one network pass of
+arithmetic (in $D$ small steps) instead of $D$ passes; ``benchmarks/flows.py`` measures it against
+Pyro, zuko, nflows and normflows (see ``docs/benchmarks.md``). The parallel pass is the same masked
+MLP as Pyro's.
 
 Example:
     >>> made = MADE(4, num_params=2, hidden_dims=(16, 16))

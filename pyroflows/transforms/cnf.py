@@ -51,6 +51,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -206,7 +207,7 @@ def build_cnf(
     num_layers: int,
     hidden_dims: Sequence[int],
     context_dim: int | None = None,
-    **options,
+    **options: Any,
 ) -> list[FlowTransform]:
     """``num_layers`` continuous flows in sequence.
 

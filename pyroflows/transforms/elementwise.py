@@ -11,8 +11,9 @@ An elementwise map is any object with
 
 Every coupling and autoregressive layer takes one, so a new family is a choice of map plus a
 builder of a few lines: NICE is the additive map in a coupling, RealNVP the affine one, NSF the
-rational-quadratic spline (:class:`pyroflows.transforms.spline.RationalQuadraticSpline`); MAF,
-IAF and ``nsf_ar`` are the same maps in an autoregressive layer.
+rational-quadratic spline
+([`RationalQuadraticSpline`][pyroflows.transforms.spline.RationalQuadraticSpline]); MAF, IAF and
+``nsf_ar`` are the same maps in an autoregressive layer.
 """
 
 from __future__ import annotations

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -333,7 +334,7 @@ def build_residual(
     num_layers: int,
     hidden_dims: Sequence[int],
     context_dim: int | None = None,
-    **options,
+    **options: Any,
 ) -> list[FlowTransform]:
     """``num_layers`` residual blocks, each preceded (data side) by an ``ActNorm``.
 
