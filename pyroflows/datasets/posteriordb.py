@@ -174,6 +174,29 @@ def blr(N: int, D: int, X: torch.Tensor, y: torch.Tensor) -> None:
         pyro.sample("y", dist.Normal(loc, sigma), obs=y)
 
 
+def _linear_recurrence(a: torch.Tensor, b: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """``v`` with ``v[..., 0] = v1`` and ``v[..., t] = a[..., t - 1] + b * v[..., t - 1]``.
+
+    Computed in blocks of 16 steps, each one matrix product with the powers ``b^(i - j)``
+    (``b`` in ``(0, 1)`` keeps them bounded): a handful of tensor operations per block instead
+    of a few per step, which is what a batched model pays for at every evaluation."""
+    size = 16
+    steps = torch.arange(size, device=a.device)
+    lag = (steps[:, None] - steps[None, :]).to(a.dtype)
+    b = b[..., None, None]
+    within = torch.where(lag >= 0, b ** lag.clamp(min=0), torch.zeros_like(lag))
+    carry = b[..., 0, :] ** (steps + 1).to(a.dtype)  # b^(i + 1): the previous block's last term
+    values, last = [v1.expand(a.shape[:-1]).unsqueeze(-1)], v1.expand(a.shape[:-1])
+    for block in a.split(size, -1):
+        n = block.shape[-1]
+        v = (within[..., :n, :n] @ block.unsqueeze(-1)).squeeze(-1) + carry[..., :n] * last[
+            ..., None
+        ]
+        values.append(v)
+        last = v[..., -1]
+    return torch.cat(values, -1)
+
+
 def garch11(T: int, y: torch.Tensor, sigma1: torch.Tensor) -> None:
     """GARCH(1, 1) with flat priors; ``beta1`` is bounded by ``1 - alpha1`` (a dependent support).
 
@@ -186,13 +209,10 @@ def garch11(T: int, y: torch.Tensor, sigma1: torch.Tensor) -> None:
     alpha1 = pyro.sample("alpha1", Flat(constraints.unit_interval, **like))
     upper = 1 - alpha1
     beta1 = pyro.sample("beta1", Flat(constraints.interval(0.0, upper), upper.shape, **like))
-    var = sigma1**2 + 0 * mu  # broadcast to the parameters' batch shape
-    variances = [var]
-    for t in range(1, T):
-        var = alpha0 + alpha1 * (y[t - 1] - mu) ** 2 + beta1 * var
-        variances.append(var)
-    scale = torch.stack(variances, -1).sqrt()
-    pyro.sample("y", dist.Normal(mu.unsqueeze(-1), scale).to_event(1), obs=y)
+    # sigma[t]^2 = alpha0 + alpha1 * (y[t-1] - mu)^2 + beta1 * sigma[t-1]^2, sigma[1] = sigma1
+    shocks = alpha0[..., None] + alpha1[..., None] * (y[:-1] - mu[..., None]) ** 2
+    variance = _linear_recurrence(shocks, beta1, sigma1**2 + 0 * mu)
+    pyro.sample("y", dist.Normal(mu.unsqueeze(-1), variance.sqrt()).to_event(1), obs=y)
 
 
 def low_dim_gauss_mix(N: int, y: torch.Tensor) -> None:
