@@ -24,13 +24,16 @@ $\mathrm{ChEES} = \tfrac14 \mathbb E\bigl[(\|z' - \bar z'\|^2 - \|z - \bar z\|^2
 estimated across the chains in the whitened coordinates $z = M^{1/2} x$ and weighted by the
 acceptance probabilities (divergent transitions weigh 0). Its time derivative per chain is
 $(\|z'-\bar z'\|^2 - \|z-\bar z\|^2)\,(z'-\bar z')\cdot\dot z'$ at the end of a trajectory
-jittered to length $hT$ (the integration time $L\epsilon$ actually run). The objective is ChEES
-**per gradient evaluation**, $\log \mathrm{ChEES}(hT) - \log(hT)$ (the cost-aware variant of
-Sountsov & Hoffman's SGA-HMC): plain ChEES is nearly flat in long trajectories on curved targets
-such as the banana, where its noisy ascent drifts to long, costly trajectories (measurements in
-``docs/mcmc.md``). Its gradient in $\log T$, $hT\,\partial_t\mathrm{ChEES} / \mathrm{ChEES} - 1$,
-is formed from running averages (decay 0.9) of numerator and denominator, a ratio far less noisy
-with few chains than per-step ratios; steps are RMSProp-normalised (squared-gradient decay 0.95,
+jittered to length $hT$ (the integration time $L\epsilon$ actually run). The objective is
+$\log \mathrm{ChEES}(hT) - \tfrac12 \log(hT)$, ChEES discounted by the square root of the
+trajectory's cost (a cost-aware variant in the spirit of Sountsov & Hoffman's SGA-HMC): plain
+ChEES is nearly flat in long trajectories on curved targets such as the banana, where its noisy
+ascent drifts to long, costly trajectories, while ChEES per gradient ($-\log hT$) picks
+trajectories too short for per-draw mixing on near-Gaussian posteriors such as eight schools;
+measurements in ``docs/mcmc.md``. Its gradient in $\log T$,
+$hT\,\partial_t\mathrm{ChEES} / \mathrm{ChEES} - \tfrac12$, is formed from running
+averages (decay 0.9) of numerator and denominator, a ratio far less noisy with few chains than
+per-step ratios; steps are RMSProp-normalised (squared-gradient decay 0.95,
 as in TFP's implementation), clipped to $\pm 0.35$ in $\log T$, and $T$ stays within one and
 ``max_steps`` leapfrog steps. The step size follows dual averaging on the **harmonic mean** of the
 acceptance probabilities (a few chains stuck at low acceptance pull it down, unlike the
@@ -252,6 +255,8 @@ class ChEESAdaptation:
     rms_decay, max_log_update = 0.95, 0.35
     #: decay of the running averages of ChEES and its derivative, whose ratio is the gradient
     moment_decay = 0.9
+    #: the objective is log ChEES - cost_exponent * log(hT) (1: ChEES per gradient; see the docs)
+    cost_exponent = 0.5
 
     def __init__(
         self,
@@ -320,8 +325,8 @@ class ChEESAdaptation:
         moments = self._moments(state, initial, proposal, velocity, accept_prob, ok, length)
         moments = torch.where(torch.isfinite(moments), moments, state.chees_moments)
         moments = self.moment_decay * state.chees_moments + (1 - self.moment_decay) * moments
-        # d log(ChEES / hT) / d log T from the averaged numerator and denominator
-        gradient = moments[0] / (moments[1] + 1e-20) - 1.0
+        # d objective / d log T from the averaged numerator and denominator
+        gradient = moments[0] / (moments[1] + 1e-20) - self.cost_exponent
         mean_square = self.rms_decay * state.mean_square + (1 - self.rms_decay) * gradient**2
         unbiased = mean_square / (1 - self.rms_decay**t)
         step = (self.learning_rate * gradient / (unbiased.sqrt() + 1e-20)).clamp(
