@@ -317,3 +317,20 @@ def test_nonfinite_log_density_at_the_initial_point_names_the_site():
 
     with pytest.raises(ValueError, match="'bad'"):
         AutoFlow(model, flow="iaf", num_layers=1, hidden_dims=(4,))()
+
+
+def test_dependent_support_is_taken_at_the_values_drawn():
+    """beta ~ interval(0, 1 - alpha): Pyro's AutoContinuous fixes the bound at the prototype's
+    alpha; AutoFlow looks it up at each draw, so alpha + beta < 1 holds for every draw."""
+
+    def model():
+        alpha = pyro.sample("alpha", dist.Beta(2.0, 2.0))
+        pyro.sample("beta", dist.Uniform(0.0, 1 - alpha))
+
+    guide = AutoFlow(model, flow="iaf", num_layers=1, hidden_dims=(4,), init_scale=1.0,
+                     warm_start=None)
+    draws = Predictive(
+        model, guide=guide, num_samples=1000, parallel=True, return_sites=["alpha", "beta"]
+    )()
+    assert (draws["alpha"] + draws["beta"] < 1).all()
+    assert draws["alpha"].std() > 0.1  # alpha really varies, so the bound really moves
