@@ -84,7 +84,7 @@ def models(transforms: int, bins: int, hidden: tuple[int, ...]) -> dict[str, Cal
 
 def parse_guide(spec: str) -> tuple[str, dict]:
     """``"bnaf:parallel=forward,init_scale=1.0,warm_start=None"`` -> ``("bnaf", {...})``: ints,
-    floats and ``None`` parsed, anything else kept as a string."""
+    floats, ``None``, ``True`` and ``False`` parsed, anything else kept as a string."""
     name, _, rest = spec.partition(":")
     options: dict = {}
     for item in filter(None, rest.split(",")):
@@ -96,7 +96,7 @@ def parse_guide(spec: str) -> tuple[str, dict]:
             except ValueError:
                 continue
         else:
-            options[key] = None if value == "None" else value
+            options[key] = {"None": None, "True": True, "False": False}.get(value, value)
     return name, options
 
 
