@@ -103,7 +103,7 @@ def fit_and_score(
     start = time.perf_counter()
     history = fit_guide(
         target.model, guide, num_steps=num_steps, num_particles=num_particles,
-        anneal_steps=anneal_steps, lr=lr, progress=progress,
+        anneal_steps=anneal_steps, lr=lr, progress=progress, num_elbo_samples=0,
     )
     seconds = time.perf_counter() - start
     kl, kl_se = reverse_kl(target.model, guide, target.log_normalizer, num_samples=kl_samples)
