@@ -223,45 +223,57 @@ def inverse_autoregressive(input_dim: int, **options: Any) -> Autoregressive:
     return affine_autoregressive(input_dim, "forward", **options)
 
 
-def _affine_family(parallel: str, summary: str):
-    """The builder of an affine autoregressive family reading the ``parallel`` side."""
-
-    @flow_family(default_layers=5, default_hidden=(128, 128))
-    def build(
-        shape: tuple[int, ...],
-        *,
-        num_layers: int,
-        hidden_dims: Sequence[int],
-        context_dim: int | None = None,
-        ordering: str | Sequence[int] | torch.Tensor = "reverse",
-        scale_bound: float | None = 3.0,
-    ) -> list[FlowTransform]:
-        return autoregressive_layers(
-            shape,
-            parallel,
-            Affine(scale_bound),
-            num_layers=num_layers,
-            hidden_dims=hidden_dims,
-            context_dim=context_dim,
-            ordering=ordering,
-        )
-
-    build.__doc__ = f"""{summary}
+@flow_family(default_layers=5, default_hidden=(128, 128))
+def build_maf(
+    shape: tuple[int, ...],
+    *,
+    num_layers: int,
+    hidden_dims: Sequence[int],
+    context_dim: int | None = None,
+    ordering: str | Sequence[int] | torch.Tensor = "reverse",
+    scale_bound: float | None = 3.0,
+) -> list[FlowTransform]:
+    """MAF: ``num_layers`` affine autoregressive layers, density in one pass, exact sequential
+    sampling.
 
     Options:
         ordering: ``"reverse"`` (alternate identity / reversed), ``"random"`` or a permutation.
         scale_bound: bound ``B`` of the soft-clamped log-scale (``None``: unclamped).
     """
-    return build
+    return autoregressive_layers(
+        shape,
+        "inverse",
+        Affine(scale_bound),
+        num_layers=num_layers,
+        hidden_dims=hidden_dims,
+        context_dim=context_dim,
+        ordering=ordering,
+    )
 
 
-build_maf = _affine_family(
-    "inverse",
-    "MAF: ``num_layers`` affine autoregressive layers, density in one pass, exact "
-    "sequential sampling.",
-)
-build_iaf = _affine_family(
-    "forward",
-    "IAF: ``num_layers`` affine autoregressive layers, sampling in one pass, exact "
-    "sequential density.",
-)
+@flow_family(default_layers=5, default_hidden=(128, 128))
+def build_iaf(
+    shape: tuple[int, ...],
+    *,
+    num_layers: int,
+    hidden_dims: Sequence[int],
+    context_dim: int | None = None,
+    ordering: str | Sequence[int] | torch.Tensor = "reverse",
+    scale_bound: float | None = 3.0,
+) -> list[FlowTransform]:
+    """IAF: ``num_layers`` affine autoregressive layers, sampling in one pass, exact sequential
+    density.
+
+    Options:
+        ordering: ``"reverse"`` (alternate identity / reversed), ``"random"`` or a permutation.
+        scale_bound: bound ``B`` of the soft-clamped log-scale (``None``: unclamped).
+    """
+    return autoregressive_layers(
+        shape,
+        "forward",
+        Affine(scale_bound),
+        num_layers=num_layers,
+        hidden_dims=hidden_dims,
+        context_dim=context_dim,
+        ordering=ordering,
+    )
