@@ -322,12 +322,12 @@ class ModelPotential:
 
     __call__ = energy
 
-    def _own_shape(self, value: torch.Tensor, shape: torch.Size, num_chains: int) -> torch.Tensor:
+    @staticmethod
+    def _own_shape(value: torch.Tensor, shape: torch.Size, num_chains: int) -> torch.Tensor:
+        """``(C, *shape)`` from a value with the chain plate's dims, or from a constant."""
         if value.numel() == num_chains * shape.numel():
             return value.reshape(num_chains, *shape)
-        return value.expand(*value.shape[: value.dim() - len(shape)], *shape).reshape(
-            -1, *shape
-        ).expand(num_chains, *shape)
+        return value.reshape(shape).expand(num_chains, *shape)
 
     def _constrained(self, u: torch.Tensor) -> tuple[dict, dict, dict]:
         flat = self._flat(u)
