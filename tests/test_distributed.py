@@ -35,10 +35,18 @@ def _train(distributed: bool, name: str = "realnvp"):
 
 
 def _worker(rank: int, port: int, out: str) -> None:
+    """Every data-parallel scenario in one pair of processes (each spawn re-imports torch and
+    Pyro, which costs far more than the tiny trainings themselves)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        torch.save(_train(distributed=True), f"{out}/rank{rank}.pt")
+        states = {
+            "fit": _train(distributed=True),
+            "sync": _vae_and_autoflow(rank, sync=True),
+            "nosync": _vae_and_autoflow(rank, sync=False),
+            "trainers": _trainers(rank),
+        }
+        torch.save(states, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -49,11 +57,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
-def test_two_gloo_processes_match_single_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
-    rank0 = torch.load(tmp_path / "rank0.pt")
-    rank1 = torch.load(tmp_path / "rank1.pt")
+@pytest.fixture(scope="module")
+def gloo_states(tmp_path_factory):
+    """Rank 0's and rank 1's trained states from one 2-process gloo run of `_worker`."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    out = tmp_path_factory.mktemp("gloo")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=2, join=True)
+    return torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+
+
+def test_two_gloo_processes_match_single_process(gloo_states):
+    rank0, rank1 = (states["fit"] for states in gloo_states)
     single = _train(distributed=False)
     for key in single:
         assert torch.equal(rank0[key], rank1[key]), key
@@ -70,6 +85,7 @@ def test_distributed_without_a_process_group_is_a_clear_error():
         fit(flow, torch.randn(20, 2), distributed=True, seed=0, progress=False)
 
 
+@pytest.mark.slow  # three fresh interpreters; the data-parallel training itself is tested above
 def test_cli_under_torchrun(tmp_path):
     import json
     import subprocess
@@ -112,7 +128,9 @@ def test_cli_distributed_without_torchrun(tmp_path, capsys):
     assert "torchrun" in capsys.readouterr().err
 
 
-def _vae_worker(rank: int, port: int, out: str, sync: bool) -> None:
+def _vae_and_autoflow(rank: int, sync: bool) -> dict:
+    """A VAE by fit_vae and an AutoFlow guide by Pyro's SVI, each rank on its own data, with or
+    without sync_gradients."""
     import pyro
     from pyro.infer import SVI, Trace_ELBO
 
@@ -120,48 +138,41 @@ def _vae_worker(rank: int, port: int, out: str, sync: bool) -> None:
     from pyroflows.infer import sync_gradients
     from pyroflows.models import VAE, fit_vae
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(rank)  # different initialisations: sync_gradients must broadcast rank 0's
-        data = torch.bernoulli(
-            torch.full((64, 6), 0.3, dtype=torch.float32),
-            generator=torch.Generator().manual_seed(rank),
-        )
-        vae = VAE(6, 2, hidden_dims=(8,), posterior="iaf", num_flows=1)
-        if sync:
-            sync_gradients(vae)
-        fit_vae(vae, data, num_epochs=2, batch_size=32, progress=False, seed=rank)
+    torch.manual_seed(rank)  # different initialisations: sync_gradients must broadcast rank 0's
+    data = torch.bernoulli(
+        torch.full((64, 6), 0.3, dtype=torch.float32),
+        generator=torch.Generator().manual_seed(rank),
+    )
+    vae = VAE(6, 2, hidden_dims=(8,), posterior="iaf", num_flows=1)
+    if sync:
+        sync_gradients(vae)
+    fit_vae(vae, data, num_epochs=2, batch_size=32, progress=False, seed=rank)
 
-        # an AutoFlow guide under Pyro's SVI, each rank on its own data
-        def model(y):
-            loc = pyro.sample("loc", pyro.distributions.Normal(torch.zeros(2), 1.0).to_event(1))
-            with pyro.plate("n", len(y)):
-                pyro.sample("y", pyro.distributions.Normal(loc, 1.0).to_event(1), obs=y)
+    def model(y):
+        loc = pyro.sample("loc", pyro.distributions.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("n", len(y)):
+            pyro.sample("y", pyro.distributions.Normal(loc, 1.0).to_event(1), obs=y)
 
-        pyro.clear_param_store()
-        y = torch.randn(20, 2, generator=torch.Generator().manual_seed(10 + rank))
-        guide = AutoFlow(model, flow="realnvp", num_layers=2, hidden_dims=(8,))
-        guide(y)  # create the parameters
-        if sync:
-            sync_gradients(guide)
-        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
-        for _ in range(3):
-            svi.step(y)
-        torch.save({"vae": vae.state_dict(), "guide": guide.state_dict()}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    pyro.clear_param_store()
+    y = torch.randn(20, 2, generator=torch.Generator().manual_seed(10 + rank))
+    guide = AutoFlow(model, flow="realnvp", num_layers=2, hidden_dims=(8,))
+    guide(y)  # create the parameters
+    if sync:
+        sync_gradients(guide)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    for _ in range(3):
+        svi.step(y)
+    return {"vae": vae.state_dict(), "guide": guide.state_dict()}
 
 
 @pytest.mark.parametrize("sync", [True, False])
-def test_sync_gradients_keeps_vae_and_autoflow_ranks_identical(tmp_path, sync):
-    mp.spawn(_vae_worker, args=(_free_port(), str(tmp_path), sync), nprocs=2, join=True)
-    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+def test_sync_gradients_keeps_vae_and_autoflow_ranks_identical(gloo_states, sync):
+    a, b = (states["sync" if sync else "nosync"] for states in gloo_states)
     same = all(torch.allclose(a[m][k], b[m][k], atol=1e-6) for m in a for k in a[m])
     assert same == sync  # identical with sync_gradients, different without it
 
 
-def _trainers_worker(rank: int, port: int, out: str) -> None:
+def _trainers(rank: int) -> dict:
     """fit_guide, fit_vae and distill with distributed=True: each rank its own data shard."""
     import pyro
 
@@ -169,52 +180,41 @@ def _trainers_worker(rank: int, port: int, out: str) -> None:
     from pyroflows.infer import distill
     from pyroflows.models import VAE, fit_vae
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(rank)  # different initialisations: rank 0's are broadcast
-        shard = torch.Generator().manual_seed(rank)
-        x = torch.bernoulli(torch.full((32, 6), 0.3), generator=shard)
-        vae = VAE(6, 2, hidden_dims=(8,), posterior="iaf", num_flows=1)
-        fit_vae(vae, x, num_epochs=2, batch_size=16, progress=False, seed=rank, distributed=True)
+    torch.manual_seed(rank)  # different initialisations: rank 0's are broadcast
+    shard = torch.Generator().manual_seed(rank)
+    x = torch.bernoulli(torch.full((32, 6), 0.3), generator=shard)
+    vae = VAE(6, 2, hidden_dims=(8,), posterior="iaf", num_flows=1)
+    fit_vae(vae, x, num_epochs=2, batch_size=16, progress=False, seed=rank, distributed=True)
 
-        def model(y):
-            loc = pyro.sample("loc", pyro.distributions.Normal(torch.zeros(2), 1.0).to_event(1))
-            with pyro.plate("n", len(y)):
-                pyro.sample("y", pyro.distributions.Normal(loc, 1.0).to_event(1), obs=y)
+    def model(y):
+        loc = pyro.sample("loc", pyro.distributions.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("n", len(y)):
+            pyro.sample("y", pyro.distributions.Normal(loc, 1.0).to_event(1), obs=y)
 
-        pyro.clear_param_store()
-        y = torch.randn(20, 2, generator=shard)
-        guide = AutoFlow(model, flow="realnvp", num_layers=2, hidden_dims=(8,))
-        fit_guide(
-            model,
-            guide,
-            y,
-            num_steps=5,
-            num_elbo_samples=0,
-            progress=False,
-            seed=rank,
-            distributed=True,
-        )
+    pyro.clear_param_store()
+    y = torch.randn(20, 2, generator=shard)
+    guide = AutoFlow(model, flow="realnvp", num_layers=2, hidden_dims=(8,))
+    fit_guide(
+        model,
+        guide,
+        y,
+        num_steps=5,
+        num_elbo_samples=0,
+        progress=False,
+        seed=rank,
+        distributed=True,
+    )
 
-        teacher = build_flow("maf", 2, num_layers=1, hidden_dims=(8,))
-        student = build_flow("iaf", 2, num_layers=1, hidden_dims=(8,))
-        distill(
-            teacher, student, num_steps=5, eval_size=16, progress=False, seed=rank, distributed=True
-        )
-        states = {
-            "vae": vae.state_dict(),
-            "guide": guide.state_dict(),
-            "student": student.state_dict(),
-        }
-        torch.save(states, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    teacher = build_flow("maf", 2, num_layers=1, hidden_dims=(8,))
+    student = build_flow("iaf", 2, num_layers=1, hidden_dims=(8,))
+    distill(
+        teacher, student, num_steps=5, eval_size=16, progress=False, seed=rank, distributed=True
+    )
+    return {"vae": vae.state_dict(), "guide": guide.state_dict(), "student": student.state_dict()}
 
 
-def test_guides_vaes_and_distillation_train_data_parallel(tmp_path):
-    mp.spawn(_trainers_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
-    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+def test_guides_vaes_and_distillation_train_data_parallel(gloo_states):
+    a, b = (states["trainers"] for states in gloo_states)
     for part in a:
         for key in a[part]:
             assert torch.allclose(a[part][key], b[part][key], atol=1e-6), (part, key)
