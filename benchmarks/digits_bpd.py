@@ -44,9 +44,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     train, test = digits()
     baseline = independent_bits_per_dim(train, test, NUM_LEVELS).mean().item()
-    rows = [dict(model="independent pixels", bits_per_dim=baseline, parameters=NUM_LEVELS * 64, seconds_per_epoch=0.0)]
+    rows = [
+        dict(
+            model="independent pixels",
+            bits_per_dim=baseline,
+            parameters=NUM_LEVELS * 64,
+            seconds_per_epoch=0.0,
+        )
+    ]
     print(f"{'model':<20} {'test bits/dim':>13} {'parameters':>10} {'s/epoch':>8}")
-    print(f"{rows[0]['model']:<20} {baseline:>13.3f} {rows[0]['parameters']:>10} {'-':>8}", flush=True)
+    print(
+        f"{rows[0]['model']:<20} {baseline:>13.3f} {rows[0]['parameters']:>10} {'-':>8}", flush=True
+    )
     epochs = args.steps * args.batch_size / len(train)
     for name in args.models:
         family, dequantizer, options = CONFIGS[name]
@@ -54,16 +63,37 @@ def main() -> None:
         flow = build_flow(family, (1, 8, 8), **options)
         model = DequantizedFlow(flow, NUM_LEVELS, dequantizer)
         start = time.perf_counter()
-        fit(model, train, num_steps=args.steps, batch_size=args.batch_size, lr=args.lr, progress=False, seed=args.seed, patience=None)
+        fit(
+            model,
+            train,
+            num_steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            progress=False,
+            seed=args.seed,
+            patience=None,
+        )
         seconds = time.perf_counter() - start
         torch.manual_seed(args.seed + 1)
         bpd = bits_per_dim(model, test, NUM_LEVELS, num_samples=8).mean().item()
-        row = dict(model=name, bits_per_dim=bpd, parameters=sum(p.numel() for p in model.parameters()), seconds_per_epoch=seconds / epochs)
+        row = dict(
+            model=name,
+            bits_per_dim=bpd,
+            parameters=sum(p.numel() for p in model.parameters()),
+            seconds_per_epoch=seconds / epochs,
+        )
         rows.append(row)
-        print(f"{name:<20} {bpd:>13.3f} {row['parameters']:>10} {row['seconds_per_epoch']:>8.2f}", flush=True)
+        print(
+            f"{name:<20} {bpd:>13.3f} {row['parameters']:>10} {row['seconds_per_epoch']:>8.2f}",
+            flush=True,
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, rows=rows), f, indent=1)
+            json.dump(
+                dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, rows=rows),
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,9 @@ class Counted:
 
 def run_pyroflows(kind: str, energy: Counted, chains: int, args) -> tuple[np.ndarray, float]:
     if kind == "HMC":
-        kernel = mcmc.HMC(energy, step_size=0.1, num_steps=args.num_steps, target_accept_prob=args.target_accept)
+        kernel = mcmc.HMC(
+            energy, step_size=0.1, num_steps=args.num_steps, target_accept_prob=args.target_accept
+        )
     else:
         kernel = mcmc.MH(energy)
     init = 0.5 * torch.randn(chains, *energy.event_shape)
@@ -78,11 +80,17 @@ def run_pyro(kind: str, energy: Counted, args) -> tuple[np.ndarray, float]:
         def potential(params):
             return energy(params["x"])
 
-        kernel = NUTS(potential_fn=potential) if kind == "NUTS" else PyroHMC(potential_fn=potential, step_size=0.1, num_steps=args.num_steps)
+        kernel = (
+            NUTS(potential_fn=potential)
+            if kind == "NUTS"
+            else PyroHMC(potential_fn=potential, step_size=0.1, num_steps=args.num_steps)
+        )
         init = {"x": 0.5 * torch.randn(energy.event_shape)}
     draws, warmup = (args.pyro_samples, args.pyro_warmup)
     start = time.perf_counter()
-    m = MCMC(kernel, num_samples=draws, warmup_steps=warmup, initial_params=init, disable_progbar=True)
+    m = MCMC(
+        kernel, num_samples=draws, warmup_steps=warmup, initial_params=init, disable_progbar=True
+    )
     m.run()
     elapsed = time.perf_counter() - start
     return m.get_samples(group_by_chain=True)["x"].numpy(), elapsed
@@ -103,12 +111,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--targets", nargs="+", default=["banana", "u2", "funnel"])
     p.add_argument("--funnel-dim", type=int, default=10)
     p.add_argument("--chains", type=int, nargs="+", default=[1, 64, 1024])
-    p.add_argument("--pyro", nargs="+", default=["NUTS", "HMC", "RandomWalk"], choices=["NUTS", "HMC", "RandomWalk"])
+    p.add_argument(
+        "--pyro",
+        nargs="+",
+        default=["NUTS", "HMC", "RandomWalk"],
+        choices=["NUTS", "HMC", "RandomWalk"],
+    )
     p.add_argument("--samples", type=int, default=1000, help="pyroflows draws per chain")
     p.add_argument("--warmup", type=int, default=300, help="pyroflows warm-up steps")
     p.add_argument("--pyro-samples", type=int, default=1000)
     p.add_argument("--pyro-warmup", type=int, default=500)
-    p.add_argument("--num-steps", type=int, default=10, help="HMC leapfrog steps (pyroflows and Pyro)")
+    p.add_argument(
+        "--num-steps", type=int, default=10, help="HMC leapfrog steps (pyroflows and Pyro)"
+    )
     p.add_argument("--target-accept", type=float, default=0.8)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
@@ -124,7 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
         rng.shuffle(order)
         for config in order:
             target_name, label, kind, chains = config
-            target = energies.get(target_name, **({"dim": args.funnel_dim} if target_name == "funnel" else {}))
+            target = energies.get(
+                target_name, **({"dim": args.funnel_dim} if target_name == "funnel" else {})
+            )
             energy = Counted(target)
             torch.manual_seed(args.seed + r)
             pyro.set_rng_seed(args.seed + r)
@@ -133,9 +150,21 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 x, elapsed = run_pyro(kind, energy, args)
             ess = min_ess(x)
-            row = dict(min_ess=ess, seconds=elapsed, ess_per_s=ess / elapsed, evals=energy.points, draws=int(x.shape[0] * x.shape[1]))
+            row = dict(
+                min_ess=ess,
+                seconds=elapsed,
+                ess_per_s=ess / elapsed,
+                evals=energy.points,
+                draws=int(x.shape[0] * x.shape[1]),
+            )
             results[config].append(row)
-            print(f"round {r}: {target_name:7s} {label:20s} chains={chains:5d} min-ESS {ess:9.0f} in {elapsed:6.1f} s = {ess / elapsed:9.1f}/s, {energy.points} evals", file=sys.stderr, flush=True)
+            print(
+                f"round {r}: {target_name:7s} {label:20s} chains={chains:5d} "
+                f"min-ESS {ess:9.0f} in {elapsed:6.1f} s = {ess / elapsed:9.1f}/s, "
+                f"{energy.points} evals",
+                file=sys.stderr,
+                flush=True,
+            )
     report = summarize(results, args)
     print(report["table"])
     if args.out:
@@ -147,21 +176,33 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def summarize(results: dict, args) -> dict:
-    rows, lines = [], [
-        "| target | sampler | chains | draws | min ESS | seconds | min-ESS/s | energy evals | evals / ESS | x Pyro NUTS |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    rows, lines = (
+        [],
+        [
+            "| target | sampler | chains | draws | min ESS | seconds | min-ESS/s "
+            "| energy evals | evals / ESS | x Pyro NUTS |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ],
+    )
     med = {c: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for c, rs in results.items()}
     for (target, label, _kind, chains), m in med.items():
         nuts = med.get((target, "pyro NUTS", "NUTS", 1))
         ratio = m["ess_per_s"] / nuts["ess_per_s"] if nuts else float("nan")
         rows.append(dict(target=target, sampler=label, chains=chains, **m, ratio_vs_nuts=ratio))
         lines.append(
-            f"| {target} | {label} | {chains} | {m['draws']:.0f} | {m['min_ess']:.0f} | {m['seconds']:.1f} | "
-            f"{m['ess_per_s']:.1f} | {m['evals']:.3g} | {m['evals'] / max(m['min_ess'], 1e-9):.3g} | {ratio:.1f} |"
+            f"| {target} | {label} | {chains} | {m['draws']:.0f} | {m['min_ess']:.0f} "
+            f"| {m['seconds']:.1f} | {m['ess_per_s']:.1f} | {m['evals']:.3g} "
+            f"| {m['evals'] / max(m['min_ess'], 1e-9):.3g} | {ratio:.1f} |"
         )
     env = {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
-    return dict(rows=rows, table="\n".join(lines), args=vars(args), malloc_env=env, torch=torch.__version__, pyro=pyro.__version__)
+    return dict(
+        rows=rows,
+        table="\n".join(lines),
+        args=vars(args),
+        malloc_env=env,
+        torch=torch.__version__,
+        pyro=pyro.__version__,
+    )
 
 
 if __name__ == "__main__":

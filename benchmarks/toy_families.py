@@ -47,20 +47,35 @@ def main() -> None:
             torch.manual_seed(args.seed)
             flow = build_flow(family, 2)
             start = time.perf_counter()
-            history = fit(flow, train, num_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                          progress=False, seed=args.seed)
+            history = fit(
+                flow,
+                train,
+                num_steps=args.steps,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                progress=False,
+                seed=args.seed,
+            )
             seconds = (time.perf_counter() - start) / max(1, len(history["train_loss"]))
             with torch.no_grad():
                 nll = -flow.log_prob(test).mean().item()
-            results[family] = dict(data=data_name, family=family, test_nll=nll, seconds_per_step=seconds,
-                                   params=sum(p.numel() for p in flow.parameters()))
+            results[family] = dict(
+                data=data_name,
+                family=family,
+                test_nll=nll,
+                seconds_per_step=seconds,
+                params=sum(p.numel() for p in flow.parameters()),
+            )
         refs = [results[f]["test_nll"] for f in REFERENCES if f in results]
         best = min(refs) if refs else float("nan")
         for row in results.values():
             row["gap"] = row["test_nll"] - best
             rows.append(row)
-            print(f"| {data_name} | {row['family']} | {row['test_nll']:.3f} | {row['gap']:+.3f} | "
-                  f"{row['params']} | {row['seconds_per_step']:.4f} |", flush=True)
+            print(
+                f"| {data_name} | {row['family']} | {row['test_nll']:.3f} | {row['gap']:+.3f} | "
+                f"{row['params']} | {row['seconds_per_step']:.4f} |",
+                flush=True,
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -49,7 +49,9 @@ def main() -> None:
         try:
             import zuko
 
-            models["zuko RealNVP"] = lambda: zuko.flows.RealNVP(2, transforms=6, hidden_features=(64, 64))
+            models["zuko RealNVP"] = lambda: zuko.flows.RealNVP(
+                2, transforms=6, hidden_features=(64, 64)
+            )
             models["zuko NSF"] = lambda: zuko.flows.NSF(2, transforms=3, hidden_features=(64, 64))
         except ImportError:
             print("zuko not installed (pip install -e '.[bench]'): pyroflows only")
@@ -58,7 +60,15 @@ def main() -> None:
             start = time.perf_counter()
             if make is None:
                 flow = build_flow("realnvp", 2)
-                fit(flow, train, num_steps=args.steps, batch_size=args.batch_size, lr=args.lr, progress=False, seed=args.seed)
+                fit(
+                    flow,
+                    train,
+                    num_steps=args.steps,
+                    batch_size=args.batch_size,
+                    lr=args.lr,
+                    progress=False,
+                    seed=args.seed,
+                )
                 with torch.no_grad():
                     nll = -flow.log_prob(test).mean().item()
             else:
@@ -67,8 +77,19 @@ def main() -> None:
                 with torch.no_grad():
                     nll = -flow().log_prob(test).mean().item()
             params = sum(p.numel() for p in flow.parameters())
-            rows.append(dict(data=data_name, model=label, test_nll=nll, params=params, seconds=time.perf_counter() - start))
-            print(f"| {data_name} | {label} | {nll:.3f} | {params} | {rows[-1]['seconds']:.1f} |", flush=True)
+            rows.append(
+                dict(
+                    data=data_name,
+                    model=label,
+                    test_nll=nll,
+                    params=params,
+                    seconds=time.perf_counter() - start,
+                )
+            )
+            print(
+                f"| {data_name} | {label} | {nll:.3f} | {params} | {rows[-1]['seconds']:.1f} |",
+                flush=True,
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

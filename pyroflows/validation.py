@@ -56,10 +56,14 @@ def check_number(
     (closed ends unless ``low_open`` / ``high_open``)."""
     ok = _is_number(value) and math.isfinite(value)
     if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+        ok = (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high
+        )
     if not ok:
         left, right = "(" if low_open else "[", ")" if high_open else "]"
-        where = "" if (low, high) == (-math.inf, math.inf) else f" in {left}{low:g}, {high:g}{right}"
+        where = (
+            "" if (low, high) == (-math.inf, math.inf) else f" in {left}{low:g}, {high:g}{right}"
+        )
         raise ValueError(f"{name} must be a finite number{where}, got {value!r}")
     return float(value)
 

@@ -25,7 +25,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # small tensor programs on a
 
 
 def run(kernel, init, num_samples=400, warmup_steps=200, **kw):
-    return mcmc.sample(kernel, init, num_samples, warmup_steps=warmup_steps, progress=False, seed=0, **kw)
+    return mcmc.sample(
+        kernel, init, num_samples, warmup_steps=warmup_steps, progress=False, seed=0, **kw
+    )
 
 
 def draws(idata):
@@ -46,7 +48,9 @@ def assert_gaussian_moments(idata, target, bias=0.0):
     for i in range(d):
         assert_mean_within_mc_error(x[..., i], mean[i], bias=bias)
         for j in range(i, d):
-            assert_mean_within_mc_error((x[..., i] - mean[i]) * (x[..., j] - mean[j]), cov[i, j], bias=bias)
+            assert_mean_within_mc_error(
+                (x[..., i] - mean[i]) * (x[..., j] - mean[j]), cov[i, j], bias=bias
+            )
 
 
 @pytest.mark.parametrize(
@@ -95,7 +99,9 @@ def test_sgld_stochastic_energy(preconditioned):
     post_mean = post_var * y.sum().item()
     # RMSprop divides by the gradient's scale (~ n / sqrt(batch) here), so its step is larger
     step_size = 2e-2 if preconditioned else 1e-4
-    kernel = mcmc.SGLD(energy, step_size=step_size, decay=0.55, decay_steps=100, preconditioned=preconditioned)
+    kernel = mcmc.SGLD(
+        energy, step_size=step_size, decay=0.55, decay_steps=100, preconditioned=preconditioned
+    )
     x = draws(run(kernel, torch.zeros(64, 1), num_samples=300, warmup_steps=300))[..., 0]
     assert abs(x.mean() - post_mean) < 0.2 * math.sqrt(post_var) + 4 * x.std() / math.sqrt(64)
     assert 0.3 < x.var() / post_var < 3  # mini-batch noise inflates it somewhat; the order is right
@@ -107,7 +113,9 @@ def _mixture_cdf(target, t):
 
 
 @pytest.mark.parametrize(
-    "make", [lambda t: mcmc.MH(t), lambda t: mcmc.HMC(t, step_size=0.3, num_steps=10)], ids=["mh", "hmc"]
+    "make",
+    [lambda t: mcmc.MH(t), lambda t: mcmc.HMC(t, step_size=0.3, num_steps=10)],
+    ids=["mh", "hmc"],
 )
 def test_bimodal_mixture_ks(make):
     target = energies.Mixture([[-2.0], [2.0]], scales=1.0, weights=[0.3, 0.7])
@@ -144,7 +152,11 @@ def test_gibbs_ising_exact_enumeration():
 def test_gibbs_user_conditionals_rbm_block_gibbs():
     """A tiny RBM (3 visible, 2 hidden binary units): block Gibbs against enumeration."""
     g = torch.Generator().manual_seed(0)
-    w, b, c = torch.randn(3, 2, generator=g), torch.randn(3, generator=g), torch.randn(2, generator=g)
+    w, b, c = (
+        torch.randn(3, 2, generator=g),
+        torch.randn(3, generator=g),
+        torch.randn(2, generator=g),
+    )
 
     def energy(s):
         v, h = s[..., :3], s[..., 3:]
@@ -197,8 +209,16 @@ def test_flow_independence_refit_improves_acceptance():
     flow = build_flow("realnvp", 2, num_layers=4, hidden_dims=(32,))
     kernel = mcmc.MH(target, proposal=flow, refit_every=10, refit_steps=30, refit_lr=1e-2)
     idata = run(kernel, torch.randn(256, 2), num_samples=50, warmup_steps=60)
-    before = run(mcmc.MH(target, proposal=build_flow("realnvp", 2, num_layers=4, hidden_dims=(32,))), torch.randn(256, 2), num_samples=50, warmup_steps=0)
-    assert idata.sample_stats["acceptance_rate"].values.mean() > before.sample_stats["acceptance_rate"].values.mean() + 0.1
+    before = run(
+        mcmc.MH(target, proposal=build_flow("realnvp", 2, num_layers=4, hidden_dims=(32,))),
+        torch.randn(256, 2),
+        num_samples=50,
+        warmup_steps=0,
+    )
+    assert (
+        idata.sample_stats["acceptance_rate"].values.mean()
+        > before.sample_stats["acceptance_rate"].values.mean() + 0.1
+    )
 
 
 def test_rhat_close_to_one():
@@ -216,13 +236,27 @@ def test_driver_shapes_thinning_and_stats():
     for name in mcmc.driver.STATS:
         assert idata.sample_stats[name].shape == (8, 10)
     assert idata.attrs["num_energy_evals"] == idata.attrs["num_energy_calls"] * 8
-    assert np.allclose(idata.sample_stats["lp"].values, -GAUSS.energy(torch.as_tensor(draws(idata))).numpy(), atol=1e-5)
+    assert np.allclose(
+        idata.sample_stats["lp"].values,
+        -GAUSS.energy(torch.as_tensor(draws(idata))).numpy(),
+        atol=1e-5,
+    )
 
 
-@pytest.mark.parametrize("make", [lambda t: mcmc.HMC(t), lambda t: mcmc.MH(t), lambda t: mcmc.SGLD(t), lambda t: mcmc.Gibbs(t)], ids=["hmc", "mh", "sgld", "gibbs"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda t: mcmc.HMC(t), lambda t: mcmc.MH(t), lambda t: mcmc.SGLD(t), lambda t: mcmc.Gibbs(t)],
+    ids=["hmc", "mh", "sgld", "gibbs"],
+)
 def test_runs_under_pyro_mcmc_and_arviz(make):
     kernel = make(GAUSS)
-    m = MCMC(kernel, num_samples=30, warmup_steps=20, initial_params={"x": torch.randn(16, 3)}, disable_progbar=True)
+    m = MCMC(
+        kernel,
+        num_samples=30,
+        warmup_steps=20,
+        initial_params={"x": torch.randn(16, 3)},
+        disable_progbar=True,
+    )
     m.run()
     assert m.get_samples()["x"].shape == (30, 16, 3)  # (draw, pyroflows chain, *event)
     assert "acceptance rate" in m.diagnostics()
@@ -239,7 +273,12 @@ def _walled(x):
 
 @pytest.mark.parametrize(
     "make",
-    [lambda e: mcmc.HMC(e, num_steps=5), lambda e: mcmc.MH(e), lambda e: mcmc.SGLD(e, step_size=0.1), lambda e: mcmc.Gibbs(e)],
+    [
+        lambda e: mcmc.HMC(e, num_steps=5),
+        lambda e: mcmc.MH(e),
+        lambda e: mcmc.SGLD(e, step_size=0.1),
+        lambda e: mcmc.Gibbs(e),
+    ],
     ids=["hmc", "mh", "sgld", "gibbs"],
 )
 def test_nan_energy_rejected_and_counted(make):
@@ -330,9 +369,17 @@ def test_state_untouched_by_a_failed_call():
         (lambda t: mcmc.HMC(t, num_steps=3), GAUSS, lambda: torch.randn(8, 3)),
         (lambda t: mcmc.SGLD(t, preconditioned=True), GAUSS, lambda: torch.randn(8, 3)),
         (lambda t: mcmc.MH(t), GAUSS, lambda: torch.randn(8, 3)),
-        (lambda t: mcmc.MH(t, proposal=build_flow("realnvp", 3, num_layers=2)), GAUSS, lambda: torch.randn(8, 3)),
+        (
+            lambda t: mcmc.MH(t, proposal=build_flow("realnvp", 3, num_layers=2)),
+            GAUSS,
+            lambda: torch.randn(8, 3),
+        ),
         (lambda t: mcmc.Gibbs(t), GAUSS, lambda: torch.randn(8, 3)),
-        (lambda t: mcmc.Gibbs(t, support=SPINS), energies.get("ising"), lambda: -torch.ones(8, 3, 3)),
+        (
+            lambda t: mcmc.Gibbs(t, support=SPINS),
+            energies.get("ising"),
+            lambda: -torch.ones(8, 3, 3),
+        ),
     ],
     ids=["hmc", "sgld", "mh", "mh-flow", "mwg", "gibbs"],
 )
@@ -344,11 +391,29 @@ def test_default_device_trap(make, target, init):
 
 
 # -- command line --------------------------------------------------------------------------
-@pytest.mark.parametrize("target, kernel", [("u2", "hmc"), ("banana", "mh"), ("ising", "gibbs"), ("funnel", "sgld")])
+@pytest.mark.parametrize(
+    "target, kernel", [("u2", "hmc"), ("banana", "mh"), ("ising", "gibbs"), ("funnel", "sgld")]
+)
 def test_cli_sample(tmp_path, capsys, target, kernel):
     from pyroflows.cli import main
 
-    argv = ["sample", "--target", target, "--kernel", kernel, "--steps", "30", "--warmup", "20", "--chains", "8", "--quiet", "--json", "--out", str(tmp_path)]
+    argv = [
+        "sample",
+        "--target",
+        target,
+        "--kernel",
+        kernel,
+        "--steps",
+        "30",
+        "--warmup",
+        "20",
+        "--chains",
+        "8",
+        "--quiet",
+        "--json",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["min_ess"] > 0 and (tmp_path / f"sample-{target}-{kernel}.png").exists()

@@ -10,7 +10,9 @@ from pyroflows._optional import require
 NUM_LEVELS = 17  # pixel values 0..16
 
 
-def digits(*, binarize: bool = False, test_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def digits(
+    *, binarize: bool = False, test_fraction: float = 0.2, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The digits as ``(train, test)`` float32 tensors of shape ``(n, 1, 8, 8)``.
 
     Args:

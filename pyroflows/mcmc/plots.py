@@ -10,7 +10,14 @@ import torch
 from matplotlib.figure import Figure
 
 
-def plot_chains(idata: az.InferenceData, path: str | Path, energy=None, max_points: int = 20_000, num_traces: int = 4, title: str | None = None) -> Path:
+def plot_chains(
+    idata: az.InferenceData,
+    path: str | Path,
+    energy=None,
+    max_points: int = 20_000,
+    num_traces: int = 4,
+    title: str | None = None,
+) -> Path:
     """Samples (over the target's density contours when ``energy`` is given and the event is 2-D)
     and traces of the first coordinate of a few chains, under ``title`` (e.g. the target and
     kernel). Returns the PNG path."""
@@ -25,11 +32,16 @@ def plot_chains(idata: az.InferenceData, path: str | Path, energy=None, max_poin
         pad = 0.1 * (hi - lo)
         lo, hi = lo - pad, hi + pad
         if energy is not None and points.shape[1] == 2:
-            xs, ys = (torch.linspace(float(lo[i]), float(hi[i]), 200, dtype=torch.float64, device="cpu") for i in range(2))
+            xs, ys = (
+                torch.linspace(float(lo[i]), float(hi[i]), 200, dtype=torch.float64, device="cpu")
+                for i in range(2)
+            )
             grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1)
             with torch.no_grad():
                 dens = torch.exp(-energy(grid.to(torch.float32)).double())
-            ax.contour(xs.numpy(), ys.numpy(), dens.numpy(), levels=8, cmap="viridis", linewidths=0.8)
+            ax.contour(
+                xs.numpy(), ys.numpy(), dens.numpy(), levels=8, cmap="viridis", linewidths=0.8
+            )
         ax.scatter(points[:, 0], points[:, 1], s=1, alpha=0.15, color="C3", rasterized=True)
         ax.set(xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), xlabel="$x_1$", ylabel="$x_2$")
     else:

@@ -5,14 +5,16 @@ Generative model and guide, for data $x \in \mathbb R^{D}$ and latents $z \in \m
 $$
 p(z) = \mathcal N(0, I_d), \quad p_\theta(x \mid z) = \text{Bernoulli}(\sigma(g_\theta(z)))
 \ \text{or}\ \mathcal N(\mu_\theta(z), \sigma_\theta(z)^2), \qquad
-q_\phi(z \mid x):\ z = T_{h}\bigl(\mu_\phi(x) + \sigma_\phi(x) \odot \varepsilon\bigr),\ \varepsilon \sim \mathcal N(0, I),
+q_\phi(z \mid x):\ z = T_{h}\bigl(\mu_\phi(x) + \sigma_\phi(x) \odot \varepsilon\bigr),
+\ \varepsilon \sim \mathcal N(0, I),
 $$
 
 where the encoder outputs $(\mu_\phi, \sigma_\phi, h)$ and $T_h$ is a flow conditioned on the
 context $h$ (the identity for ``posterior="gaussian"``). With an IAF this is Kingma et al.
 (2016); with planar layers it is the amortised planar flow of Rezende & Mohamed (2015). The
 posterior's density comes from the sampling pass, with no inversion:
-$\log q(z \mid x) = \log\mathcal N(\varepsilon) - \sum_i \log\sigma_{\phi,i}(x) - \log|\det \partial T_h|$.
+$\log q(z \mid x) = \log\mathcal N(\varepsilon) - \sum_i \log\sigma_{\phi,i}(x)
+- \log|\det \partial T_h|$.
 
 Bounds on $\log p(x)$ from $K$ posterior draws
 ([`pyroflows.infer.importance`][pyroflows.infer.importance]):
@@ -110,11 +112,18 @@ class VAE(PyroModule):
             self.context_dim, self.flow = 0, None
         else:
             if not isinstance(posterior, str) or posterior not in available_flows():
-                raise ValueError(f"posterior must be 'gaussian' or a flow family ({', '.join(available_flows())}), got {posterior!r}")
+                raise ValueError(
+                    "posterior must be 'gaussian' or a flow family "
+                    f"({', '.join(available_flows())}), got {posterior!r}"
+                )
             self.context_dim = _positive_int(context_dim or hidden[-1], "context_dim")
             self.flow = build_flow(
-                posterior, self.z_dim, num_layers=num_flows, hidden_dims=flow_hidden_dims,
-                context_dim=self.context_dim, **flow_options,
+                posterior,
+                self.z_dim,
+                num_layers=num_flows,
+                hidden_dims=flow_hidden_dims,
+                context_dim=self.context_dim,
+                **flow_options,
             )
         heads = [self.z_dim, self.z_dim] + ([self.context_dim] if self.context_dim else [])
         self.encoder = DenseConditioner(self.x_dim, heads, hidden, zero_init=False)
@@ -125,15 +134,26 @@ class VAE(PyroModule):
     def _check_x(self, x: torch.Tensor) -> torch.Tensor:
         ref = self.decoder.net.layers[0].weight
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+            raise TypeError(
+                "x must be a floating-point torch.Tensor, "
+                f"got {getattr(x, 'dtype', type(x).__name__)}"
+            )
         if x.dim() != 2 or x.shape[1] != self.x_dim:
-            raise ValueError(f"x must have shape (batch, {self.x_dim}) (flatten images first), got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape (batch, {self.x_dim}) (flatten images first), "
+                f"got {tuple(x.shape)}"
+            )
         if x.dtype != ref.dtype or x.device != ref.device:
-            raise TypeError(f"x must be {ref.dtype} on {ref.device} like the VAE, got {x.dtype} on {x.device}")
+            raise TypeError(
+                f"x must be {ref.dtype} on {ref.device} like the VAE, got {x.dtype} on {x.device}"
+            )
         if not torch.isfinite(x).all():
             raise ValueError("x contains NaN or inf")
         if self.likelihood == "bernoulli" and not ((x == 0) | (x == 1)).all():
-            raise ValueError("x must be binary (0/1) for likelihood='bernoulli'; use likelihood='normal' for real data")
+            raise ValueError(
+                "x must be binary (0/1) for likelihood='bernoulli'; "
+                "use likelihood='normal' for real data"
+            )
         return x
 
     # -- the distributions ---------------------------------------------------------------
@@ -193,7 +213,9 @@ class VAE(PyroModule):
         return self._log_weights(self._check_x(x), 1)[0]
 
     @torch.no_grad()
-    def log_likelihood(self, x: torch.Tensor, num_samples: int = 1000, chunk_size: int = 100) -> torch.Tensor:
+    def log_likelihood(
+        self, x: torch.Tensor, num_samples: int = 1000, chunk_size: int = 100
+    ) -> torch.Tensor:
         """The importance-sampled estimate $\\log \\frac1K \\sum_k p(x, z_k) / q(z_k \\mid x)$
         of $\\log p(x)$ for each row of ``x`` (the IWAE bound, $\\ge$ the ELBO in expectation).
 
@@ -208,7 +230,9 @@ class VAE(PyroModule):
         _positive_int(num_samples, "num_samples")
         _positive_int(chunk_size, "chunk_size")
         x = self._check_x(x)
-        sizes = [min(chunk_size, num_samples - start) for start in range(0, num_samples, chunk_size)]
+        sizes = [
+            min(chunk_size, num_samples - start) for start in range(0, num_samples, chunk_size)
+        ]
         # logsumexp of each chunk, then of the chunks: exact, with memory bounded by a chunk
         partial = torch.stack([torch.logsumexp(self._log_weights(x, k), 0) for k in sizes])
         return torch.logsumexp(partial, 0) - math.log(num_samples)
@@ -235,4 +259,7 @@ class VAE(PyroModule):
         return self.likelihood_dist(z).mean
 
     def extra_repr(self) -> str:
-        return f"x_dim={self.x_dim}, z_dim={self.z_dim}, likelihood={self.likelihood!r}, posterior={self.posterior!r}"
+        return (
+            f"x_dim={self.x_dim}, z_dim={self.z_dim}, "
+            f"likelihood={self.likelihood!r}, posterior={self.posterior!r}"
+        )
