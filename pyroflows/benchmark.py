@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pyroflows.validation import check_int
+
 OPS = ("log_prob", "sample", "train_step", "floor")
 FAMILIES = ("maf", "iaf", "realnvp", "nsf", "nsf_ar")
 COUPLINGS = ("realnvp", "nsf")
@@ -315,10 +317,11 @@ def run_benchmark(
         ("batch", batch),
         ("rounds", rounds),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d < 2 for d in dims):
-        raise ValueError(f"dims must be ints >= 2, got {list(dims)}")
+        check_int(value, name)
+    if not dims:
+        raise ValueError("dims must be a non-empty list of ints >= 2, got []")
+    for d in dims:
+        check_int(d, "dims", minimum=2)
     if "pyroflows" not in libraries:
         raise ValueError("libraries must include pyroflows (the ratios are relative to it)")
     torch.manual_seed(seed)

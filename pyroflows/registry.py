@@ -145,10 +145,6 @@ def normalize_hidden(hidden_dims: int | Sequence[int]) -> tuple[int, ...]:
     return tuple(check_int(h, "hidden_dims") for h in dims)
 
 
-# Transitional: modules that still import the old private name get the public check.
-_positive_int = check_int
-
-
 def build_flow(
     name: str,
     shape: int | Sequence[int],

@@ -47,12 +47,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyroflows.flow import Flow
+from pyroflows.validation import check_int
 
 
 def _check_num_levels(num_levels: Any) -> int:
-    if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2:
-        raise ValueError(f"num_levels must be an int >= 2, got {num_levels!r}")
-    return num_levels
+    return check_int(num_levels, "num_levels", minimum=2)
 
 
 def check_levels(x: torch.Tensor, num_levels: int, name: str = "x") -> None:
@@ -267,8 +266,7 @@ def bits_per_dim(
         Bits per dimension of each point, shape ``(n,)`` (``.mean()`` is the usual number).
     """
     num_levels = _check_num_levels(num_levels)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    check_int(num_samples, "num_samples")
     if isinstance(flow, DequantizedFlow):
         if flow.num_levels != num_levels:
             raise ValueError(

@@ -53,7 +53,8 @@ from torch.distributions import Transform
 
 from pyroflows.guides.posterior import FlowPosterior
 from pyroflows.nn.dense import DenseConditioner
-from pyroflows.registry import _positive_int, available_flows, build_flow, normalize_hidden
+from pyroflows.registry import available_flows, build_flow, normalize_hidden
+from pyroflows.validation import check_int
 
 LIKELIHOODS = ("bernoulli", "normal")
 MIN_SCALE = 1e-3  # floor of the decoder's Normal scale: keeps the density bounded
@@ -99,8 +100,8 @@ class VAE(PyroModule):
         **flow_options: Any,
     ) -> None:
         super().__init__(name)
-        self.x_dim = _positive_int(x_dim, "x_dim")
-        self.z_dim = _positive_int(z_dim, "z_dim")
+        self.x_dim = check_int(x_dim, "x_dim")
+        self.z_dim = check_int(z_dim, "z_dim")
         hidden = normalize_hidden(hidden_dims)
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
@@ -116,7 +117,7 @@ class VAE(PyroModule):
                     "posterior must be 'gaussian' or a flow family "
                     f"({', '.join(available_flows())}), got {posterior!r}"
                 )
-            self.context_dim = _positive_int(context_dim or hidden[-1], "context_dim")
+            self.context_dim = check_int(context_dim or hidden[-1], "context_dim")
             self.flow = build_flow(
                 posterior,
                 self.z_dim,
@@ -227,8 +228,8 @@ class VAE(PyroModule):
         Returns:
             Tensor of shape ``(batch,)``.
         """
-        _positive_int(num_samples, "num_samples")
-        _positive_int(chunk_size, "chunk_size")
+        check_int(num_samples, "num_samples")
+        check_int(chunk_size, "chunk_size")
         x = self._check_x(x)
         sizes = [
             min(chunk_size, num_samples - start) for start in range(0, num_samples, chunk_size)
@@ -252,7 +253,7 @@ class VAE(PyroModule):
     def sample(self, num_samples: int, mean: bool = True) -> torch.Tensor:
         """``num_samples`` draws from the model, ``(num_samples, x_dim)``: the decoder's mean at
         $z \\sim p(z)$ (``mean=True``), or $x \\sim p(x \\mid z)$."""
-        z = self.prior().sample((_positive_int(num_samples, "num_samples"),))
+        z = self.prior().sample((check_int(num_samples, "num_samples"),))
         return self._mean(z) if mean else self.likelihood_dist(z).sample()
 
     def _mean(self, z: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyroflows.validation import check_int
+
 Elementwise = Callable[[torch.Tensor, tuple[torch.Tensor, ...]], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -94,8 +96,7 @@ class MADE(nn.Module):
         zero_init: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1:
-            raise ValueError(f"input_dim must be a positive int, got {input_dim!r}")
+        check_int(input_dim, "input_dim")
         hidden_dims = [int(h) for h in hidden_dims]
         if not hidden_dims:
             raise ValueError("hidden_dims must not be empty")
