@@ -122,3 +122,39 @@ def test_chees_with_few_chains_still_converges():
     length = float(kernel.params.step_size) * kernel.params.num_steps
     assert length > 1.0
     assert float(az.rhat(idata)["x"].max()) < 1.05
+
+
+def test_per_chain_phase_brings_far_chains_in():
+    """Chains started 1e3 sds away from a tight Gaussian (sd 1e-3) with most started near it:
+    each chain's own step size in the first phase brings every one to the posterior, and the
+    moments come out right (a shared step size would be pinned by the far chains)."""
+    target = energies.Gaussian(torch.zeros(3), 1e-6 * torch.eye(3))
+    init = 1e-3 * torch.randn(32, 3, generator=torch.Generator().manual_seed(0))
+    init[:4] += 1.0
+    kernel = mcmc.HMC(target)
+    idata = mcmc.sample(kernel, init, 200, warmup_steps=400, progress=False, seed=0)
+    x = idata.posterior["x"].values
+    assert np.abs(x.mean((0, 1))).max() < 2e-4
+    np.testing.assert_allclose(x.std((0, 1)), 1e-3, rtol=0.1)
+    assert float(az.rhat(idata)["x"].max()) < 1.05
+
+
+def test_robust_variance_ignores_outlying_chains():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 2, generator=g, dtype=torch.float64) * torch.tensor([1.0, 3.0]).double()
+    x[:20] += 1e6
+    var = mcmc.adapt.robust_variance(x, torch.ones(2, dtype=torch.float64))
+    np.testing.assert_allclose(var.numpy(), [1.0, 9.0], rtol=0.25)
+
+
+def test_restart_stragglers_moves_only_far_chains():
+    target = energies.Gaussian(torch.zeros(2), torch.eye(2))
+    position = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    position[:3] = 50.0
+    state = mcmc.core.hmc_init(position, mcmc.core.EnergyFunction(target, 1))
+    new = mcmc.core.restart_stragglers(state, torch.Generator().manual_seed(1))
+    assert new.position[:3].abs().max() < 5
+    torch.testing.assert_close(new.position[3:], position[3:])
+    rows = (new.position[:3, None] == position[None, 3:]).all(-1).any(-1)
+    assert bool(rows.all())  # copies of other chains
+    torch.testing.assert_close(new.energy, target(new.position))

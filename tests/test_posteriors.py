@@ -23,17 +23,7 @@ needs_db = pytest.mark.skipif(
     [
         ("eight_schools_noncentered", 64, 200, 400),
         ("garch11", 32, 200, 400),
-        pytest.param(
-            "blr", 64, 150, 400,
-            marks=[
-                pytest.mark.slow,  # a known failure should not cost the default suite time
-                pytest.mark.xfail(
-                    reason="known gap: from Stan's uniform(-2, 2) starts the default warm-up does "
-                    "not reach blr's tight (sd 1e-3) posterior (benchmarks/posteriors.py)",
-                    strict=False,
-                ),
-            ],
-        ),
+        ("blr", 64, 150, 400),
     ],
 )
 def test_default_sampler_matches_reference(name, num_chains, num_samples, warmup_steps):

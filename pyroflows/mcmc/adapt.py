@@ -38,7 +38,15 @@ as in TFP's implementation), clipped to $\pm 0.35$ in $\log T$, and $T$ stays wi
 ``max_steps`` leapfrog steps. The step size follows dual averaging on the **harmonic mean** of the
 acceptance probabilities (a few chains stuck at low acceptance pull it down, unlike the
 arithmetic mean), and the diagonal mass matrix comes from the chains' pooled variance in the same
-windows as above; at each new mass matrix only dual averaging restarts. After warm-up, $T$ is
+windows as above; at each new mass matrix only dual averaging restarts. A **per-chain phase**
+precedes all this (the first ``initial_fraction`` of a warm-up of 100 steps or more): fixed
+trajectories of ``initial_num_steps`` leapfrog steps, each chain with its own step size from
+dual averaging on its own acceptance, so that chains far from the posterior, whose energies
+are orders of magnitude larger, neither pin a shared step size nor dominate a pooled variance.
+At its end the mass matrix is the chains' squared median absolute deviation
+([`robust_variance`][pyroflows.mcmc.adapt.robust_variance]), the shared step starts from the
+median per-chain step, $T$ from ``initial_num_steps`` such steps, and the variance windows
+follow in the remaining steps. After warm-up, $T$ is
 the moving average of $\log T$ with weights $t^{-1/2}$ and $\epsilon$ the dual-averaging
 average.
 
@@ -150,6 +158,15 @@ def welford_variance(state: WelfordState, regularize: bool = True) -> torch.Tens
     return (n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))
 
 
+def robust_variance(position: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """Per coordinate, the squared normal-consistent median absolute deviation of the chains'
+    positions ``(C, *event)``: a spread that the chains still far from the rest cannot inflate;
+    ``fallback`` where it is zero or not finite."""
+    mad = (position - position.median(0).values).abs().median(0).values
+    var = (1.4826 * mad) ** 2
+    return torch.where(torch.isfinite(var) & (var > 0), var, fallback)
+
+
 # -- step size and variance in windows --------------------------------------------------------
 class WindowState(NamedTuple):
     """Step size (or per-coordinate scales), diagonal variance, dual averaging, the current
@@ -249,6 +266,8 @@ class ChEESAdaptation:
         max_steps: the most leapfrog steps one trajectory may take.
         adapt_mass_matrix: tune the diagonal mass matrix in windows.
         decay: the moving average's weights are $t^{-\\text{decay}}$.
+        initial_num_steps: the leapfrog steps of the per-chain phase's trajectories (and the
+            trajectory length ChEES starts from, in step sizes).
     """
 
     #: RMSProp's decay of the squared gradient, and the largest change of $\log T$ per step
@@ -257,6 +276,9 @@ class ChEESAdaptation:
     moment_decay = 0.9
     #: the objective is log ChEES - cost_exponent * log(hT) (1: ChEES per gradient; see the docs)
     cost_exponent = 0.5
+    #: the share of warm-up in which every chain tunes its own step size on fixed-length
+    #: trajectories, aiming at ``initial_accept_prob``
+    initial_fraction, initial_accept_prob = 0.2, 0.8
 
     def __init__(
         self,
@@ -266,23 +288,38 @@ class ChEESAdaptation:
         max_steps: int,
         adapt_mass_matrix: bool,
         decay: float = 0.5,
+        initial_num_steps: int = 10,
     ) -> None:
         self.warmup_steps, self.target_accept_prob = warmup_steps, target_accept_prob
+        self.initial_num_steps = initial_num_steps
         self.learning_rate, self.max_steps, self.decay = learning_rate, max_steps, decay
         self.shrink_to = SHRINK_TO
-        self.first_start, ends = window_ends(warmup_steps) if adapt_mass_matrix else (0, [])
+        # the per-chain phase: too short a warm-up (or none to adapt) has none
+        self.initial_steps = int(self.initial_fraction * warmup_steps) if warmup_steps >= 100 else 0
+        self.adapt_mass_matrix = adapt_mass_matrix
+        rest = warmup_steps - self.initial_steps
+        first, ends = window_ends(rest) if adapt_mass_matrix else (0, [])
+        self.first_start = first + self.initial_steps
+        ends = [self.initial_steps + end for end in ends]
         self.ends, self.last_end = frozenset(ends), max(ends, default=0)
 
-    def init(self, step_size: torch.Tensor, variance: torch.Tensor) -> ChEESState:
-        """Start with one leapfrog step's trajectory, $T = \\epsilon$."""
+    def init(self, step_size: torch.Tensor, variance: torch.Tensor, num_chains: int) -> ChEESState:
+        """Start with one leapfrog step's trajectory, $T = \\epsilon$, and (with a per-chain
+        phase) one step size per chain."""
         log_t = step_size.log()
-        dual = dual_averaging_init(step_size, self.shrink_to)
+        start = step_size.expand(num_chains).clone() if self.initial_steps else step_size
+        dual = dual_averaging_init(start, self.shrink_to)
         zero = torch.zeros_like(log_t)
         moments = torch.zeros((2,), dtype=log_t.dtype, device=log_t.device)
         return ChEESState(dual, log_t, log_t, zero, moments, variance, EMPTY_WELFORD, 0)
 
+    def in_initial_phase(self, state: ChEESState) -> bool:
+        """Whether the next transition belongs to the per-chain phase."""
+        return state.t < self.initial_steps
+
     def step_size(self, state: ChEESState, final: bool = False) -> torch.Tensor:
-        """$\\epsilon$: the dual-averaging iterate during warm-up, its average at the end."""
+        """$\\epsilon$: the dual-averaging iterate during warm-up (``(C,)`` in the per-chain
+        phase), its average at the end."""
         return (state.dual.log_avg if final else state.dual.log_step).exp()
 
     def trajectory_length(self, state: ChEESState, final: bool = False) -> torch.Tensor:
@@ -318,6 +355,8 @@ class ChEESAdaptation:
         """
         t = state.t + 1
         ok = ~diverging & torch.isfinite(proposal.flatten(1)).all(1)
+        if t <= self.initial_steps:
+            return self._initial_update(state, initial, accept_prob, ok, t)
         # harmonic mean of the acceptance probabilities over the non-divergent chains
         inverse = torch.where(ok, 1 / accept_prob.clamp_min(1e-20), 0.0)
         harmonic = torch.nan_to_num(ok.sum() / inverse.sum(), nan=0.0)
@@ -346,6 +385,36 @@ class ChEESAdaptation:
         if ended:
             variance, welford = welford_variance(welford), EMPTY_WELFORD
         new = ChEESState(dual, log_t, log_t_avg, mean_square, moments, variance, welford, t)
+        return new, ended
+
+    def _initial_update(
+        self,
+        state: ChEESState,
+        position: torch.Tensor,
+        accept_prob: torch.Tensor,
+        ok: torch.Tensor,
+        t: int,
+    ) -> tuple[ChEESState, bool]:
+        """A per-chain phase step: dual averaging on each chain's own acceptance, so chains far
+        out (where a step small enough for them would stall the rest) do not set everyone's
+        step. At its end the robust spread of the chains becomes the mass matrix and the shared
+        step size the median of the chains' ones (the caller then searches from it)."""
+        target = self.initial_accept_prob - torch.where(ok, accept_prob, 0.0)
+        dual = dual_averaging_update(state.dual, target)
+        ended = t == self.initial_steps
+        new = state._replace(dual=dual, t=t)
+        if ended:
+            variance = state.variance
+            if self.adapt_mass_matrix:
+                variance = robust_variance(position, state.variance)
+            log_step = dual.log_step.median()
+            log_t = log_step + math.log(self.initial_num_steps)
+            new = new._replace(
+                dual=dual_averaging_init(log_step.exp(), self.shrink_to),
+                variance=variance,
+                log_trajectory=log_t,
+                log_trajectory_avg=log_t,
+            )
         return new, ended
 
     def _moments(

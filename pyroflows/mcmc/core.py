@@ -231,6 +231,31 @@ def hmc_init(position: torch.Tensor, energy: EnergyFunction) -> HMCState:
     return HMCState(position, u, grad, 0)
 
 
+def restart_stragglers(
+    state: HMCState, generator: torch.Generator, threshold: float = 10.0
+) -> HMCState:
+    """Move the chains whose energy lies far above the others' onto the positions of randomly
+    drawn other chains (a warm-up move: chains stuck in a distant or degenerate region, such as
+    a mixture whose components coincide, would otherwise stay there).
+
+    A chain straggles when $U > \\mathrm{median}(U) + k\\,s$ with $s$ the larger of the
+    energies' normal-consistent median absolute deviation and $\\sqrt{d/2}$ (the standard
+    deviation of $U$ on a $d$-dimensional Gaussian), $k$ = ``threshold``.
+    """
+    u = state.energy
+    finite = torch.isfinite(u)
+    dim = state.position[0].numel()
+    median = u[finite].median() if bool(finite.any()) else u.new_tensor(0.0)
+    spread = torch.clamp_min(1.4826 * (u[finite] - median).abs().median(), (dim / 2) ** 0.5)
+    straggling = ~finite | (u > median + threshold * spread)
+    keep = (~straggling).nonzero().flatten()
+    if keep.numel() == 0 or not bool(straggling.any()):
+        return state
+    draw = torch.randint(keep.numel(), u.shape, generator=generator, device=u.device)
+    source = torch.where(straggling, keep[draw], torch.arange(u.shape[0], device=u.device))
+    return HMCState(state.position[source], u[source], state.grad[source], state.iteration)
+
+
 def leapfrog(
     energy: EnergyFunction,
     x: torch.Tensor,

@@ -22,7 +22,12 @@ flagged divergent and rejected.
   $h_t$ from a Halton sequence in $(0, 1)$ (jittered lengths, no periodicity, the same for all
   chains so they stay one batched call), $\epsilon$ follows dual averaging on the harmonic mean
   of the acceptance probabilities, and $M^{-1}$ is the chains' pooled variance in Stan-style
-  windows. The trajectories stay jittered after warm-up.
+  windows. The trajectories stay jittered after warm-up. A per-chain phase comes first (the
+  first 20% of a warm-up of 100 steps or more): fixed 10-step trajectories with one step size
+  per chain, each tuned on its own acceptance, so chains started far out do not pin a shared
+  step; at its end chains whose energy is far above the rest restart from other chains'
+  positions (`pyroflows.mcmc.core.restart_stragglers`), the mass matrix is the chains' robust
+  spread, and the shared $\epsilon$ starts from the median per-chain one.
 - ``"fixed"``: $L$ = ``num_steps`` (default 10), $\epsilon$ by dual averaging of the mean
   acceptance probability, $M^{-1}$ in the same windows.
 
@@ -69,6 +74,7 @@ from pyroflows.mcmc.core import (
     leapfrog,
     log_accept_prob,
     randn_like,
+    restart_stragglers,
 )
 from pyroflows.validation import (
     check_choice,
@@ -195,6 +201,8 @@ class HMC(BatchedKernel):
         fraction = halton(state.iteration + 1) if params.jittered else 1.0
         num_steps = max(1, min(self.max_steps, math.ceil(fraction * params.num_steps - 1e-9)))
         step_size = params.step_size
+        if step_size.dim() == 1:  # one per chain
+            step_size = step_size.reshape((-1,) + (1,) * (state.position.dim() - 1))
         if self.jitter:
             u = torch.rand(
                 state.energy.shape,
@@ -227,8 +235,9 @@ class HMC(BatchedKernel):
                 self.learning_rate,
                 self.max_steps,
                 self.adapt_mass_matrix,
+                initial_num_steps=self.num_steps or 10,
             )
-            adapt_state = adapter.init(step, params.inverse_mass)
+            adapt_state = adapter.init(step, params.inverse_mass, state.position.shape[0])
             if self.num_steps is not None:
                 adapt_state = adapt_state._replace(
                     log_trajectory=(step * self.num_steps).log(),
@@ -266,6 +275,8 @@ class HMC(BatchedKernel):
         else:
             state, ended = adapter.update(warmup.state, after.position, info.accept_prob)
             step = state.step_size
+        if isinstance(adapter, ChEESAdaptation) and state.t == adapter.initial_steps:
+            after = restart_stragglers(after, generator)
         if ended and self.adapt_step_size:
             state = adapter.restart(
                 state, self._find_step_size(after, generator, step, state.variance)
@@ -277,6 +288,8 @@ class HMC(BatchedKernel):
         adapter, state = warmup.adapter, warmup.state
         if isinstance(adapter, ChEESAdaptation):
             step = adapter.step_size(state, final)
+            if adapter.in_initial_phase(state):  # per-chain steps, fixed length
+                return HMCParams(step, state.variance, float(adapter.initial_num_steps), False)
             steps = float(adapter.trajectory_length(state, final) / step)  # one scalar read-back
             return HMCParams(step, state.variance, steps, True)
         step = state.step_size
