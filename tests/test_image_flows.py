@@ -1,22 +1,25 @@
 """Image flows: squeeze / factor-out, multi-scale RealNVP, Glow (ActNorm, LU 1x1 conv), MintNet.
 
 The conformance suite already checks every registered family (round trips, log-dets against
-autograd Jacobians, the device trap) on (1, 4, 4) and (2, 4, 4); these tests check the parts and
-the properties specific to each architecture."""
+autograd Jacobians, the device trap) on (1, 4, 4) and (2, 4, 4) with default options; these tests
+check the parts and the properties specific to each architecture, and run the same checks on the
+spline and additive coupling options of RealNVP and Glow."""
 
 import io
 import json
 
 import pytest
 import torch
-from conftest import default_device_trap
+from conftest import default_device_trap, small_flow
 
 import pyroflows
 from pyroflows.transforms.actnorm import ActNorm
 from pyroflows.transforms.coupling import Coupling
+from pyroflows.transforms.elementwise import Additive, Affine
 from pyroflows.transforms.glow import InvertibleConv1x1
 from pyroflows.transforms.mintnet import MaskedInvertibleConv
 from pyroflows.transforms.multiscale import FactorOut, Squeeze, squeeze, unsqueeze
+from pyroflows.transforms.spline import RationalQuadraticSpline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -205,6 +208,113 @@ def test_glow_bad_shapes():
     assert torch.equal(flow.log_prob(good), before)  # nothing corrupted, ActNorm not re-initialised
 
 
+# -- coupling="spline" | "additive" in the multi-scale architectures ----------------------------
+# bound=2: standard-normal inputs hit both the spline and its identity tails
+MAP_CASES = [
+    (name, shape, options)
+    for name in ("realnvp", "glow")
+    for shape in ((1, 4, 4), (2, 4, 4))
+    for options in (dict(coupling="spline", bins=4, bound=2.0), dict(coupling="additive"))
+]
+MAP_IDS = [f"{n}-{s}-{o['coupling']}" for n, s, o in MAP_CASES]
+
+
+@pytest.mark.parametrize("name,shape,options", MAP_CASES, ids=MAP_IDS)
+def test_coupling_option_round_trip_and_log_det(name, shape, options, device):
+    flow = small_flow(name, shape, **options).to(device=device, dtype=torch.float64)
+    z = torch.randn(5, *shape, dtype=torch.float64, device=device)
+    x, ladj = flow.forward_and_log_det(z)
+    z_back, ladj_back = flow.inverse_and_log_det(x)
+    assert torch.allclose(z_back, z, atol=1e-10, rtol=0)
+    assert torch.allclose(ladj_back, ladj, atol=1e-10)
+    expected = torch.linalg.slogdet(_jacobian(lambda v: flow.forward_and_log_det(v)[0], z[0]))[1]
+    assert torch.allclose(ladj[0], expected, atol=1e-10)
+    for c in _modules(flow, Coupling):  # the couplings checked are far from the identity
+        zc = torch.randn(5, *c.event_shape, dtype=torch.float64, device=device)
+        assert (c.forward_and_log_det(zc)[0] - zc).abs().max() > 0.1
+    flow32 = flow.float()
+    x32 = flow32.forward_and_log_det(z.float())[0]
+    assert torch.allclose(flow32.inverse_and_log_det(x32)[0], z.float(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["realnvp", "glow"])
+def test_spline_coupling_conditional_and_state_dict(name):
+    shape = (2, 4, 4)
+    flow = small_flow(name, shape, context_dim=2, coupling="spline", bins=3, bound=2.0).double()
+    context = torch.randn(4, 2, dtype=torch.float64)
+    z = torch.randn(4, *shape, dtype=torch.float64)
+    x, ladj = flow.forward_and_log_det(z, context)
+    assert torch.allclose(flow.inverse_and_log_det(x, context)[0], z, atol=1e-10)
+    expected = torch.linalg.slogdet(
+        _jacobian(lambda v: flow.forward_and_log_det(v, context[0])[0], z[0])
+    )[1]
+    assert torch.allclose(ladj[0], expected, atol=1e-10)
+    assert not torch.allclose(flow.log_prob(x, context), flow.log_prob(x, context.flip(0)))
+    # the options are in the config, so a rebuilt flow loads the state dict
+    config = dict(flow.config)
+    copy = pyroflows.build_flow(config.pop("name"), config.pop("shape"), **config).double()
+    copy.load_state_dict(flow.state_dict())
+    assert torch.equal(copy.log_prob(x, context), flow.log_prob(x, context))
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+@pytest.mark.parametrize("name", ["realnvp", "glow"])
+def test_spline_coupling_under_device_trap(name, conditional, device, dtype):
+    context_dim = 2 if conditional else None
+    flow = small_flow(name, (2, 4, 4), context_dim=context_dim, coupling="spline", bins=3)
+    flow = flow.to(device=device, dtype=dtype)
+    x = torch.randn(4, 2, 4, 4, device=device, dtype=dtype)
+    context = torch.randn(4, 2, device=device, dtype=dtype) if conditional else None
+    sample_shape = () if conditional else (4,)
+    with default_device_trap():
+        lp = flow.log_prob(x, context)
+        xs, log_q = flow.rsample_and_log_prob(sample_shape, context)
+        (-lp.mean() - log_q.mean()).backward()
+        assert flow.sample(sample_shape, context).device == x.device
+    assert lp.device == xs.device == x.device and lp.dtype == dtype
+    grads = [p.grad for p in flow.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_coupling_option_structure():
+    realnvp = pyroflows.build_flow(
+        "realnvp", (1, 8, 8), num_layers=2, hidden_dims=(4,), coupling="spline", bins=5, bound=3.0
+    )
+    maps = [c.elementwise for c in _modules(realnvp, Coupling)]
+    assert len(maps) == 2 + 2 + 2 and all(isinstance(m, RationalQuadraticSpline) for m in maps)
+    assert (maps[0].bins, maps[0].bound) == (5, 3.0)
+    # every conditioner predicts 3K - 1 numbers per channel
+    assert all(c.elementwise.num_params == 14 for c in _modules(realnvp, Coupling))
+    glow = pyroflows.build_flow(
+        "glow", (1, 8, 8), num_layers=2, hidden_dims=(4,), coupling="spline"
+    )
+    couplings = _modules(glow, Coupling)
+    # the learned priors (one per factor-out) stay affine: they are Gaussian priors
+    assert sum(isinstance(c.elementwise, Affine) for c in couplings) == 2
+    assert sum(isinstance(c.elementwise, RationalQuadraticSpline) for c in couplings) == 6
+    additive = pyroflows.build_flow("realnvp", 4, num_layers=2, coupling="additive")
+    assert all(isinstance(c.elementwise, Additive) for c in _modules(additive, Coupling))
+    # zero-initialised conditioners: a fresh spline coupling is the identity
+    for c in couplings:
+        z = torch.randn(2, *c.event_shape)
+        x, ladj = c.forward_and_log_det(z)
+        assert torch.allclose(x, z, atol=1e-5) and torch.allclose(ladj, torch.zeros(2), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["realnvp", "glow"])
+def test_coupling_option_errors(name):
+    with pytest.raises(ValueError, match=r"coupling must be one of 'affine', 'additive', 'spline'"):
+        pyroflows.build_flow(name, (1, 8, 8), coupling="rq")
+    with pytest.raises(ValueError, match=r"bins apply to coupling='spline' only"):
+        pyroflows.build_flow(name, (1, 8, 8), bins=4)
+    with pytest.raises(ValueError, match=r"bins and bound apply .*coupling='additive'"):
+        pyroflows.build_flow(name, (1, 8, 8), coupling="additive", bins=4, bound=2.0)
+    with pytest.raises(ValueError, match=r"bins must be an int >= 1, got 0"):
+        pyroflows.build_flow(name, (1, 8, 8), coupling="spline", bins=0)
+    with pytest.raises(ValueError, match=r"bound must be a positive number, got -1"):
+        pyroflows.build_flow(name, (1, 8, 8), coupling="spline", bound=-1.0)
+
+
 # -- MintNet -------------------------------------------------------------------------------
 def _perturbed_mintnet_layer(order, shape=(2, 3, 3)):
     layer = MaskedInvertibleConv(shape, hidden_per_channel=3, order=order).double()
@@ -277,14 +387,19 @@ def test_mintnet_architecture_and_errors():
 
 
 # -- training and the CLI --------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["realnvp", "glow", "mintnet"])
-def test_image_flow_learns_digits_and_runs_under_device_trap(name):
+@pytest.mark.parametrize(
+    "name,options",
+    [("realnvp", {}), ("glow", {}), ("mintnet", {}), ("glow", dict(coupling="spline"))],
+    ids=["realnvp", "glow", "mintnet", "glow-spline"],
+)
+def test_image_flow_learns_digits_and_runs_under_device_trap(name, options):
     from pyroflows.datasets import NUM_LEVELS, digits
     from pyroflows.infer import DequantizedFlow, bits_per_dim, fit
 
     train, test = digits()
     model = DequantizedFlow(
-        pyroflows.build_flow(name, (1, 8, 8), num_layers=1, hidden_dims=(8,)), NUM_LEVELS
+        pyroflows.build_flow(name, (1, 8, 8), num_layers=1, hidden_dims=(8,), **options),
+        NUM_LEVELS,
     )
     torch.manual_seed(1)
     start = bits_per_dim(model, test[:100], NUM_LEVELS).mean()

@@ -22,6 +22,10 @@ learns that diagonal directly, so it can reach 0; ``benchmarks/invconv.py`` comp
 The factored-out half gets a learned prior: a channel-mask affine coupling conditioned on the kept
 half, so $z_2 \sim \mathcal{N}(\mu(h_1), \sigma(h_1))$ as in the paper.
 
+``coupling="spline"`` (or ``"additive"``) replaces the affine map of every step's coupling by a
+rational-quadratic spline (or a shift, Glow's additive variant); the learned prior stays affine,
+since it is the Gaussian prior of the factored-out half.
+
 Reference: Kingma, Dhariwal (2018), *Glow: Generative Flow with Invertible 1x1 Convolutions*.
 
 Example:
@@ -42,8 +46,14 @@ from pyroflows.registry import flow_family
 from pyroflows.transforms.actnorm import ActNorm
 from pyroflows.transforms.base import FlowTransform, batch_shape_of
 from pyroflows.transforms.coupling import Coupling, coupling_mask
-from pyroflows.transforms.elementwise import Affine
-from pyroflows.transforms.multiscale import FactorOut, Squeeze, check_image_shape, scale_count
+from pyroflows.transforms.elementwise import Affine, ElementwiseMap
+from pyroflows.transforms.multiscale import (
+    FactorOut,
+    Squeeze,
+    check_image_shape,
+    coupling_map,
+    scale_count,
+)
 
 
 class InvertibleConv1x1(FlowTransform):
@@ -110,7 +120,7 @@ def glow_step(
     hidden_dims: Sequence[int],
     context_dim: int | None = None,
     parity: int = 0,
-    scale_bound: float | None = 3.0,
+    elementwise: str | ElementwiseMap = "affine",
 ) -> list[FlowTransform]:
     """One Glow step of flow.
 
@@ -119,36 +129,34 @@ def glow_step(
         hidden_dims: widths of the coupling conditioner.
         context_dim: width of the context, or ``None``.
         parity: which half of the channels the coupling transforms.
-        scale_bound: bound of the soft-clamped log-scale (``None``: unclamped).
+        elementwise: the coupling's elementwise map (a name or an object, see
+            `pyroflows.transforms.elementwise`).
 
     Returns:
         Coupling, 1x1 convolution and ActNorm in the sampling order ``z -> x`` (so the density
         direction meets ActNorm first).
     """
     coupling = Coupling(
-        coupling_mask(event_shape, "channel", parity), Affine(scale_bound), hidden_dims, context_dim
+        coupling_mask(event_shape, "channel", parity), elementwise, hidden_dims, context_dim
     )
     return [coupling, InvertibleConv1x1(event_shape), ActNorm(event_shape)]
 
 
-def _glow_level(
-    shape, levels, steps, hidden_dims, context_dim, learned_prior, scale_bound
-) -> Squeeze:
-    """Squeeze, ``steps`` steps, then (if more levels follow) factor out half the channels."""
+def _glow_level(shape, levels, steps, hidden_dims, context_dim, prior, elementwise) -> Squeeze:
+    """Squeeze, ``steps`` steps with ``elementwise`` couplings, then (if more levels follow)
+    factor out half the channels, with a ``prior`` coupling on them unless it is ``None``."""
     c, h, w = shape
     inner = (4 * c, h // 2, w // 2)
     layers: list[FlowTransform] = []
     if levels > 1:
         kept = (inner[0] // 2, *inner[1:])
-        deeper = _glow_level(
-            kept, levels - 1, steps, hidden_dims, context_dim, learned_prior, scale_bound
-        )
+        deeper = _glow_level(kept, levels - 1, steps, hidden_dims, context_dim, prior, elementwise)
         layers.append(FactorOut(inner, [deeper], context_dim))
-        if learned_prior:  # z_2 | h_1: an affine coupling of the factored-out half on the kept half
+        if prior is not None:  # z_2 | h_1: a coupling of the factored-out half on the kept half
             mask = coupling_mask(inner, "channel", 0)
-            layers.append(Coupling(mask, Affine(scale_bound), hidden_dims, context_dim))
+            layers.append(Coupling(mask, prior, hidden_dims, context_dim))
     for k in reversed(range(steps)):
-        layers += glow_step(inner, hidden_dims, context_dim, k % 2, scale_bound)
+        layers += glow_step(inner, hidden_dims, context_dim, k % 2, elementwise)
     return Squeeze(shape, layers, context_dim)
 
 
@@ -162,6 +170,9 @@ def build_glow(
     num_levels: int | None = None,
     learned_prior: bool = True,
     scale_bound: float | None = 3.0,
+    coupling: str = "affine",
+    bins: int | None = None,
+    bound: float | None = None,
 ) -> list[FlowTransform]:
     """Glow over ``(C, H, W)`` images: ``num_levels`` levels of ``num_layers`` steps each.
 
@@ -173,15 +184,23 @@ def build_glow(
         num_levels: number of levels ``L`` (each squeezes once, so ``H`` and ``W`` must be divisible
             by ``2**L``); default: as many as fit, at most 3.
         learned_prior: give each factored-out half a Gaussian prior conditioned on the kept half.
-        scale_bound: bound of the couplings' soft-clamped log-scale (``None``: unclamped).
+        scale_bound: bound of the affine couplings' (and the learned prior's) soft-clamped
+            log-scale (``None``: unclamped).
+        coupling: elementwise map of every step's coupling: ``"affine"`` (default),
+            ``"additive"`` or ``"spline"`` (rational-quadratic,
+            [`RationalQuadraticSpline`][pyroflows.transforms.spline.RationalQuadraticSpline]).
+        bins: number of spline bins (default 8); ``coupling="spline"`` only.
+        bound: the spline acts on ``[-bound, bound]``, identity outside (default 5);
+            ``coupling="spline"`` only.
 
     Returns:
         The layers, in the sampling direction ``z -> x``.
     """
     c, h, w = check_image_shape(shape, "glow")
     num_levels = scale_count(num_levels, "num_levels", (c, h, w), min_size=1, default=3, offset=0)
+    elementwise = coupling_map(coupling, scale_bound, bins, bound)
+    # the learned prior is Gaussian whatever the steps' map: an affine coupling
+    prior = Affine(scale_bound) if learned_prior else None
     return [
-        _glow_level(
-            (c, h, w), num_levels, num_layers, hidden_dims, context_dim, learned_prior, scale_bound
-        )
+        _glow_level((c, h, w), num_levels, num_layers, hidden_dims, context_dim, prior, elementwise)
     ]

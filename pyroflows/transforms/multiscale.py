@@ -17,6 +17,10 @@ Both are wrappers, so every layer of a flow keeps the full event shape $(C, H, W
 on the squeezed tensor and unsqueezes the result, ``FactorOut`` runs its inner layers on
 the kept channels only. Nesting them gives the multi-scale architecture of RealNVP and Glow.
 
+The elementwise map of the couplings inside the multi-scale RealNVP and Glow architectures is an
+option (`coupling_map`): affine (the papers' choice), additive, or the rational-quadratic spline
+of [`RationalQuadraticSpline`][pyroflows.transforms.spline.RationalQuadraticSpline].
+
 Reference: Dinh, Sohl-Dickstein, Bengio (2017), *Density estimation using Real NVP*, section 3.6.
 
 Example:
@@ -36,7 +40,10 @@ import torch
 from torch import nn
 
 from pyroflows.transforms.base import FlowTransform
-from pyroflows.validation import check_int
+from pyroflows.transforms.elementwise import Additive, Affine, ElementwiseMap
+from pyroflows.validation import check_choice, check_int
+
+COUPLING_MAPS = ("affine", "additive", "spline")
 
 
 def check_image_shape(
@@ -62,6 +69,43 @@ def check_image_shape(
     if channels < min_channels:
         raise ValueError(f"{name} needs at least {min_channels} channels, got shape {shape}")
     return channels, height, width
+
+
+def coupling_map(
+    coupling: str,
+    scale_bound: float | None = 3.0,
+    bins: int | None = None,
+    bound: float | None = None,
+) -> ElementwiseMap:
+    """The elementwise map of an image architecture's couplings, from its options.
+
+    Args:
+        coupling: ``"affine"``, ``"additive"`` or ``"spline"``.
+        scale_bound: bound of the affine map's soft-clamped log-scale (``None``: unclamped); used
+            by ``"affine"`` only.
+        bins: number of spline bins (``None``: the spline's default); ``"spline"`` only.
+        bound: half-width ``B`` of the interval the spline acts on (``None``: the spline's
+            default); ``"spline"`` only.
+
+    Returns:
+        The map, shared by every coupling of the architecture (it holds no parameters).
+
+    Raises:
+        ValueError: an unknown ``coupling``, spline options given for another map, or invalid
+            spline options, naming the option.
+    """
+    check_choice(coupling, "coupling", COUPLING_MAPS)
+    spline = {k: v for k, v in (("bins", bins), ("bound", bound)) if v is not None}
+    if coupling == "spline":
+        # spline.py imports this module (check_image_shape): load it when a spline is asked for
+        from pyroflows.transforms.spline import RationalQuadraticSpline
+
+        return RationalQuadraticSpline(**spline)
+    if spline:
+        raise ValueError(
+            f"{' and '.join(spline)} apply to coupling='spline' only, got coupling={coupling!r}"
+        )
+    return Affine(scale_bound) if coupling == "affine" else Additive()
 
 
 def squeeze(x: torch.Tensor) -> torch.Tensor:

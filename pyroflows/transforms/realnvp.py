@@ -16,6 +16,11 @@ out to the latent; the next scale works on the other half. The last scale applie
 couplings only. Conditioners are small ResNets (``ConvConditioner``).
 See ``pyroflows.transforms.multiscale`` for squeeze and factor-out.
 
+``coupling="spline"`` (or ``"additive"``) replaces the affine map of every coupling by a
+rational-quadratic spline (or a shift), keeping the masks and the architecture: a spline coupling
+is $x_b = \operatorname{RQS}(z_b;\ \theta(z_a))$ with $3K - 1$ conditioner outputs per transformed
+coordinate (see ``pyroflows.transforms.spline``).
+
 Reference: Dinh, Sohl-Dickstein, Bengio (2017), *Density estimation using Real NVP*.
 
 Example:
@@ -37,8 +42,14 @@ from pyroflows.registry import flow_family
 from pyroflows.transforms.actnorm import ActNorm
 from pyroflows.transforms.base import FlowTransform
 from pyroflows.transforms.coupling import Coupling, coupling_layers, coupling_mask
-from pyroflows.transforms.elementwise import Affine
-from pyroflows.transforms.multiscale import FactorOut, Squeeze, check_image_shape, scale_count
+from pyroflows.transforms.elementwise import Affine, ElementwiseMap
+from pyroflows.transforms.multiscale import (
+    FactorOut,
+    Squeeze,
+    check_image_shape,
+    coupling_map,
+    scale_count,
+)
 
 
 def affine_coupling(
@@ -73,7 +84,7 @@ def multiscale_realnvp(
     num_layers: int,
     hidden_dims: Sequence[int],
     context_dim: int | None = None,
-    scale_bound: float | None = 3.0,
+    elementwise: str | ElementwiseMap = "affine",
     actnorm: bool = True,
 ) -> list[FlowTransform]:
     """The multi-scale RealNVP layers over ``(C, H, W)``.
@@ -88,7 +99,8 @@ def multiscale_realnvp(
         num_layers: couplings per scale.
         hidden_dims: conditioner widths.
         context_dim: width of the context, or ``None``.
-        scale_bound: bound of the soft-clamped log-scale.
+        elementwise: the elementwise map of every coupling (a name or an object, see
+            `pyroflows.transforms.elementwise`).
         actnorm: normalise every coupling's input (density direction) with an ``ActNorm`` layer,
             standing in for the paper's batch normalisation without making the density depend on the
             batch.
@@ -97,10 +109,9 @@ def multiscale_realnvp(
         The layers, in the sampling order ``z -> x``.
     """
     c, h, w = shape
-    affine = Affine(scale_bound)
 
     def stage(event, count, kind):
-        couplings = coupling_layers(event, count, affine, hidden_dims, context_dim, kind)
+        couplings = coupling_layers(event, count, elementwise, hidden_dims, context_dim, kind)
         return [m for cp in couplings for m in ((cp, ActNorm(event)) if actnorm else (cp,))]
 
     if num_scales == 1:
@@ -108,7 +119,7 @@ def multiscale_realnvp(
     inner = (4 * c, h // 2, w // 2)
     kept = (2 * c, h // 2, w // 2)
     deeper = multiscale_realnvp(
-        kept, num_scales - 1, num_layers, hidden_dims, context_dim, scale_bound, actnorm
+        kept, num_scales - 1, num_layers, hidden_dims, context_dim, elementwise, actnorm
     )
     squeezed = [FactorOut(inner, deeper, context_dim)] + stage(inner, num_layers // 2, "channel")
     return [Squeeze(shape, squeezed, context_dim)] + stage(
@@ -127,11 +138,14 @@ def build_realnvp(
     num_scales: int | None = None,
     scale_bound: float | None = 3.0,
     actnorm: bool = True,
+    coupling: str = "affine",
+    bins: int | None = None,
+    bound: float | None = None,
 ) -> list[FlowTransform]:
     """RealNVP: affine couplings with alternating masks, or the multi-scale architecture.
 
     Vectors get ``num_layers`` couplings; images the multi-scale architecture with
-    ``num_layers`` couplings per scale.
+    ``num_layers`` couplings per scale. ``coupling`` picks the elementwise map of every coupling.
 
     Args:
         shape: event shape, ``(D,)`` or ``(C, H, W)``.
@@ -144,24 +158,29 @@ def build_realnvp(
         num_scales: number of scales for images (each but the last squeezes once, so the last works
             on ``H / 2**(num_scales - 1)`` pixels, at least 2 x 2); default: as many as fit, at most
             3.
-        scale_bound: bound ``B`` of the soft-clamped log-scale (``None``: unclamped).
+        scale_bound: bound ``B`` of the soft-clamped log-scale (``None``: unclamped); affine
+            couplings only.
         actnorm: for the multi-scale architecture, normalise every coupling's input with a data-
             initialised ActNorm layer.
+        coupling: ``"affine"`` (default), ``"additive"`` or ``"spline"`` (rational-quadratic,
+            [`RationalQuadraticSpline`][pyroflows.transforms.spline.RationalQuadraticSpline]).
+        bins: number of spline bins (default 8); ``coupling="spline"`` only.
+        bound: the spline acts on ``[-bound, bound]``, identity outside (default 5);
+            ``coupling="spline"`` only.
 
     Returns:
         The layers, in the sampling direction ``z -> x``.
     """
+    elementwise = coupling_map(coupling, scale_bound, bins, bound)
     if len(shape) == 1 or mask is not None:
         if num_scales is not None:
             raise ValueError(
                 "num_scales applies to the multi-scale image architecture only "
                 "(no mask, image shape)"
             )
-        return coupling_layers(
-            shape, num_layers, Affine(scale_bound), hidden_dims, context_dim, mask
-        )
+        return coupling_layers(shape, num_layers, elementwise, hidden_dims, context_dim, mask)
     shape = check_image_shape(shape, "realnvp")
     num_scales = scale_count(num_scales, "num_scales", shape, min_size=2, default=3)
     return multiscale_realnvp(
-        shape, num_scales, num_layers, hidden_dims, context_dim, scale_bound, actnorm
+        shape, num_scales, num_layers, hidden_dims, context_dim, elementwise, actnorm
     )

@@ -111,7 +111,8 @@ class RationalQuadraticSpline:
         derivs = F.pad(derivs, (1, 1), value=1.0)  # identity tails: derivative 1 at +-B
         inside = (inputs > -self.bound) & (inputs < self.bound)
         # clamp, so the branch that torch.where discards has finite values and gradients
-        v = inputs.clamp(-self.bound, self.bound)[..., None]
+        # contiguous: searchsorted copies (and warns about) strided inputs such as channel slices
+        v = inputs.clamp(-self.bound, self.bound).contiguous()[..., None]
         idx = torch.searchsorted((ys if inverse else xs)[..., 1:-1].contiguous(), v)
         x_k, y_k = xs.gather(-1, idx), ys.gather(-1, idx)
         w_k, h_k = widths.gather(-1, idx), heights.gather(-1, idx)
