@@ -15,6 +15,7 @@ Usage (quality numbers do not depend on the machine's load; times do):
 
     python benchmarks/posteriors.py                      # all posteriors, 256 chains
     python benchmarks/posteriors.py --chains 64 --samples 200 --warmup 200 --names sblrc-blr
+    python benchmarks/posteriors.py --mass diag          # the diagonal mass matrix instead
     python benchmarks/posteriors.py --json               # one JSON line per posterior as well
     python benchmarks/posteriors.py --sampler neutra-hmc # NeuTra (AutoFlow IAF, 2000 SVI steps)
     python benchmarks/posteriors.py --overhead --chains 1024   # potential vs hand-written energy
@@ -53,7 +54,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
     )
     start = time.perf_counter()
     if args.sampler == "hmc":
-        idata = mcmc.sample(mcmc.HMC(model=model), **options)
+        idata = mcmc.sample(mcmc.HMC(model=model, mass=args.mass), **options)
     else:  # NeuTra: fit an IAF guide by SVI, then sample in its base space (fit time included)
         pyro.clear_param_store()
         guide = AutoFlow(model, flow="iaf")
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sampler", choices=["hmc", "neutra-hmc", "neutra-mh"], default="hmc",
                         help="HMC(model=...) defaults, or NeuTra after an AutoFlow (IAF) fit")
+    parser.add_argument("--mass", choices=["auto", "diag", "dense"], default="auto",
+                        help="HMC's mass matrix (auto: dense up to 200 coordinates)")
     parser.add_argument("--svi-steps", type=int, default=2000, help="NeuTra's SVI budget")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     parser.add_argument("--threads", type=int, default=1)
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(
         f"\n{args.chains} chains x {args.samples} draws ({args.warmup} warm-up), "
-        f"sampler {args.sampler}, {args.dtype}\n"
+        f"sampler {args.sampler}, mass {args.mass}, {args.dtype}\n"
     )
     print("| posterior | max abs(z) (param) | sd ratio | max R-hat | min ESS | divergences "
           "| s | goals met |")

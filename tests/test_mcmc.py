@@ -74,7 +74,8 @@ def test_hmc_adapts_to_target_acceptance_and_mass():
     kernel = mcmc.HMC(lambda x: 0.5 * ((x / scales) ** 2).sum(-1), step_size=0.01, num_steps=5)
     idata = run(kernel, torch.randn(128, 10), num_samples=200, warmup_steps=300)
     assert abs(idata.sample_stats["acceptance_rate"].values.mean() - 0.8) < 0.1
-    assert torch.allclose(kernel.inverse_mass_matrix.sqrt(), scales, rtol=0.2)
+    # 128 chains and 10 coordinates: a dense mass matrix by default; its diagonal learns the scales
+    assert torch.allclose(kernel.inverse_mass_matrix.diagonal().sqrt(), scales, rtol=0.2)
 
 
 def test_sgld_correlated_gaussian_with_decaying_steps():

@@ -64,7 +64,13 @@ from typing import NamedTuple
 
 import torch
 
-from pyroflows.mcmc.core import expand_as
+from pyroflows.mcmc.core import (
+    Metric,
+    dense_metric,
+    diagonal_metric,
+    expand_as,
+    straggling,
+)
 
 
 def window_ends(warmup_steps: int) -> tuple[int, list[int]]:
@@ -125,9 +131,10 @@ def dual_averaging_update(
 
 # -- pooled variance ---------------------------------------------------------------------------
 class WelfordState(NamedTuple):
-    """Running count, mean and sum of squared deviations over a stream of batches."""
+    """Running (weighted) count, mean and sum of squared deviations over a stream of batches;
+    ``m2`` is event-shaped (diagonal) or ``(D, D)`` over the flattened event (dense)."""
 
-    count: int
+    count: torch.Tensor | int
     mean: torch.Tensor | None
     m2: torch.Tensor | None
 
@@ -135,27 +142,79 @@ class WelfordState(NamedTuple):
 EMPTY_WELFORD = WelfordState(0, None, None)
 
 
-def welford_update(state: WelfordState, batch: torch.Tensor) -> WelfordState:
-    """Merge ``batch`` (``(n, *shape)``) into ``state`` (Chan et al.'s pairwise update)."""
-    n = batch.shape[0]
-    mean_b = batch.mean(0)
-    m2_b = ((batch - mean_b) ** 2).sum(0)
+def welford_update(
+    state: WelfordState,
+    batch: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    dense: bool = False,
+) -> WelfordState:
+    """Merge ``batch`` (``(n, *shape)``) into ``state`` (Chan et al.'s pairwise update).
+
+    Args:
+        state: the running estimate.
+        batch: the new rows.
+        weight: a 0/1 weight per row (``(n,)``; default all ones): rows of weight 0 are left out.
+        dense: accumulate the full ``(D, D)`` cross-products of the flattened rows.
+    """
+    x = batch.flatten(1) if dense else batch
+    if weight is None:
+        n = batch.shape[0]
+        mean_b = x.mean(0)
+        centred, w = x - mean_b, None
+    else:
+        n = weight.sum()
+        w = expand_as(weight, x).to(x.dtype)
+        mean_b = (w * x).sum(0) / n.clamp_min(1)
+        centred = w * (x - mean_b)
+    m2_b = centred.T @ centred if dense else centred.square().sum(0)
     if state.mean is None:
         return WelfordState(n, mean_b, m2_b)
     total = state.count + n
     delta = mean_b - state.mean
     mean = state.mean + delta * (n / total)
-    m2 = state.m2 + m2_b + delta**2 * (state.count * n / total)
+    cross = delta[:, None] * delta[None, :] if dense else delta**2
+    m2 = state.m2 + m2_b + cross * (state.count * n / total)
     return WelfordState(total, mean, m2)
+
+
+def _count(state: WelfordState) -> torch.Tensor:
+    return torch.as_tensor(state.count, dtype=state.m2.dtype, device=state.m2.device)
 
 
 def welford_variance(state: WelfordState, regularize: bool = True) -> torch.Tensor:
     """The sample variance, shrunk like Stan's: $\\frac{n}{n+5} s^2 + 10^{-3}\\frac{5}{n+5}$."""
-    var = state.m2 / max(state.count - 1, 1)
+    n = _count(state)
+    var = state.m2 / (n - 1).clamp_min(1)
     if not regularize:
         return var
-    n = state.count
     return (n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))
+
+
+def welford_covariance(state: WelfordState) -> torch.Tensor:
+    """The pooled sample covariance $S$ of a dense estimate, shrunk towards its diagonal and
+    regularised like Stan's:
+    $\\frac{n}{n+5}\\bigl(w S + (1-w)\\operatorname{diag} S\\bigr) + 10^{-3}\\frac{5}{n+5} I$
+    with $w = n / (n + D)$, so an estimate from few draws relative to the dimension keeps mostly
+    its variances (its diagonal is
+    [`welford_variance`][pyroflows.mcmc.adapt.welford_variance]'s).
+    """
+    n = _count(state)
+    cov = state.m2 / (n - 1).clamp_min(1)
+    dim = cov.shape[0]
+    w = n / (n + dim)
+    diag = torch.diag(cov.diagonal())
+    eye = torch.eye(dim, dtype=cov.dtype, device=cov.device)
+    return (n / (n + 5.0)) * (w * cov + (1 - w) * diag) + 1e-3 * (5.0 / (n + 5.0)) * eye
+
+
+def estimate_metric(state: WelfordState, dense: bool) -> Metric:
+    """The HMC metric of a window's estimate: [`dense_metric`][pyroflows.mcmc.core.dense_metric]
+    of [`welford_covariance`][pyroflows.mcmc.adapt.welford_covariance] or
+    [`diagonal_metric`][pyroflows.mcmc.core.diagonal_metric] of
+    [`welford_variance`][pyroflows.mcmc.adapt.welford_variance]."""
+    if dense:
+        return dense_metric(welford_covariance(state))
+    return diagonal_metric(welford_variance(state))
 
 
 def robust_variance(position: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
@@ -169,25 +228,29 @@ def robust_variance(position: torch.Tensor, fallback: torch.Tensor) -> torch.Ten
 
 # -- step size and variance in windows --------------------------------------------------------
 class WindowState(NamedTuple):
-    """Step size (or per-coordinate scales), diagonal variance, dual averaging, the current
-    window's Welford estimate, and the warm-up steps done."""
+    """Step size (or per-coordinate scales), the variance estimate (a diagonal variance tensor,
+    or HMC's [`Metric`][pyroflows.mcmc.core.Metric]), dual averaging, the current window's
+    Welford estimate, and the warm-up steps done."""
 
     step_size: torch.Tensor
-    variance: torch.Tensor
+    variance: torch.Tensor | Metric
     dual: DualAveragingState
     welford: WelfordState
     t: int
 
 
 class WindowAdaptation:
-    """Step-size (dual averaging of the mean acceptance) and windowed diagonal-variance
-    adaptation for one warm-up.
+    """Step-size (dual averaging of the mean acceptance) and windowed variance adaptation for
+    one warm-up.
 
     Args:
         warmup_steps: the warm-up's length.
         target_accept_prob: the $\\delta$ that dual averaging aims at.
         adapt_step_size: tune the step size.
-        adapt_variance: tune the diagonal variance in windows.
+        adapt_variance: tune the variance in windows.
+        metric: ``None``: the estimate is a diagonal variance tensor (random-walk MH's
+            proposal); ``"diag"`` or ``"dense"``: an HMC [`Metric`][pyroflows.mcmc.core.Metric]
+            of that kind.
     """
 
     def __init__(
@@ -196,21 +259,28 @@ class WindowAdaptation:
         target_accept_prob: float,
         adapt_step_size: bool,
         adapt_variance: bool,
+        metric: str | None = None,
     ) -> None:
         self.warmup_steps, self.target_accept_prob = warmup_steps, target_accept_prob
-        self.adapt_step_size = adapt_step_size
+        self.adapt_step_size, self.metric = adapt_step_size, metric
         self.first_start, ends = window_ends(warmup_steps) if adapt_variance else (0, [])
         self.ends, self.last_end = frozenset(ends), max(ends, default=0)
 
-    def init(self, step_size: torch.Tensor, variance: torch.Tensor) -> WindowState:
+    def init(self, step_size: torch.Tensor, variance: torch.Tensor | Metric) -> WindowState:
         """The state at the start of warm-up."""
         return WindowState(step_size, variance, dual_averaging_init(step_size), EMPTY_WELFORD, 0)
 
     def update(
-        self, state: WindowState, position: torch.Tensor, accept_prob: torch.Tensor
+        self,
+        state: WindowState,
+        position: torch.Tensor,
+        accept_prob: torch.Tensor,
+        energy: torch.Tensor | None = None,
     ) -> tuple[WindowState, bool]:
         """One warm-up step: ``position`` the chains after the move, ``accept_prob`` their
-        acceptance probabilities (``(C,)``, or ``(C, n)`` for per-coordinate scales).
+        acceptance probabilities (``(C,)``, or ``(C, n)`` for per-coordinate scales), ``energy``
+        their energies (if given, [`straggling`][pyroflows.mcmc.core.straggling] chains are
+        left out of the variance estimate).
 
         Returns:
             the new state and whether a variance window ended at this step (the caller may then
@@ -223,10 +293,15 @@ class WindowAdaptation:
             step_size = (dual.log_avg if t == self.warmup_steps else dual.log_step).exp()
         welford, variance = state.welford, state.variance
         if self.first_start < t <= self.last_end:
-            welford = welford_update(welford, position)
+            weight = None if energy is None else ~straggling(energy, position[0].numel())
+            welford = welford_update(welford, position, weight, self.metric == "dense")
         ended = t in self.ends
         if ended:
-            variance, welford = welford_variance(welford), EMPTY_WELFORD
+            if self.metric is None:
+                variance = welford_variance(welford)
+            else:
+                variance = estimate_metric(welford, self.metric == "dense")
+            welford = EMPTY_WELFORD
         return WindowState(step_size, variance, dual, welford, t), ended
 
     def restart(self, state: WindowState, step_size: torch.Tensor) -> WindowState:
@@ -237,14 +312,15 @@ class WindowAdaptation:
 # -- ChEES ------------------------------------------------------------------------------------
 class ChEESState(NamedTuple):
     """ChEES-HMC warm-up: dual averaging of $\\log \\epsilon$, $\\log T$ with its moving
-    average and RMSProp's average squared gradient, the mass-matrix window, and the steps done."""
+    average and RMSProp's average squared gradient, the running ChEES moments, the metric, its
+    window's estimate, and the steps done."""
 
     dual: DualAveragingState
     log_trajectory: torch.Tensor
     log_trajectory_avg: torch.Tensor
     mean_square: torch.Tensor
     chees_moments: torch.Tensor
-    variance: torch.Tensor
+    metric: Metric
     welford: WelfordState
     t: int
 
@@ -256,18 +332,18 @@ SHRINK_TO = 1.0
 
 
 class ChEESAdaptation:
-    """Trajectory length, step size and diagonal mass matrix for jittered HMC (see the module
-    docs).
+    """Trajectory length, step size and mass matrix for jittered HMC (see the module docs).
 
     Args:
         warmup_steps: the warm-up's length.
         target_accept_prob: the harmonic-mean acceptance aimed at.
         learning_rate: the RMSProp learning rate on $\\log T$.
         max_steps: the most leapfrog steps one trajectory may take.
-        adapt_mass_matrix: tune the diagonal mass matrix in windows.
+        adapt_mass_matrix: tune the mass matrix in windows.
         decay: the moving average's weights are $t^{-\\text{decay}}$.
         initial_num_steps: the leapfrog steps of the per-chain phase's trajectories (and the
             trajectory length ChEES starts from, in step sizes).
+        dense: adapt a dense mass matrix (else diagonal).
     """
 
     #: RMSProp's decay of the squared gradient, and the largest change of $\log T$ per step
@@ -289,7 +365,9 @@ class ChEESAdaptation:
         adapt_mass_matrix: bool,
         decay: float = 0.5,
         initial_num_steps: int = 10,
+        dense: bool = False,
     ) -> None:
+        self.dense = dense
         self.warmup_steps, self.target_accept_prob = warmup_steps, target_accept_prob
         self.initial_num_steps = initial_num_steps
         self.learning_rate, self.max_steps, self.decay = learning_rate, max_steps, decay
@@ -303,7 +381,7 @@ class ChEESAdaptation:
         ends = [self.initial_steps + end for end in ends]
         self.ends, self.last_end = frozenset(ends), max(ends, default=0)
 
-    def init(self, step_size: torch.Tensor, variance: torch.Tensor, num_chains: int) -> ChEESState:
+    def init(self, step_size: torch.Tensor, metric: Metric, num_chains: int) -> ChEESState:
         """Start with one leapfrog step's trajectory, $T = \\epsilon$, and (with a per-chain
         phase) one step size per chain."""
         log_t = step_size.log()
@@ -311,7 +389,7 @@ class ChEESAdaptation:
         dual = dual_averaging_init(start, self.shrink_to)
         zero = torch.zeros_like(log_t)
         moments = torch.zeros((2,), dtype=log_t.dtype, device=log_t.device)
-        return ChEESState(dual, log_t, log_t, zero, moments, variance, EMPTY_WELFORD, 0)
+        return ChEESState(dual, log_t, log_t, zero, moments, metric, EMPTY_WELFORD, 0)
 
     def in_initial_phase(self, state: ChEESState) -> bool:
         """Whether the next transition belongs to the per-chain phase."""
@@ -332,6 +410,7 @@ class ChEESAdaptation:
         self,
         state: ChEESState,
         initial: torch.Tensor,
+        energy: torch.Tensor,
         proposal: torch.Tensor,
         velocity: torch.Tensor,
         accept_prob: torch.Tensor,
@@ -343,6 +422,8 @@ class ChEESAdaptation:
         Args:
             state: the adaptation state the transition ran with.
             initial: the chains before the transition ``(C, *event)``.
+            energy: their energies ``(C,)`` ([`straggling`][pyroflows.mcmc.core.straggling]
+                chains are left out of the mass-matrix estimate).
             proposal: the trajectories' end points ``(C, *event)``.
             velocity: $M^{-1}p'$ at the end points.
             accept_prob: the transition's acceptance probabilities ``(C,)``.
@@ -378,13 +459,14 @@ class ChEESAdaptation:
         mean_square = torch.where(finite, mean_square, state.mean_square)
         weight = t**-self.decay
         log_t_avg = weight * log_t + (1 - weight) * state.log_trajectory_avg
-        welford, variance = state.welford, state.variance
+        welford, metric = state.welford, state.metric
         if self.first_start < t <= self.last_end:
-            welford = welford_update(welford, initial)
+            weight = ~straggling(energy, initial[0].numel())
+            welford = welford_update(welford, initial, weight, self.dense)
         ended = t in self.ends
         if ended:
-            variance, welford = welford_variance(welford), EMPTY_WELFORD
-        new = ChEESState(dual, log_t, log_t_avg, mean_square, moments, variance, welford, t)
+            metric, welford = estimate_metric(welford, self.dense), EMPTY_WELFORD
+        new = ChEESState(dual, log_t, log_t_avg, mean_square, moments, metric, welford, t)
         return new, ended
 
     def _initial_update(
@@ -397,21 +479,27 @@ class ChEESAdaptation:
     ) -> tuple[ChEESState, bool]:
         """A per-chain phase step: dual averaging on each chain's own acceptance, so chains far
         out (where a step small enough for them would stall the rest) do not set everyone's
-        step. At its end the robust spread of the chains becomes the mass matrix and the shared
+        step. At its end the robust spread of the chains becomes the (diagonal, or dense with
+        that diagonal) mass matrix and the shared
         step size the median of the chains' ones (the caller then searches from it)."""
         target = self.initial_accept_prob - torch.where(ok, accept_prob, 0.0)
         dual = dual_averaging_update(state.dual, target)
         ended = t == self.initial_steps
         new = state._replace(dual=dual, t=t)
         if ended:
-            variance = state.variance
+            metric = state.metric
             if self.adapt_mass_matrix:
-                variance = robust_variance(position, state.variance)
+                variance = robust_variance(position, torch.ones_like(position[0]))
+                metric = (
+                    dense_metric(torch.diag(variance.flatten()))
+                    if self.dense
+                    else diagonal_metric(variance)
+                )
             log_step = dual.log_step.median()
             log_t = log_step + math.log(self.initial_num_steps)
             new = new._replace(
                 dual=dual_averaging_init(log_step.exp(), self.shrink_to),
-                variance=variance,
+                metric=metric,
                 log_trajectory=log_t,
                 log_trajectory_avg=log_t,
             )
@@ -429,11 +517,11 @@ class ChEESAdaptation:
     ) -> torch.Tensor:
         """This transition's acceptance-weighted $hT\\,\\partial_t \\mathrm{ChEES}$ and
         $\\mathrm{ChEES}$, stacked (their ratio minus one is the gradient)."""
-        scale = state.variance.sqrt()
+        whiten = state.metric.whiten
         weight = torch.where(ok, accept_prob, 0.0)
-        z0 = (initial / scale).flatten(1)
-        z1 = torch.where(expand_as(ok, proposal), proposal / scale, 0.0).flatten(1)
-        dz = torch.where(expand_as(ok, velocity), velocity / scale, 0.0).flatten(1)
+        z0 = whiten(initial).flatten(1)
+        z1 = torch.where(expand_as(ok, proposal), whiten(proposal), 0.0).flatten(1)
+        dz = torch.where(expand_as(ok, velocity), whiten(velocity), 0.0).flatten(1)
         c0 = z0 - z0.mean(0)
         c1 = z1 - (weight[:, None] * z1).sum(0) / (weight.sum() + 1e-20)
         change = c1.square().sum(1) - c0.square().sum(1)

@@ -231,29 +231,105 @@ def hmc_init(position: torch.Tensor, energy: EnergyFunction) -> HMCState:
     return HMCState(position, u, grad, 0)
 
 
+def straggling(energy: torch.Tensor, dim: int, threshold: float = 10.0) -> torch.Tensor:
+    """Which chains straggle: $U > \\mathrm{median}(U) + k\\,s$ (or $U$ not finite), with $s$
+    the larger of the finite energies' normal-consistent median absolute deviation and
+    $\\sqrt{d/2}$ (the standard deviation of $U$ on a $d$-dimensional Gaussian), $k$ =
+    ``threshold``. Tensor operations only: no host read-back.
+
+    Args:
+        energy: the chains' energies ``(C,)``.
+        dim: the dimension $d$ of one chain's state.
+        threshold: $k$.
+    """
+    finite = torch.isfinite(energy)
+    # NaN-aware medians over the finite energies (all non-finite: every chain straggles)
+    masked = torch.where(finite, energy, math.nan)
+    median = masked.nanmedian()
+    mad = (masked - median).abs().nanmedian()
+    spread = torch.clamp_min(1.4826 * mad, (dim / 2) ** 0.5)
+    return ~finite | ~(energy <= median + threshold * spread)
+
+
 def restart_stragglers(
     state: HMCState, generator: torch.Generator, threshold: float = 10.0
 ) -> HMCState:
-    """Move the chains whose energy lies far above the others' onto the positions of randomly
-    drawn other chains (a warm-up move: chains stuck in a distant or degenerate region, such as
-    a mixture whose components coincide, would otherwise stay there).
-
-    A chain straggles when $U > \\mathrm{median}(U) + k\\,s$ with $s$ the larger of the
-    energies' normal-consistent median absolute deviation and $\\sqrt{d/2}$ (the standard
-    deviation of $U$ on a $d$-dimensional Gaussian), $k$ = ``threshold``.
-    """
+    """Move the [`straggling`][pyroflows.mcmc.core.straggling] chains (energy far above the
+    others') onto the positions of randomly drawn other chains (a warm-up move: chains stuck in
+    a distant or degenerate region, such as a mixture whose components coincide, would otherwise
+    stay there)."""
     u = state.energy
-    finite = torch.isfinite(u)
-    dim = state.position[0].numel()
-    median = u[finite].median() if bool(finite.any()) else u.new_tensor(0.0)
-    spread = torch.clamp_min(1.4826 * (u[finite] - median).abs().median(), (dim / 2) ** 0.5)
-    straggling = ~finite | (u > median + threshold * spread)
-    keep = (~straggling).nonzero().flatten()
-    if keep.numel() == 0 or not bool(straggling.any()):
+    far = straggling(u, state.position[0].numel(), threshold)
+    keep = (~far).nonzero().flatten()
+    if keep.numel() == 0 or not bool(far.any()):
         return state
     draw = torch.randint(keep.numel(), u.shape, generator=generator, device=u.device)
-    source = torch.where(straggling, keep[draw], torch.arange(u.shape[0], device=u.device))
+    source = torch.where(far, keep[draw], torch.arange(u.shape[0], device=u.device))
     return HMCState(state.position[source], u[source], state.grad[source], state.iteration)
+
+
+class Metric(NamedTuple):
+    """HMC's mass matrix $M$, given by its inverse $\\Sigma = M^{-1}$ (the covariance the chains
+    are preconditioned with), diagonal or dense.
+
+    Diagonal: ``inverse_mass`` has the event shape and ``factor`` is its square root. Dense:
+    ``inverse_mass`` is ``(D, D)`` over the flattened event ($D$ its size), ``factor`` the
+    lower Cholesky factor $L$ ($LL^\\top = \\Sigma$) and ``whitener`` $L^{-1}$, both computed
+    once when the metric is built, so a transition only multiplies by them. Build one with
+    [`diagonal_metric`][pyroflows.mcmc.core.diagonal_metric] or
+    [`dense_metric`][pyroflows.mcmc.core.dense_metric].
+    """
+
+    inverse_mass: torch.Tensor
+    factor: torch.Tensor
+    whitener: torch.Tensor | None
+
+    @property
+    def dense(self) -> bool:
+        """Whether $M$ is dense."""
+        return self.whitener is not None
+
+    def _rows(self, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        """``x`` (``(C, *event)``) with each chain's flattened event multiplied by
+        ``matrix`` from the right."""
+        return (x.flatten(1) @ matrix).reshape(x.shape)
+
+    def momentum(self, like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """$p \\sim \\mathcal N(0, M)$ per chain: $p = L^{-\\top}\\xi$."""
+        xi = randn_like(like, generator)
+        return self._rows(xi, self.whitener) if self.dense else xi / self.factor
+
+    def velocity(self, p: torch.Tensor) -> torch.Tensor:
+        """$M^{-1} p$ per chain."""
+        return self._rows(p, self.inverse_mass) if self.dense else self.inverse_mass * p
+
+    def kinetic(self, p: torch.Tensor) -> torch.Tensor:
+        """$\\tfrac12 p^\\top M^{-1} p = \\tfrac12\\lVert L^\\top p\\rVert^2$ per chain."""
+        scaled = self._rows(p, self.factor) if self.dense else self.factor * p
+        return 0.5 * scaled.square().flatten(1).sum(1)
+
+    def whiten(self, x: torch.Tensor) -> torch.Tensor:
+        """$L^{-1} x$ per chain: coordinates in which $\\Sigma$ is the identity."""
+        return self._rows(x, self.whitener.T) if self.dense else x / self.factor
+
+
+def diagonal_metric(variance: torch.Tensor) -> Metric:
+    """The diagonal metric with $M^{-1}$ = ``variance`` (event-shaped)."""
+    return Metric(variance, variance.sqrt(), None)
+
+
+def dense_metric(covariance: torch.Tensor) -> Metric:
+    """The dense metric with $M^{-1}$ = ``covariance`` (``(D, D)``, symmetric positive
+    definite). Should its Cholesky factorisation fail in the working precision, the diagonal
+    alone is used (still in dense form). Reads one flag back from the device."""
+    covariance = 0.5 * (covariance + covariance.T)
+    factor, info = torch.linalg.cholesky_ex(covariance)
+    if bool(info != 0):
+        covariance = torch.diag(covariance.diagonal())
+        factor = covariance.sqrt()
+    eye = torch.eye(covariance.shape[0], dtype=covariance.dtype, device=covariance.device)
+    whitener = torch.linalg.solve_triangular(factor, eye, upper=False)
+    return Metric(covariance, factor, whitener)
 
 
 def leapfrog(
@@ -262,7 +338,7 @@ def leapfrog(
     p: torch.Tensor,
     grad: torch.Tensor,
     step_size: torch.Tensor,
-    inverse_mass: torch.Tensor,
+    metric: Metric,
     num_steps: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``num_steps`` leapfrog steps from ``(x, p)``: ``(x', p', U(x'), grad U(x'))``."""
@@ -270,15 +346,10 @@ def leapfrog(
     u = None
     for _ in range(num_steps):
         p = p - half * grad
-        x = x + step_size * inverse_mass * p
+        x = x + step_size * metric.velocity(p)
         u, grad = energy.value_and_grad(x)
         p = p - half * grad
     return x, p, u, grad
-
-
-def kinetic(p: torch.Tensor, inverse_mass: torch.Tensor) -> torch.Tensor:
-    """$\\tfrac12 p^\\top M^{-1} p$ per chain."""
-    return 0.5 * (inverse_mass * p**2).flatten(1).sum(1)
 
 
 def hmc_step(
@@ -286,7 +357,7 @@ def hmc_step(
     generator: torch.Generator,
     energy: EnergyFunction,
     step_size: torch.Tensor,
-    inverse_mass: torch.Tensor,
+    metric: Metric,
     num_steps: int,
     max_energy_error: float,
 ) -> tuple[HMCState, HMCInfo]:
@@ -299,15 +370,15 @@ def hmc_step(
         generator: the source of the momenta and the uniform draws.
         energy: the potential $U$.
         step_size: $\\epsilon$, a scalar or per-chain ``(C, 1, ...)`` tensor.
-        inverse_mass: the diagonal of $M^{-1}$, shape ``event_shape``.
+        metric: the mass matrix.
         num_steps: leapfrog steps $L \\ge 1$.
         max_energy_error: the divergence threshold on $H' - H$.
     """
     x0 = state.position
-    p0 = randn_like(x0, generator) / inverse_mass.sqrt()
-    h0 = state.energy + kinetic(p0, inverse_mass)
-    x, p, u, grad = leapfrog(energy, x0, p0, state.grad, step_size, inverse_mass, num_steps)
-    h = u + kinetic(p, inverse_mass)
+    p0 = metric.momentum(x0, generator)
+    h0 = state.energy + metric.kinetic(p0)
+    x, p, u, grad = leapfrog(energy, x0, p0, state.grad, step_size, metric, num_steps)
+    h = u + metric.kinetic(p)
     delta = h - h0
     decision = metropolis(generator, x, u, -delta)
     accepted = decision.accepted
@@ -325,7 +396,7 @@ def hmc_step(
         torch.where(accepted, h, h0),
         delta,
         x,
-        inverse_mass * p,
+        metric.velocity(p),
         num_steps,
     )
     return new, info

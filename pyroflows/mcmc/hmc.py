@@ -67,13 +67,14 @@ from pyroflows.mcmc.core import (
     Energy,
     HMCInfo,
     HMCState,
+    Metric,
+    dense_metric,
+    diagonal_metric,
     halton,
     hmc_init,
     hmc_step,
-    kinetic,
     leapfrog,
     log_accept_prob,
-    randn_like,
     restart_stragglers,
 )
 from pyroflows.validation import (
@@ -84,17 +85,19 @@ from pyroflows.validation import (
     check_probability,
 )
 
-#: the fewest chains with which ``adapt="auto"`` picks ChEES
+#: the fewest chains with which ``adapt="auto"`` picks ChEES (and ``mass="auto"`` a dense metric)
 CHEES_MIN_CHAINS = 16
+#: the largest (flattened) event size for which ``mass="auto"`` picks a dense metric
+MAX_DENSE_DIM = 200
 
 
 class HMCParams(NamedTuple):
-    """What one HMC transition needs besides the chains: $\\epsilon$, the diagonal of
-    $M^{-1}$, the (un-jittered) number of leapfrog steps $T / \\epsilon$, and whether
-    trajectories are jittered."""
+    """What one HMC transition needs besides the chains: $\\epsilon$, the mass matrix, the
+    (un-jittered) number of leapfrog steps $T / \\epsilon$, and whether trajectories are
+    jittered."""
 
     step_size: torch.Tensor
-    inverse_mass: torch.Tensor
+    metric: Metric
     num_steps: float
     jittered: bool
 
@@ -109,7 +112,7 @@ class HMC(BatchedKernel):
         num_steps: leapfrog steps per transition $L$ (fixed-length HMC; 1: MALA); with ChEES,
             the initial trajectory length is ``num_steps * step_size`` (default: one step).
         adapt_step_size: tune $\\epsilon$ during warm-up.
-        adapt_mass_matrix: tune the diagonal inverse mass matrix during warm-up.
+        adapt_mass_matrix: tune the inverse mass matrix during warm-up.
         target_accept_prob: the acceptance aimed at (default: 0.651 for the harmonic mean
             with ChEES, 0.8 for fixed-length HMC, 0.574 for MALA).
         max_energy_error: an energy error $H' - H$ above this is a divergence.
@@ -118,6 +121,8 @@ class HMC(BatchedKernel):
             ``num_steps`` is given.
         learning_rate: ChEES's Adam learning rate on $\\log T$.
         max_steps: the most leapfrog steps a ChEES trajectory may take.
+        mass: ``"diag"``, ``"dense"``, or ``"auto"``: dense when the mass matrix is adapted,
+            at least 16 chains run and the flattened event has at most 200 coordinates.
         model: a Pyro model instead of an energy (keyword only).
 
     Example:
@@ -142,8 +147,10 @@ class HMC(BatchedKernel):
         adapt: str = "auto",
         learning_rate: float = 0.025,
         max_steps: int = 1000,
+        mass: str = "auto",
         model: Callable | None = None,
     ) -> None:
+        self.mass = check_choice(mass, "mass", ("auto", "diag", "dense"))
         self.initial_step_size = check_positive(step_size, "step_size")
         self.num_steps = None if num_steps is None else check_int(num_steps, "num_steps")
         self.max_energy_error = check_positive(max_energy_error, "max_energy_error")
@@ -167,14 +174,28 @@ class HMC(BatchedKernel):
 
     @property
     def inverse_mass_matrix(self) -> torch.Tensor | None:
-        """The diagonal of $M^{-1}$ (shape ``event_shape``) of the last run's sampling phase."""
-        return None if self.params is None else self.params.inverse_mass
+        """$M^{-1}$ of the last run's sampling phase: its diagonal (shape ``event_shape``), or
+        the ``(D, D)`` matrix over the flattened event when dense."""
+        return None if self.params is None else self.params.metric.inverse_mass
 
     def uses_chees(self, num_chains: int) -> bool:
         """Whether a run of ``num_chains`` chains adapts by ChEES."""
         if self.adapt_mode == "auto":
             return self.num_steps is None and num_chains >= CHEES_MIN_CHAINS
         return self.adapt_mode == "chees"
+
+    def uses_dense_mass(self, num_chains: int, event_size: int) -> bool:
+        """Whether a run of ``num_chains`` chains with ``event_size`` coordinates each adapts a
+        dense mass matrix: the pooled covariance of many chains estimates one well and costs
+        $O(D^2)$ per leapfrog step, small next to an energy evaluation up to a few hundred
+        coordinates."""
+        if self.mass == "auto":
+            return (
+                self.adapt_mass_matrix
+                and num_chains >= CHEES_MIN_CHAINS
+                and event_size <= MAX_DENSE_DIM
+            )
+        return self.mass == "dense"
 
     def _target(self, chees: bool) -> float:
         if self.target_accept_prob is not None:
@@ -186,11 +207,16 @@ class HMC(BatchedKernel):
         return hmc_init(position, self.potential)
 
     def default_params(self, state: HMCState) -> HMCParams:
-        """The constructor's $\\epsilon$ and $L$ (10 if not given), unit mass matrix."""
+        """The constructor's $\\epsilon$ and $L$ (10 if not given), unit mass matrix (dense or
+        diagonal as the run adapts it)."""
         x = state.position
         step = torch.as_tensor(self.initial_step_size, dtype=x.dtype, device=x.device)
         chees = self.uses_chees(x.shape[0])
-        return HMCParams(step, torch.ones_like(x[0]), float(self.num_steps or 10), chees)
+        if self.uses_dense_mass(x.shape[0], x[0].numel()):
+            metric = dense_metric(torch.eye(x[0].numel(), dtype=x.dtype, device=x.device))
+        else:
+            metric = diagonal_metric(torch.ones_like(x[0]))
+        return HMCParams(step, metric, float(self.num_steps or 10), chees)
 
     def step(
         self, state: HMCState, generator: torch.Generator, params: HMCParams | None = None
@@ -217,7 +243,7 @@ class HMC(BatchedKernel):
             generator,
             self.potential,
             step_size,
-            params.inverse_mass,
+            params.metric,
             num_steps,
             self.max_energy_error,
         )
@@ -227,7 +253,8 @@ class HMC(BatchedKernel):
         params = self.default_params(state)
         step = params.step_size
         if self.adapt_step_size:
-            step = self._find_step_size(state, generator, step, params.inverse_mass)
+            step = self._find_step_size(state, generator, step, params.metric)
+        dense = params.metric.dense
         if self.uses_chees(state.position.shape[0]):
             adapter = ChEESAdaptation(
                 warmup_steps,
@@ -236,8 +263,9 @@ class HMC(BatchedKernel):
                 self.max_steps,
                 self.adapt_mass_matrix,
                 initial_num_steps=self.num_steps or 10,
+                dense=dense,
             )
-            adapt_state = adapter.init(step, params.inverse_mass, state.position.shape[0])
+            adapt_state = adapter.init(step, params.metric, state.position.shape[0])
             if self.num_steps is not None:
                 adapt_state = adapt_state._replace(
                     log_trajectory=(step * self.num_steps).log(),
@@ -245,9 +273,13 @@ class HMC(BatchedKernel):
                 )
             return Warmup(adapter, adapt_state)
         adapter = WindowAdaptation(
-            warmup_steps, self._target(False), self.adapt_step_size, self.adapt_mass_matrix
+            warmup_steps,
+            self._target(False),
+            self.adapt_step_size,
+            self.adapt_mass_matrix,
+            metric="dense" if dense else "diag",
         )
-        return Warmup(adapter, adapter.init(step, params.inverse_mass))
+        return Warmup(adapter, adapter.init(step, params.metric))
 
     def adapt(
         self,
@@ -265,6 +297,7 @@ class HMC(BatchedKernel):
             state, ended = adapter.update(
                 warmup.state,
                 before.position,
+                before.energy,
                 info.proposal,
                 info.velocity,
                 info.accept_prob,
@@ -272,15 +305,16 @@ class HMC(BatchedKernel):
                 length,
             )
             step = adapter.step_size(state)
+            metric = state.metric
         else:
-            state, ended = adapter.update(warmup.state, after.position, info.accept_prob)
-            step = state.step_size
+            state, ended = adapter.update(
+                warmup.state, after.position, info.accept_prob, after.energy
+            )
+            step, metric = state.step_size, state.variance
         if isinstance(adapter, ChEESAdaptation) and state.t == adapter.initial_steps:
             after = restart_stragglers(after, generator)
         if ended and self.adapt_step_size:
-            state = adapter.restart(
-                state, self._find_step_size(after, generator, step, state.variance)
-            )
+            state = adapter.restart(state, self._find_step_size(after, generator, step, metric))
         return Warmup(adapter, state), after
 
     def warmup_params(self, warmup: Warmup, final: bool = False) -> HMCParams:
@@ -289,9 +323,9 @@ class HMC(BatchedKernel):
         if isinstance(adapter, ChEESAdaptation):
             step = adapter.step_size(state, final)
             if adapter.in_initial_phase(state):  # per-chain steps, fixed length
-                return HMCParams(step, state.variance, float(adapter.initial_num_steps), False)
+                return HMCParams(step, state.metric, float(adapter.initial_num_steps), False)
             steps = float(adapter.trajectory_length(state, final) / step)  # one scalar read-back
-            return HMCParams(step, state.variance, steps, True)
+            return HMCParams(step, state.metric, steps, True)
         step = state.step_size
         if final and adapter.adapt_step_size:
             step = state.dual.log_avg.exp()
@@ -311,16 +345,14 @@ class HMC(BatchedKernel):
         state: HMCState,
         generator: torch.Generator,
         step_size: torch.Tensor,
-        inverse_mass: torch.Tensor,
+        metric: Metric,
     ) -> torch.Tensor:
         """Double or halve $\\epsilon$ until one leapfrog step's mean acceptance crosses 1/2."""
 
         def mean_accept(eps: torch.Tensor) -> float:
-            p = randn_like(state.position, generator) / inverse_mass.sqrt()
-            _, p1, u1, _ = leapfrog(
-                self.potential, state.position, p, state.grad, eps, inverse_mass, 1
-            )
-            delta = u1 + kinetic(p1, inverse_mass) - state.energy - kinetic(p, inverse_mass)
+            p = metric.momentum(state.position, generator)
+            _, p1, u1, _ = leapfrog(self.potential, state.position, p, state.grad, eps, metric, 1)
+            delta = u1 + metric.kinetic(p1) - state.energy - metric.kinetic(p)
             return log_accept_prob(-delta).exp().mean().item()
 
         direction = 1.0 if mean_accept(step_size) > 0.5 else -1.0
