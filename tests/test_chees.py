@@ -159,3 +159,82 @@ def test_restart_stragglers_moves_only_far_chains():
     rows = (new.position[:3, None] == position[None, 3:]).all(-1).any(-1)
     assert bool(rows.all())  # copies of other chains
     torch.testing.assert_close(new.energy, target(new.position))
+
+
+# -- dense mass matrix ------------------------------------------------------------------------
+def test_dense_metric_algebra():
+    """p ~ N(0, M) by the Cholesky factor, M^{-1}p, the kinetic energy and the whitening agree
+    with the dense inverse mass matrix, and a diagonal matrix gives the diagonal metric's
+    answers."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    cov = a @ a.T + 0.5 * torch.eye(4, dtype=torch.float64)
+    metric = mcmc.core.dense_metric(cov)
+    assert metric.dense
+    p = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(metric.velocity(p), p @ cov)
+    torch.testing.assert_close(metric.kinetic(p), 0.5 * ((p @ cov) * p).sum(1))
+    torch.testing.assert_close(metric.whiten(p) @ metric.factor.T, p)
+    draws = metric.momentum(torch.empty(200_000, 4, dtype=torch.float64), g)
+    mass = torch.linalg.inv(cov)
+    torch.testing.assert_close(draws.T.cov(), mass, atol=0.03 * mass.abs().max(), rtol=0)
+    variance = torch.tensor([0.5, 2.0, 3.0, 4.0], dtype=torch.float64)
+    diag, dense = mcmc.core.diagonal_metric(variance), mcmc.core.dense_metric(variance.diag())
+    assert not diag.dense
+    for f in ("velocity", "kinetic", "whiten"):
+        torch.testing.assert_close(getattr(dense, f)(p), getattr(diag, f)(p))
+
+
+def test_dense_metric_falls_back_to_the_diagonal():
+    cov = torch.tensor([[1.0, 2.0], [2.0, 1.0]])  # not positive definite
+    metric = mcmc.core.dense_metric(cov)
+    torch.testing.assert_close(metric.inverse_mass, torch.eye(2))
+    assert torch.isfinite(metric.whitener).all()
+
+
+def test_dense_welford_is_the_pooled_covariance_without_stragglers():
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(50, 2, 3, generator=g, dtype=torch.float64) for _ in range(4)]
+    weights = [torch.rand(50, generator=g) > 0.2 for _ in batches]
+    batches[0][weights[0].logical_not()] += 1e6  # far stragglers, weighted out
+    state = mcmc.adapt.EMPTY_WELFORD
+    for batch, weight in zip(batches, weights, strict=True):
+        state = mcmc.adapt.welford_update(state, batch, weight, dense=True)
+    kept = torch.cat([b[w] for b, w in zip(batches, weights, strict=True)]).flatten(1)
+    n = kept.shape[0]
+    assert float(state.count) == n
+    torch.testing.assert_close(state.m2 / (n - 1), kept.T.cov())
+    shrunk = mcmc.adapt.welford_covariance(state)
+    torch.testing.assert_close(shrunk.diagonal(), mcmc.adapt.welford_variance(
+        mcmc.adapt.WelfordState(state.count, state.mean, state.m2.diagonal())))
+    w = n / (n + 6)  # off-diagonal entries keep n / (n + D) of their weight, times n / (n + 5)
+    torch.testing.assert_close(shrunk[0, 1], kept.T.cov()[0, 1] * w * n / (n + 5))
+
+
+@pytest.mark.parametrize("adapt", ["chees", "fixed"])
+def test_dense_mass_matrix_learns_a_strong_correlation(adapt):
+    """Correlation 0.99: the dense inverse mass matrix is the posterior covariance, so the
+    whitened target is isotropic, and the moments are right."""
+    cov = torch.tensor([[1.0, 0.99 * 3], [0.99 * 3, 9.0]])
+    target = energies.Gaussian(torch.zeros(2), cov)
+    options = {"adapt": adapt} if adapt == "chees" else {"num_steps": 5}
+    kernel, idata = run(target, 64, 400, 100, **options)
+    assert kernel.inverse_mass_matrix.shape == (2, 2)
+    torch.testing.assert_close(kernel.inverse_mass_matrix, cov, rtol=0.15, atol=0.05)
+    check_gaussian(idata, target)
+
+
+def test_mass_option_and_auto_rule():
+    target = energies.Gaussian(torch.zeros(3), torch.ones(3))
+    init = torch.randn(32, 3, generator=torch.Generator().manual_seed(0))
+    kernel = mcmc.HMC(target, mass="diag")
+    mcmc.sample(kernel, init, 5, warmup_steps=30, progress=False, seed=0)
+    assert kernel.inverse_mass_matrix.shape == (3,)
+    auto = mcmc.HMC(target)
+    assert auto.uses_dense_mass(16, 200)
+    assert not auto.uses_dense_mass(8, 3)  # few chains: too few draws per window
+    assert not auto.uses_dense_mass(1024, 201)  # large: O(D^2) per leapfrog step
+    assert not mcmc.HMC(target, adapt_mass_matrix=False).uses_dense_mass(1024, 3)
+    assert mcmc.HMC(target, mass="dense").uses_dense_mass(1, 1000)
+    with pytest.raises(ValueError, match="mass"):
+        mcmc.HMC(target, mass="full")

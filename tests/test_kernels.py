@@ -199,8 +199,9 @@ def test_summarize_puts_divergences_in_context():
     assert calm["advice"].startswith("No divergent transitions after warm-up.")
 
 
-@pytest.mark.parametrize("name", ["hmc-chees", "sgld", "mh-flow"])
+@pytest.mark.parametrize("name", ["hmc-chees", "hmc-fixed", "sgld", "mh-flow"])
 def test_default_device_trap(name):
+    # 16 chains: both HMC warm-ups adapt a dense mass matrix in a window
     kernel, x0 = KERNELS[name](GAUSS), torch.randn(16, 3)
     with default_device_trap():
         idata = _run(kernel, x0)
