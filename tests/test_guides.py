@@ -264,14 +264,13 @@ def test_warm_start_is_the_exact_posterior_of_a_gaussian_model(data):
     mean, cov = exact_posterior(data)
     assert guide.warm_start.kind == "full"
     torch.testing.assert_close(guide.warm_start.loc, mean, atol=1e-4, rtol=0)
-    scale_tril = guide.warm_start.scale_tril
-    torch.testing.assert_close(scale_tril @ scale_tril.T, cov, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(guide.warm_start.covariance(), cov, atol=1e-5, rtol=1e-4)
     z = guide.get_posterior().sample((20_000,))  # untrained: the Laplace approximation itself
     torch.testing.assert_close(z.mean(0), mean, atol=0.01, rtol=0)
     # get_transform is the whole map, for NeuTra: its last stage is the warm start's
     last = guide.get_transform().parts[-1]
     assert torch.equal(last.loc, guide.warm_start.loc)
-    assert torch.equal(last.scale_tril, scale_tril)
+    torch.testing.assert_close(last.matrix(), guide.warm_start.transform().matrix())
 
 
 def test_diagnose_needs_training_then_reports_khat_ess_and_reweighted_draws(data):
@@ -334,3 +333,60 @@ def test_dependent_support_is_taken_at_the_values_drawn():
     )()
     assert (draws["alpha"] + draws["beta"] < 1).all()
     assert draws["alpha"].std() > 0.1  # alpha really varies, so the bound really moves
+
+
+def _gaussian_kl(cov_q, cov_p):
+    """KL(N(0, cov_q) || N(0, cov_p))."""
+    ratio = torch.linalg.solve(cov_p, cov_q)
+    return 0.5 * (torch.trace(ratio) - len(ratio) - torch.logdet(ratio)).item()
+
+
+def test_low_rank_warm_start_captures_the_correlation_above_the_dense_limit():
+    """A 300-D Gaussian with three strong factors (correlations near +-1 between coordinates of
+    very different scales): above 256 dimensions the start is low-rank plus diagonal, from
+    Hessian-vector products, and captures the correlation that a diagonal misses."""
+    dim = 300
+    g = torch.Generator().manual_seed(1)
+    sd = torch.exp(3 * torch.rand(dim, generator=g, dtype=torch.float64) - 1.5)
+    factors = sd[:, None] * torch.randn(dim, 3, generator=g, dtype=torch.float64) * 3
+    cov = torch.diag(0.1 * sd**2) + factors @ factors.T
+    mean = torch.randn(dim, generator=g, dtype=torch.float64)
+
+    def model():
+        pyro.sample("z", dist.MultivariateNormal(mean, cov))
+
+    guide = AutoFlow(model, flow="realnvp", num_layers=1, hidden_dims=(8,), num_starts=2)
+    guide()
+    start = guide.warm_start
+    assert start.kind == "lowrank" and start.directions.shape == (dim, 32)
+    assert ((start.loc - mean).abs() / cov.diagonal().sqrt()).max() < 0.05  # the MAP, up to L-BFGS
+    diagonal = torch.diag(start.scale**2)
+    kl_lowrank, kl_diagonal = _gaussian_kl(start.covariance(), cov), _gaussian_kl(diagonal, cov)
+    assert kl_diagonal > 10 and kl_lowrank < 0.05, (kl_lowrank, kl_diagonal)
+    # the strongest pair correlation is captured
+    corr = cov / torch.outer(cov.diagonal().sqrt(), cov.diagonal().sqrt())
+    i, j = divmod(int((corr - torch.eye(dim, dtype=corr.dtype)).abs().argmax()), dim)
+    got = start.covariance()
+    assert abs(got[i, j] / (got[i, i] * got[j, j]).sqrt() - corr[i, j]) < 0.02
+    # the guide's untrained draws follow the start (one fixed map, O(D * rank) per draw)
+    z = guide.get_posterior().sample((4000,))
+    assert abs(torch.corrcoef(z[:, [i, j]].T)[0, 1] - corr[i, j]) < 0.05
+
+
+def test_quantiles_take_dependent_supports_at_each_draw():
+    def model():
+        alpha = pyro.sample("alpha", dist.Beta(2.0, 2.0))
+        pyro.sample("beta", dist.Uniform(0.0, 1 - alpha))
+
+    guide = AutoFlow(model, flow="iaf", num_layers=1, hidden_dims=(4,), init_scale=1.0,
+                     warm_start=None, num_quantile_samples=2000)
+    guide()
+    levels = torch.tensor([0.1, 0.5, 0.9])
+    torch.manual_seed(3)
+    quantiles = guide.quantiles(levels)
+    torch.manual_seed(3)
+    latent = guide.get_posterior().sample((2000,))
+    alpha = torch.sigmoid(latent[:, 0])
+    beta = (1 - alpha) * torch.sigmoid(latent[:, 1])  # the bound at each draw's alpha
+    torch.testing.assert_close(quantiles["alpha"], torch.quantile(alpha, levels))
+    torch.testing.assert_close(quantiles["beta"], torch.quantile(beta, levels))

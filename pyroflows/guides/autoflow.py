@@ -63,6 +63,7 @@ from torch.distributions import Transform, biject_to
 
 from pyroflows.guides.posterior import FlowPosterior
 from pyroflows.guides.warm_start import (
+    LowRankAffine,
     WarmStart,
     laplace_warm_start,
     plate_nesting,
@@ -141,6 +142,7 @@ class AutoFlow(AutoContinuous):
         self._fixed_latent: torch.Tensor | None = None
         self._vectorizable = True
         self.warm_start: WarmStart | None = None
+        self._latest_args: tuple[tuple, dict] = ((), {})
         super().__init__(model, init_loc_fn=init_loc_fn)
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
@@ -149,9 +151,7 @@ class AutoFlow(AutoContinuous):
         dim = self.latent_dim
         self._max_plate_nesting = plate_nesting(self.model, args, kwargs)
         if self._warm is None:
-            self.warm_start = WarmStart(
-                loc, torch.diag_embed(torch.full_like(loc, self._init_scale)), "init", math.nan
-            )
+            self.warm_start = WarmStart.isotropic(loc, self._init_scale, "init", math.nan)
         else:
             with torch.enable_grad():
                 self.warm_start = laplace_warm_start(
@@ -164,8 +164,8 @@ class AutoFlow(AutoContinuous):
                     num_starts=self._num_starts,
                     laplace=self._warm == "laplace",
                 )
-        self.register_buffer("base_loc", self.warm_start.loc.detach().clone())
-        self.register_buffer("base_scale_tril", self.warm_start.scale_tril.detach().clone())
+        for name in ("loc", "scale", "directions", "direction_scales"):
+            self.register_buffer(f"base_{name}", getattr(self.warm_start, name).detach().clone())
         # Build on the model's device even under another default device (e.g. the tests' trap).
         with torch.device(loc.device):
             flow = build_flow(self._flow_name, dim, **self._flow_args)
@@ -217,6 +217,7 @@ class AutoFlow(AutoContinuous):
         """
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        self._latest_args = (args, kwargs)  # for quantiles() of dependent supports
         dependent = self._dependent_sites()
         latent = self.sample_latent(*args, **kwargs)
         plates = self._create_plates(*args, **kwargs)
@@ -266,7 +267,11 @@ class AutoFlow(AutoContinuous):
             layers.append(LowerCholeskyAffine(self.loc, self.scale_tril))
         elif self._affine_kind == "diagonal":
             layers.append(AffineTransform(self.loc, self.scale, event_dim=1))
-        layers.append(LowerCholeskyAffine(self.base_loc, self.base_scale_tril))
+        layers.append(
+            LowRankAffine(
+                self.base_loc, self.base_scale, self.base_directions, self.base_direction_scales
+            )
+        )
         return layers
 
     def get_transform(self, *args: Any, **kwargs: Any) -> Transform:
@@ -336,15 +341,10 @@ class AutoFlow(AutoContinuous):
                 "run NeuTra-HMC with its transform"
             )
         ok = log_w[finite]
-        samples = {
-            name: biject_to(site["fn"].support)(value)
-            for name, site, value in self._unpacked(latent)
-        }
+        samples = self._site_values(latent, args, kwargs, trace if self._vectorizable else None)
         if self._vectorizable:  # the one model trace holds every draw of every site
             for name, site in trace.nodes.items():
-                if site["type"] == "sample" and (
-                    name in samples or site["infer"].get("_deterministic")
-                ):
+                if site["type"] == "sample" and site["infer"].get("_deterministic"):
                     shape = site["value"].shape[1:]
                     while len(shape) > 0 and shape[0] == 1 and len(shape) > site["fn"].event_dim:
                         shape = shape[1:]
@@ -371,17 +371,46 @@ class AutoFlow(AutoContinuous):
             pos += size
         return out
 
+    def _site_values(
+        self, latent: torch.Tensor, args: tuple, kwargs: dict, trace: Any = None
+    ) -> dict[str, torch.Tensor]:
+        """Constrained draws ``(N, *site_shape)`` of every latent site for latents ``(N, D)``;
+        a site whose support depends on other sites takes it at each draw's values, from a
+        model run over the draws (``trace``, when the caller has one)."""
+        samples = {
+            name: biject_to(site["fn"].support)(value)
+            for name, site, value in self._unpacked(latent)
+        }
+        dependent = self._dependent_sites()
+        if not dependent:
+            return samples
+        if trace is None and self._vectorizable:
+            trace = unconstrained_log_density(self, self.model, latent, args, kwargs)[1]
+        if self._vectorizable:  # (the run above may have found that the model is not)
+            rows, traces = [latent], [trace]
+        else:
+            rows = list(latent.split(1))
+            traces = [unconstrained_log_density(self, self.model, r, args, kwargs)[1] for r in rows]
+        for name in dependent:
+            shape = self.prototype_trace.nodes[name]["value"].shape
+            samples[name] = torch.cat(
+                [
+                    t.nodes[name]["value"].reshape(len(r), *shape)
+                    for t, r in zip(traces, rows, strict=True)
+                ]
+            )
+        return samples
+
     # -- summaries -----------------------------------------------------------------------
     @torch.no_grad()
     def _constrained_samples(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """``num_quantile_samples`` posterior draws of every site, ``(N, *site_shape)``."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        if not args and not kwargs:
+            args, kwargs = self._latest_args
         latent = self.get_posterior(*args, **kwargs).sample((self.num_quantile_samples,))
-        return {
-            name: biject_to(site["fn"].support)(value)
-            for name, site, value in self._unpacked(latent)
-        }
+        return self._site_values(latent, args, kwargs)
 
     @torch.no_grad()
     def quantiles(
@@ -390,9 +419,16 @@ class AutoFlow(AutoContinuous):
         """Marginal posterior quantiles of every latent site, estimated from
         ``num_quantile_samples`` draws (Monte-Carlo error about $\\sqrt{p(1-p)/N} / q(x_p)$).
 
+        A site whose support depends on other sites (``beta ~ Uniform(0, 1 - alpha)``) is
+        constrained at each draw's values of those sites, as in
+        [`forward`][pyroflows.guides.AutoFlow.forward], which takes one vectorised run of the
+        model over the draws (one run per draw for a model that does not vectorise); other sites
+        need no model run.
+
         Args:
             quantiles: levels in $[0, 1]$.
-            *args: the model's arguments (used only if the guide has not run yet).
+            *args: the model's arguments (default: those of the guide's latest call; used to
+                set the guide up if it has not run yet, and for dependent supports).
             **kwargs: the model's keyword arguments (likewise).
 
         Returns:

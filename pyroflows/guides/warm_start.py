@@ -29,26 +29,105 @@ import torch
 from pyro import poutine
 from pyro.infer.importance import vectorized_importance_weights
 from pyro.poutine.util import site_is_subsample
+from torch.distributions import Transform, constraints
+
+
+class LowRankAffine(Transform):
+    """$u = \\mu + s \\odot (x + Q((\\sigma - 1) \\odot Q^\\top x))$ with $Q$ ``(D, k)``
+    orthonormal: a diagonal scale after a symmetric map that stretches the $k$ directions $Q$ by
+    $\\sigma$ (``k = D``: any symmetric positive-definite square root; ``k = 0``: diagonal).
+
+    Its inverse and log-determinant cost $O(Dk)$ too:
+    $\\log|\\det| = \\sum_i \\log s_i + \\sum_j \\log \\sigma_j$.
+
+    Args:
+        loc: $\\mu$, ``(D,)``.
+        scale: $s$, ``(D,)``, positive.
+        directions: $Q$, ``(D, k)`` with orthonormal columns.
+        direction_scales: $\\sigma$, ``(k,)``, positive.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(
+        self,
+        loc: torch.Tensor,
+        scale: torch.Tensor,
+        directions: torch.Tensor,
+        direction_scales: torch.Tensor,
+    ) -> None:
+        super().__init__()
+        self.loc, self.scale = loc, scale
+        self.directions, self.direction_scales = directions, direction_scales
+
+    def _stretch(self, x: torch.Tensor, power: float) -> torch.Tensor:
+        coef = (x @ self.directions) * (self.direction_scales**power - 1)
+        return x + coef @ self.directions.T
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        return self.loc + self.scale * self._stretch(x, 1.0)
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return self._stretch((y - self.loc) / self.scale, -1.0)
+
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        log_det = self.scale.log().sum() + self.direction_scales.log().sum()
+        return log_det.expand(x.shape[:-1])
+
+    def matrix(self) -> torch.Tensor:
+        """The dense $D \\times D$ matrix $A$ of the map $x \\mapsto A x + \\mu$."""
+        eye = torch.diag_embed(torch.ones_like(self.scale))
+        return self._stretch(eye, 1.0).T * self.scale[:, None]
 
 
 @dataclass
 class WarmStart:
-    """The result of [`laplace_warm_start`][pyroflows.guides.warm_start.laplace_warm_start].
+    """The result of [`laplace_warm_start`][pyroflows.guides.warm_start.laplace_warm_start]:
+    $\\mathcal N(\\hat u, A A^\\top)$ with $A$ the
+    [`LowRankAffine`][pyroflows.guides.warm_start.LowRankAffine] of ``scale``, ``directions``
+    and ``direction_scales``.
 
     Attributes:
         loc: the MAP point $\\hat u$ (or the init point when the MAP failed).
-        scale_tril: lower-triangular $L$ with $L L^\\top$ the Laplace covariance.
-        kind: ``"full"`` (Cholesky of $H^{-1}$), ``"diagonal"`` (fallback), ``"multimodal"``
-            (starts ended on several optima of similar height: the init point with the guide's
-            ``init_scale``), ``"map"`` (no Laplace) or ``"init"`` (no usable MAP: the init
-            point with the guide's ``init_scale``).
+        scale: $1 / \\sqrt{H_{ii}}$, the Laplace scale of each coordinate alone (or the guide's
+            ``init_scale`` where there is no usable curvature), ``(D,)``.
+        directions: eigenvectors $Q$ of the scaled Hessian $\\operatorname{diag}(s) H
+            \\operatorname{diag}(s)$ kept, ``(D, k)``.
+        direction_scales: $\\lambda^{-1/2}$ for their eigenvalues $\\lambda$, ``(k,)``.
+        kind: ``"full"`` (every direction: $A A^\\top = H^{-1}$ exactly), ``"lowrank"`` (the
+            ``rank`` directions whose eigenvalues are furthest from 1 plus the diagonal, or the
+            positive-definite part of $H$), ``"diagonal"`` (no usable direction),
+            ``"multimodal"`` (starts ended on several optima of similar height: the init point
+            with the guide's ``init_scale``), ``"map"`` (no Laplace) or ``"init"`` (no usable
+            MAP: the init point with the guide's ``init_scale``).
         log_density: $\\log p(\\hat u)$ (unnormalised).
     """
 
     loc: torch.Tensor
-    scale_tril: torch.Tensor
+    scale: torch.Tensor
+    directions: torch.Tensor
+    direction_scales: torch.Tensor
     kind: str
     log_density: float
+
+    @classmethod
+    def isotropic(cls, loc: torch.Tensor, scale: float, kind: str, log_density: float) -> WarmStart:
+        """$\\mathcal N(\\text{loc}, \\text{scale}^2 I)$."""
+        return cls(
+            loc, torch.full_like(loc, scale), loc.new_zeros(len(loc), 0), loc.new_zeros(0),
+            kind, log_density,
+        )
+
+    def transform(self) -> LowRankAffine:
+        """$x \\mapsto \\hat u + A x$."""
+        return LowRankAffine(self.loc, self.scale, self.directions, self.direction_scales)
+
+    def covariance(self) -> torch.Tensor:
+        """$A A^\\top$, dense ``(D, D)``."""
+        a = self.transform().matrix()
+        return a @ a.T
 
 
 def _site_slices(guide: Any) -> list[tuple[str, slice]]:
@@ -180,8 +259,21 @@ def laplace_warm_start(
     max_iter: int = 100,
     laplace: bool = True,
     max_dense_dim: int = 256,
+    rank: int = 32,
 ) -> WarmStart:
     """MAP by batched multi-start L-BFGS, then the Laplace approximation at it.
+
+    The Hessian $H$ at the MAP comes from Hessian-vector products, each batch of them one
+    vectorised model run (double backward through the particle plate). With $s_i = H_{ii}^{-1/2}$
+    the eigen-decomposition $\\operatorname{diag}(s) H \\operatorname{diag}(s) = Q \\Lambda
+    Q^\\top$ gives $H^{-1} = A A^\\top$, $A = \\operatorname{diag}(s)\\, Q \\Lambda^{-1/2}
+    Q^\\top$. Up to ``max_dense_dim`` dimensions every eigenpair is computed (dense $H$);
+    above, the diagonal comes from $D$ batched products and the ``rank`` eigenpairs by Lanczos
+    iteration (about ``3 * rank`` sequential products) whose eigenvalues are furthest from 1
+    by $\\lambda - 1 - \\log\\lambda$ (each one's share of
+    $\\mathrm{KL}$ between the diagonal and the full Laplace approximation): strongly correlated
+    coordinates (ridges, $\\lambda \\ll 1$) and tightly coupled ones ($\\lambda \\gg 1$).
+    Directions of non-positive curvature keep the diagonal scale.
 
     Args:
         guide: an ``AutoContinuous`` guide whose prototype is set up, with
@@ -197,7 +289,8 @@ def laplace_warm_start(
         jitter: half-width of that noise.
         max_iter: L-BFGS iterations.
         laplace: take the Hessian (else only the MAP, with ``init_scale``).
-        max_dense_dim: above this dimension only the Hessian's diagonal is used.
+        max_dense_dim: up to this dimension the whole Hessian is decomposed.
+        rank: eigen-directions kept above ``max_dense_dim``.
 
     Returns:
         A [`WarmStart`][pyroflows.guides.warm_start.WarmStart].
@@ -241,12 +334,7 @@ def laplace_warm_start(
         u.grad.nan_to_num_(0.0, 0.0, 0.0)
         return loss
 
-    fallback = WarmStart(
-        init.detach(),
-        torch.diag_embed(torch.full_like(init, init_scale)),
-        "init",
-        float(start_density),
-    )
+    fallback = WarmStart.isotropic(init.detach(), init_scale, "init", float(start_density))
     try:
         optimizer.step(objective)
     except (ValueError, RuntimeError):  # a start left the support: keep what is usable
@@ -274,46 +362,116 @@ def laplace_warm_start(
             return fallback
         loc = u[best].detach().clone()
     if not laplace:
-        return WarmStart(loc, fallback.scale_tril, "map", float(final[best]))
+        return WarmStart.isotropic(loc, init_scale, "map", float(final[best]))
 
-    def laplace_at(x: torch.Tensor) -> tuple[torch.Tensor, str]:
-        """The Laplace scale at ``x``: Cholesky of the inverse Hessian, else diagonal."""
-
-        def neg_log_density(y: torch.Tensor) -> torch.Tensor:
-            return -_log_density(guide, model, y[None], args, kwargs)[0][0]
-
-        if dim <= max_dense_dim:
-            hessian = torch.autograd.functional.hessian(neg_log_density, x)
-            hessian = 0.5 * (hessian + hessian.T)
-            precision_tril, info = torch.linalg.cholesky_ex(hessian)
-            if int(info) == 0 and bool(torch.isfinite(precision_tril).all()):
-                cov = torch.cholesky_inverse(precision_tril)
-                scale_tril, info = torch.linalg.cholesky_ex(0.5 * (cov + cov.T))
-                if int(info) == 0:
-                    return scale_tril, "full"
-            diag = torch.diagonal(hessian)
-        else:
-            diag = _hessian_diagonal(neg_log_density, x)
-        fill = torch.full_like(diag, init_scale)
-        return torch.diag_embed(torch.where(diag > 0, diag.clamp(min=1e-30).rsqrt(), fill)), (
-            "diagonal")
-
-    scale_tril, kind = laplace_at(loc)
-    modes = _other_modes(u.detach(), final, ok, best, scale_tril)
-    if modes:
+    scale, directions, direction_scales = _laplace(
+        lambda v: _hvp(guide, model, loc, v, args, kwargs),
+        loc,
+        init_scale=init_scale,
+        rank=dim if dim <= max_dense_dim else min(rank, dim),
+        dense=dim <= max_dense_dim,
+    )
+    k = len(direction_scales)
+    kind = "full" if k == dim else "lowrank" if k else "diagonal"
+    start = WarmStart(loc, scale, directions, direction_scales, kind, float(final[best]))
+    if _other_modes(u.detach(), final, ok, best, start.transform()):
         # several optima of similar height: a Gaussian around one of them is a poor start
         # (and around all of them a degenerate one); start broad at the init point instead
-        return WarmStart(fallback.loc, fallback.scale_tril, "multimodal", fallback.log_density)
-    return WarmStart(loc, scale_tril, kind, float(final[best]))
+        return WarmStart.isotropic(init.detach(), init_scale, "multimodal", fallback.log_density)
+    return start
+
+
+def _hvp(
+    guide: Any, model: Callable, x: torch.Tensor, vectors: torch.Tensor, args: tuple, kwargs: dict
+) -> torch.Tensor:
+    """$H v$ for each row $v$ of ``vectors`` ``(m, D)``, $H = -\\nabla^2 \\log p(x)$: the rows
+    are batched as particles of one vectorised model run, differentiated twice."""
+    u = x.detach().expand(len(vectors), -1).clone().requires_grad_(True)
+    log_p, _ = unconstrained_log_density(guide, model, u, args, kwargs)
+    (grad,) = torch.autograd.grad(log_p.sum(), u, create_graph=True)
+    (hv,) = torch.autograd.grad((grad * vectors).sum(), u)
+    return -hv
+
+
+def _laplace(
+    hvp: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    *,
+    init_scale: float,
+    rank: int,
+    dense: bool,
+    chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(scale, directions, direction_scales)`` of the Laplace approximation from
+    Hessian-vector products ``hvp(V) = V H`` (see
+    [`laplace_warm_start`][pyroflows.guides.warm_start.laplace_warm_start])."""
+    dim = len(x)
+    eye = torch.diag_embed(torch.ones_like(x))
+    if dense:
+        hessian = torch.cat([hvp(eye[i : i + chunk]) for i in range(0, dim, chunk)])
+        hessian = 0.5 * (hessian + hessian.T)
+        diag = torch.diagonal(hessian)
+    else:  # the diagonal only, a block of columns at a time
+        diag = torch.cat(
+            [hvp(eye[i : i + chunk])[:, i : i + chunk].diagonal() for i in range(0, dim, chunk)]
+        )
+    usable = torch.isfinite(diag) & (diag > 0)
+    scale = torch.where(usable, diag.clamp(min=1e-300).rsqrt(), torch.full_like(x, init_scale))
+    # the scaled Hessian on the usable coordinates (identity on the others)
+    keep = usable.to(x.dtype)
+
+    def scaled(v: torch.Tensor) -> torch.Tensor:
+        return hvp(v * keep * scale) * keep * scale + v * (1 - keep)
+
+    if dense:
+        matrix = hessian * (keep * scale)[:, None] * (keep * scale) + torch.diag_embed(1 - keep)
+        values, vectors = torch.linalg.eigh(matrix)
+    else:
+        values, vectors = _lanczos(scaled, x, min(dim, 3 * rank + 10))
+    # directions of clearly positive curvature, by their share of the KL to the diagonal
+    positive = torch.isfinite(values) & (values > dim * torch.finfo(x.dtype).eps ** 0.5)
+    gain = torch.where(positive, values - 1 - values.clamp(min=1e-300).log(), -values.new_ones(()))
+    order = torch.argsort(gain, descending=True)[:rank]
+    order = order[positive[order]]
+    return scale, vectors[:, order], values[order].rsqrt()
+
+
+def _lanczos(
+    matvec: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor, steps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ritz pairs ``(values (m,), vectors (D, m))`` of a symmetric operator after ``steps``
+    Lanczos iterations from a random start, with full reorthogonalisation (the extreme
+    eigenvalues at both ends converge first)."""
+    dim = len(like)
+    basis = like.new_zeros(steps, dim)
+    alpha, beta = like.new_zeros(steps), like.new_zeros(steps)
+    v = torch.randn(dim, dtype=like.dtype, device=like.device)
+    v = v / v.norm()
+    m = steps
+    for j in range(steps):
+        basis[j] = v
+        w = matvec(v[None])[0]
+        alpha[j] = w @ v
+        w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)  # full reorthogonalisation, twice
+        w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
+        beta[j] = w.norm()
+        if j + 1 == steps or beta[j] <= 1e-10 * alpha[: j + 1].abs().max():
+            m = j + 1  # an invariant subspace: its Ritz pairs are exact
+            break
+        v = w / beta[j]
+    tridiagonal = torch.diag_embed(alpha[:m]) + torch.diag_embed(beta[: m - 1], 1)
+    tridiagonal = tridiagonal + torch.diag_embed(beta[: m - 1], -1)
+    values, ritz = torch.linalg.eigh(tridiagonal)
+    return values, basis[:m].T @ ritz
 
 
 def _other_modes(
-    u: torch.Tensor, log_p: torch.Tensor, ok: torch.Tensor, best: int, scale_tril: torch.Tensor,
+    u: torch.Tensor, log_p: torch.Tensor, ok: torch.Tensor, best: int, whitening: Transform,
     *, separation: float = 3.0, height: float = 5.0,
 ) -> list[int]:
     """Starts that ended on other optima than ``best``: more than ``separation`` Laplace sds
     from it and from each other, and within ``height`` nats of its log-density."""
-    whiten = torch.linalg.solve_triangular(scale_tril, u.T, upper=False).T
+    whiten = whitening.inv(u)
     found: list[int] = [best]
     for k in torch.argsort(log_p, descending=True).tolist():
         if k in found or not bool(ok[k]) or bool(log_p[k] < log_p[best] - height):
@@ -321,11 +479,3 @@ def _other_modes(
         if all(float((whiten[k] - whiten[j]).norm()) > separation for j in found):
             found.append(k)
     return found[1:]
-
-
-def _hessian_diagonal(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Diagonal of the Hessian of ``fn`` at ``x`` by one Hessian-vector product per coordinate."""
-    x = x.detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(fn(x), x, create_graph=True)
-    rows = [torch.autograd.grad(grad[i], x, retain_graph=True)[0][i] for i in range(len(x))]
-    return torch.stack(rows).detach()
