@@ -47,12 +47,16 @@ class EnergyFunction:
     """A batched energy with its shape check, call counters and the validation-error guard.
 
     Args:
-        energy: ``energy(x) -> Tensor[batch]`` for ``x`` of shape ``(*batch, *event)``.
+        energy: ``energy(x) -> Tensor[batch]`` for ``x`` of shape ``(*batch, *event)``; when it
+            has a ``value_and_grad(x) -> (U, grad U)`` method (as
+            [`ModelPotential`][pyroflows.mcmc.ModelPotential]), gradients come from that.
         event_dim: the number of event dimensions of ``x``.
     """
 
     def __init__(self, energy: Energy, event_dim: int) -> None:
         self.energy, self.event_dim = energy, event_dim
+        # an energy object with its own value_and_grad (a model's potential) fuses the two
+        self._fused = getattr(energy, "value_and_grad", None)
         self.num_calls = 0
         self.num_evals = 0
 
@@ -70,6 +74,10 @@ class EnergyFunction:
         if not with_grad:
             with torch.no_grad():
                 return self._checked(x)
+        if self._fused is not None:  # the energy computes both in one pass
+            u, g = self._fused(x)
+            self._count(x, u)
+            return u, g
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             u = self._checked(xg)
@@ -77,8 +85,12 @@ class EnergyFunction:
         return u.detach(), g
 
     def _checked(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[: x.dim() - self.event_dim]
         u = self.energy(x)
+        self._count(x, u)
+        return u
+
+    def _count(self, x: torch.Tensor, u: torch.Tensor) -> None:
+        batch = x.shape[: x.dim() - self.event_dim]
         if not isinstance(u, torch.Tensor) or u.shape != batch:
             got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
             raise ValueError(
@@ -87,7 +99,6 @@ class EnergyFunction:
             )
         self.num_calls += 1
         self.num_evals += batch.numel()
-        return u
 
     def _guarded(self, x: torch.Tensor, with_grad: bool, guard: bool):
         try:

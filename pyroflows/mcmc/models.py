@@ -81,7 +81,7 @@ def sample_model(
     potential = ModelPotential(kernel.model, *model_args, **(model_kwargs or {}))
     generator = make_generator(seed, potential._device)
     start = potential.init(num_chains, init, generator)
-    kernel.bind(potential.energy)
+    kernel.bind(potential)
     draws, stats, attrs = run_chains(
         kernel, start, num_samples, warmup_steps=warmup_steps, thinning=thinning,
         progress=progress, generator=generator,

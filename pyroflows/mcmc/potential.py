@@ -21,6 +21,12 @@ that execution* — so a support that depends on another parameter (Stan's
 A model works when its sites broadcast over outer batch dimensions: plates with ``dim=`` set,
 vector-valued sites declared with ``.to_event``. Construction checks that two chains evaluated
 together give each chain the density it has alone, and names the site where they do not.
+
+**Replay.** Executing the model costs mostly Python (handlers, distribution construction,
+broadcasting), not arithmetic. From the second call with a given shape on, the energy and its
+gradient come from a graph of tensor ops traced from one execution and simplified
+(`pyroflows.mcmc.replay`), which runs at the speed of a hand-written energy. A model whose
+execution cannot be traced faithfully is executed every time, with a warning.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
+from pyroflows.mcmc.replay import Replay
 from pyroflows.validation import check_int, check_tensor
 
 __all__ = ["ModelPotential"]
@@ -126,6 +133,24 @@ def finite_start(
     return u
 
 
+class _Replayed(torch.autograd.Function):
+    """$U(u)$ from a replayed graph, whose gradient the graph computed in the same pass."""
+
+    @staticmethod
+    def forward(ctx: Any, u: torch.Tensor, graph: Callable, execute: Callable) -> torch.Tensor:
+        value, grad = graph(u)
+        ctx.execute = execute
+        ctx.save_for_backward(u, grad)
+        return value
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        u, grad = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiate an execution instead
+            (grad,) = torch.autograd.grad(ctx.execute(u).sum(), u, create_graph=True)
+        return grad_output[:, None] * grad, None, None
+
+
 class ModelPotential:
     """Batched potential energy of a Pyro model on the unconstrained space of its latent sites.
 
@@ -161,6 +186,9 @@ class ModelPotential:
             model(*args, **kwargs)
         self._discover(record.sites)
         self._check_broadcast()
+        #: replay the traced log-density after the first calls (``False``: always execute)
+        self.replay = True
+        self._replay = Replay(self._execute, name="model's log-density")
 
     # -- discovery -----------------------------------------------------------------------
     def _discovery_value(self, name: str, msg: dict) -> tuple[torch.Tensor, None]:
@@ -271,10 +299,12 @@ class ModelPotential:
             return value, _per_chain(t.log_abs_det_jacobian(free, value), num_chains)
 
         record, latents = _Record(), _SetLatents(choose)
-        # blocked: the internal execution never shows its sites to the caller's handlers
-        chains = pyro.plate(_CHAINS, num_chains, dim=-(self.max_plate_nesting + 1))
-        with poutine.block(), record, latents, chains:
-            self.model(*self.args, **self.kwargs)
+        # blocked: the internal execution (and the plate's own subsample site, created with
+        # the plate) never shows its sites to the caller's handlers
+        with poutine.block(), record, latents:
+            dim = -(self.max_plate_nesting + 1)
+            with pyro.plate(_CHAINS, num_chains, dim=dim, device=u.device):
+                self.model(*self.args, **self.kwargs)
         missing = set(self._latent) - set(record.sites)
         if missing:
             raise ValueError(f"latent site(s) {sorted(missing)} did not appear: the model's "
@@ -303,6 +333,11 @@ class ModelPotential:
     def energy(self, u: torch.Tensor) -> torch.Tensor:
         """$U(u)$ for every chain, in one model execution.
 
+        After the first calls with a given shape the model is not executed any more: its
+        log-density and gradient are replayed from a traced graph of tensor ops (see
+        `pyroflows.mcmc.replay`; set ``replay = False`` to always execute the model). Gradients
+        of any order are exact; second derivatives execute the model.
+
         Args:
             u: unconstrained points ``(C, D)`` (any leading batch shape works).
 
@@ -312,13 +347,46 @@ class ModelPotential:
             give ``inf`` or ``NaN`` there (the samplers reject them).
         """
         flat = self._flat(u)
+        value = None
+        if self.replay:
+            with_grad = torch.is_grad_enabled() and flat.requires_grad
+            graph = self._replay.lookup(flat, with_grad)
+            if graph is not None:
+                value = _Replayed.apply(flat, graph, self._execute) if with_grad else graph(flat)[0]
+        if value is None:
+            value = self._execute(flat)
+        return value.reshape(u.shape[:-1])
+
+    def value_and_grad(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """$U(u)$ and $\nabla U(u)$ for every chain (what a gradient sampler needs per step).
+
+        Args:
+            u: unconstrained points ``(C, D)``.
+
+        Returns:
+            ``(C,)`` energies and ``(C, D)`` gradients, detached.
+        """
+        flat = self._flat(u).detach()
+        graph = self._replay.lookup(flat, True) if self.replay else None
+        if graph is not None:
+            value, grad = graph(flat)
+        else:
+            with torch.enable_grad():
+                x = flat.requires_grad_(True)
+                value = self._execute(x)
+                (grad,) = torch.autograd.grad(value.sum(), x)
+            value = value.detach()
+        return value.reshape(u.shape[:-1]), grad.reshape(u.shape)
+
+    def _execute(self, flat: torch.Tensor) -> torch.Tensor:
+        """$U$ of ``(C, D)`` points by executing the model."""
         with pyro.validation_enabled(False):  # support checks would cost a host sync per site
             sites, log_det = self._run(flat)
         log_p = log_det
         for site in sites.values():
             if site["type"] == "sample" and not site["infer"].get("_deterministic"):
                 log_p = log_p + _per_chain(self._log_prob(site), flat.shape[0])
-        return (-log_p).reshape(u.shape[:-1])
+        return -log_p
 
     __call__ = energy
 

@@ -1,0 +1,143 @@
+"""Replay of a model's log-density as a traced graph: the same energies and gradients as
+executing the model, on inputs other than the trace's, retraced when captured data changes,
+eager where a graph would be wrong, and exact higher derivatives."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from conftest import default_device_trap
+from test_potential import eight_schools, kidiq_like, mixture, regression
+
+from pyroflows.datasets import posteriordb as pdb
+from pyroflows.mcmc import ModelPotential
+from pyroflows.mcmc.replay import Replay
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+F64 = torch.float64
+
+
+def garch():
+    gen = torch.Generator().manual_seed(3)
+    y = 5 + torch.randn(15, generator=gen, dtype=F64)
+    return pdb.garch11, dict(T=15, y=y, sigma1=torch.tensor(0.5, dtype=F64))
+
+
+def replayed_and_executed(potential, u):
+    """Energy and gradient through the replay path (after two calls) and by executing."""
+
+    def value_and_grad():
+        x = u.clone().requires_grad_(True)
+        value = potential.energy(x)
+        return value.detach(), torch.autograd.grad(value.sum(), x)[0]
+
+    potential.replay = True
+    for _ in range(2):
+        value_and_grad()
+    replayed = value_and_grad(), potential.value_and_grad(u)
+    potential.replay = False
+    executed = value_and_grad()
+    potential.replay = True
+    return replayed, executed
+
+
+@pytest.mark.parametrize("case", [eight_schools, regression, mixture, kidiq_like, garch])
+def test_replay_equals_execution_on_new_points(case):
+    model, data = case()
+    potential = ModelPotential(model, **data)
+    gen = torch.Generator().manual_seed(0)
+    (via_energy, fused), (value, grad) = replayed_and_executed(
+        potential, torch.randn(6, potential.dim, generator=gen, dtype=F64)
+    )
+    assert potential._replay._graphs, "no graph was traced"
+    assert all(graph is not None for graph in potential._replay._graphs.values())
+    # points the graph was not traced at: the graph is a function, not a memo
+    u = 2 * torch.randn(6, potential.dim, generator=gen, dtype=F64)
+    (via_energy, fused), (value, grad) = replayed_and_executed(potential, u)
+    for replayed_value, replayed_grad in (via_energy, fused):
+        assert torch.allclose(replayed_value, value, rtol=1e-10, atol=1e-10)
+        assert torch.allclose(replayed_grad, grad, rtol=1e-9, atol=1e-9)
+
+
+def test_replay_after_data_change_in_place():
+    y = torch.tensor([1.0, 2.0, 3.0], dtype=F64)
+
+    def model():
+        mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=F64), 1.0))
+        with pyro.plate("data", 3, dim=-1):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    potential = ModelPotential(model)
+    u = torch.zeros(4, 1, dtype=F64)
+    for _ in range(3):
+        before = potential.energy(u)
+    y.add_(1.0)  # e.g. new data copied into the same tensor
+    after = potential.energy(u)
+    assert torch.allclose(after - before, torch.full_like(before, 0.5 * (29 - 14)))
+
+
+def test_value_dependent_energy_is_executed_with_a_warning():
+    """Boolean indexing by the input's values has a value-dependent shape: a graph traced at one
+    point would be wrong at others, so the energy is executed every time."""
+
+    def energy(u):
+        return (u[u > 0] ** 2).sum() + (u**2).sum(-1)
+
+    replay = Replay(energy)
+    u = torch.randn(5, 3, dtype=F64)
+    assert replay.lookup(u, True) is None  # first sight of the shape
+    with pytest.warns(RuntimeWarning, match="cannot be replayed"):
+        assert replay.lookup(u, True) is None
+    assert replay.lookup(u, True) is None  # decided once per shape, warned once
+
+
+def test_second_derivatives_execute_the_model():
+    model, data = eight_schools()
+    potential = ModelPotential(model, **data)
+    u = torch.randn(3, potential.dim, dtype=F64)
+    for _ in range(3):
+        potential.energy(u.clone().requires_grad_(True))
+
+    def total(x):
+        return potential.energy(x).sum()
+
+    hessian = torch.autograd.functional.hessian(total, u[:1])
+    potential.replay = False
+    expected = torch.autograd.functional.hessian(total, u[:1])
+    assert torch.allclose(hessian, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_graph_is_simplified():
+    """Constant parts are folded: no op of the replayed graph has only constant operands, and
+    the all-real model's log-Jacobian (identically 0) leaves no zeros behind."""
+    model, data = eight_schools()
+    potential = ModelPotential(model, **data)
+    u = torch.randn(8, potential.dim, dtype=F64)
+    for _ in range(2):
+        potential.value_and_grad(u)
+    (graph,) = [g.module for g in potential._replay._graphs.values()]
+    constants = {n for n in graph.graph.nodes if n.op == "get_attr"}
+    for node in graph.graph.nodes:
+        if node.op == "call_function" and node.all_input_nodes:
+            assert not all(n in constants for n in node.all_input_nodes), node.format_node()
+    assert "zeros_like" not in graph.code
+
+
+def test_replay_under_the_default_device_trap():
+    """Tracing and replay create no tensor without a device (a model whose own plates do,
+    as Pyro's plates without ``device=``, is executed instead under the trap)."""
+    loc = torch.tensor([1.0, -1.0], dtype=F64)
+
+    def model():
+        x = pyro.sample("x", dist.Normal(loc, 1.0).to_event(1))
+        pyro.sample("s", dist.LogNormal(x.sum(-1), 0.5))
+
+    potential = ModelPotential(model)
+    u = torch.randn(4, potential.dim, dtype=F64)
+    expected = potential.value_and_grad(u)
+    with default_device_trap():
+        for _ in range(3):
+            value, grad = potential.value_and_grad(u)
+    assert all(graph is not None for graph in potential._replay._graphs.values())
+    assert torch.allclose(value, expected[0]) and torch.allclose(grad, expected[1])
