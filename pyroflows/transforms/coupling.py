@@ -142,7 +142,7 @@ class Coupling(FlowTransform):
                 a, b = inputs[..., self._halves[0]], inputs[..., self._halves[1]]
             out_a, ladj = a, 0.0
             if self.constants is not None:  # the conditioner reads z_a: invert x_a first
-                out_a, ladj_a = apply(a, tuple(c.expand_as(a) for c in self.constants))
+                out_a, ladj_a = apply(a, tuple(self.constants))
                 ladj = ladj_a.sum(-1)
             params = self.conditioner(out_a if inverse else a, expand_context(context, batch))
             out_b, ladj_b = apply(b, params)
@@ -153,7 +153,7 @@ class Coupling(FlowTransform):
         mask = self.mask.to(inputs.dtype)
         out_a, ladj_a = inputs, None
         if self.constants is not None:
-            out_a, ladj_a = apply(inputs, tuple(c.expand_as(inputs) for c in self.constants))
+            out_a, ladj_a = apply(inputs, tuple(self.constants))
         cond = out_a if inverse else inputs
         params = self.conditioner(cond * mask, expand_context(context, batch))
         out, ladj = apply(inputs, params)

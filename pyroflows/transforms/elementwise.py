@@ -6,8 +6,10 @@ An elementwise map is any object with
 * ``num_params``: how many parameters it needs per transformed coordinate;
 * ``forward(z, params) -> (x, log|df/dz|)`` and ``inverse(x, params) -> (z, log|df/dz|)``,
   where ``params`` is a tuple of ``num_params`` tensors shaped like the input (what the
-  conditioner networks produce) and the log-derivative is the *forward* one, elementwise (the
-  caller sums over the event).
+  conditioner networks produce) or broadcastable to it (a coupling's unconditional part passes
+  its learned constants unexpanded, so per-parameter work is not repeated over the batch), and
+  the log-derivative is the *forward* one, elementwise (the caller sums over the event; it may
+  broadcast to the input's shape).
 
 Every coupling and autoregressive layer takes one, so a new family is a choice of map plus a
 builder of a few lines: NICE is the additive map in a coupling, RealNVP the affine one, NSF the
