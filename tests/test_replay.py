@@ -77,13 +77,19 @@ def test_replay_after_data_change_in_place():
     assert torch.allclose(after - before, torch.full_like(before, 0.5 * (29 - 14)))
 
 
-def test_value_dependent_energy_is_executed_with_a_warning():
-    """Boolean indexing by the input's values has a value-dependent shape: a graph traced at one
-    point would be wrong at others, so the energy is executed every time."""
+def masked(u):
+    return (u[u > 0] ** 2).sum() + (u**2).sum(-1)
 
-    def energy(u):
-        return (u[u > 0] ** 2).sum() + (u**2).sum(-1)
 
+def branching(u):
+    return (u**2).sum(-1) if u.sum() > 0 else (u**4).sum(-1)
+
+
+@pytest.mark.parametrize("energy", [masked, branching])
+def test_value_dependent_energy_is_executed_with_a_warning(energy):
+    """Boolean indexing by the input's values has a value-dependent shape, and a Python branch
+    on them reads a value back: a graph traced at one point would be wrong at others, so the
+    energy is executed every time."""
     replay = Replay(energy)
     u = torch.randn(5, 3, dtype=F64)
     assert replay.lookup(u, True) is None  # first sight of the shape
