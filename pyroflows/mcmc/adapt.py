@@ -13,9 +13,12 @@ single chain's. The update is elementwise, so the same code tunes one scale per 
 **Variance windows** ([`WindowAdaptation`][pyroflows.mcmc.adapt.WindowAdaptation]). Warm-up is
 cut like Stan's: a fast initial buffer (15%), slow windows doubling in length, a terminal buffer
 (10%). In each slow window a batched Welford estimator (Chan et al.'s pairwise update, one merge
-per step for all chains) accumulates the chains' states; at the window's end the diagonal
-variance, shrunk towards $10^{-3}$ as Stan does, becomes the new inverse mass matrix (HMC) or
-proposal variance (random-walk MH), and dual averaging restarts from ten times the current step.
+per step for all chains, straggling chains weighted out) accumulates the chains' states; at the
+window's end the diagonal variance, shrunk towards $10^{-3}$ as Stan does, becomes the new inverse
+mass matrix (HMC) or proposal variance (random-walk MH), and dual averaging restarts from ten times
+the current step. For a dense HMC metric the estimator accumulates cross-products, and the pooled
+covariance is also shrunk towards its diagonal
+([`welford_covariance`][pyroflows.mcmc.adapt.welford_covariance]).
 
 **ChEES** ([`ChEESAdaptation`][pyroflows.mcmc.adapt.ChEESAdaptation]; Hoffman, Radul &
 Sountsov 2021). HMC's trajectory length $T$ is tuned by stochastic gradient ascent on $\log T$
@@ -37,18 +40,17 @@ per-step ratios; steps are RMSProp-normalised (squared-gradient decay 0.95,
 as in TFP's implementation), clipped to $\pm 0.35$ in $\log T$, and $T$ stays within one and
 ``max_steps`` leapfrog steps. The step size follows dual averaging on the **harmonic mean** of the
 acceptance probabilities (a few chains stuck at low acceptance pull it down, unlike the
-arithmetic mean), and the diagonal mass matrix comes from the chains' pooled variance in the same
-windows as above; at each new mass matrix only dual averaging restarts. A **per-chain phase**
-precedes all this (the first ``initial_fraction`` of a warm-up of 100 steps or more): fixed
-trajectories of ``initial_num_steps`` leapfrog steps, each chain with its own step size from
-dual averaging on its own acceptance, so that chains far from the posterior, whose energies
-are orders of magnitude larger, neither pin a shared step size nor dominate a pooled variance.
-At its end the mass matrix is the chains' squared median absolute deviation
-([`robust_variance`][pyroflows.mcmc.adapt.robust_variance]), the shared step starts from the
-median per-chain step, $T$ from ``initial_num_steps`` such steps, and the variance windows
-follow in the remaining steps. After warm-up, $T$ is
-the moving average of $\log T$ with weights $t^{-1/2}$ and $\epsilon$ the dual-averaging
-average.
+arithmetic mean), and the (diagonal or dense) mass matrix comes from the chains' pooled variance
+or covariance in the same windows as above; at each new mass matrix only dual averaging
+restarts. A **per-chain phase** precedes all this (the first ``initial_fraction`` of a warm-up of
+100 steps or more): fixed trajectories of ``initial_num_steps`` leapfrog steps, each chain with its
+own step size from dual averaging on its own acceptance, so that chains far from the posterior,
+whose energies are orders of magnitude larger, neither pin a shared step size nor dominate a pooled
+variance. At its end the mass matrix is the chains' squared median absolute deviation
+([`robust_variance`][pyroflows.mcmc.adapt.robust_variance]), the shared step starts from the median
+per-chain step, $T$ from ``initial_num_steps`` such steps, and the variance windows follow in the
+remaining steps. After warm-up, $T$ is the moving average of $\log T$ with weights $t^{-1/2}$ and
+$\epsilon$ the dual-averaging average.
 
 References: Hoffman & Gelman (2014), *The No-U-Turn Sampler*, JMLR; Hoffman, Radul & Sountsov
 (2021), *An adaptive MCMC scheme for setting trajectory lengths in Hamiltonian Monte Carlo*,

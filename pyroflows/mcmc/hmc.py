@@ -1,7 +1,7 @@
 r"""Hamiltonian Monte Carlo over a batch of chains (MALA is the one-step case).
 
-Each step draws a momentum $p \sim \mathcal N(0, M)$ with a diagonal mass matrix $M$, runs
-$L$ leapfrog steps of size $\epsilon$ on $H(x, p) = U(x) + \tfrac12 p^\top M^{-1} p$,
+Each step draws a momentum $p \sim \mathcal N(0, M)$, runs $L$ leapfrog steps of size
+$\epsilon$ on $H(x, p) = U(x) + \tfrac12 p^\top M^{-1} p$,
 
 $$
 p_{\frac12} = p - \tfrac{\epsilon}{2}\nabla U(x), \quad
@@ -21,15 +21,27 @@ flagged divergent and rejected.
   across chains, every transition runs $L = \lceil h_t T / \epsilon \rceil$ leapfrog steps with
   $h_t$ from a Halton sequence in $(0, 1)$ (jittered lengths, no periodicity, the same for all
   chains so they stay one batched call), $\epsilon$ follows dual averaging on the harmonic mean
-  of the acceptance probabilities, and $M^{-1}$ is the chains' pooled variance in Stan-style
-  windows. The trajectories stay jittered after warm-up. A per-chain phase comes first (the
-  first 20% of a warm-up of 100 steps or more): fixed 10-step trajectories with one step size
-  per chain, each tuned on its own acceptance, so chains started far out do not pin a shared
-  step; at its end chains whose energy is far above the rest restart from other chains'
-  positions (`pyroflows.mcmc.core.restart_stragglers`), the mass matrix is the chains' robust
-  spread, and the shared $\epsilon$ starts from the median per-chain one.
+  of the acceptance probabilities, and $M^{-1}$ is the chains' pooled covariance (or variance)
+  in Stan-style windows. The trajectories stay jittered after warm-up. A per-chain phase comes
+  first (the first 20% of a warm-up of 100 steps or more): fixed 10-step trajectories with one step
+  size per chain, each tuned on its own acceptance, so chains started far out do not pin a shared
+  step; at its end chains whose energy is far above the rest restart from other chains' positions
+  (`pyroflows.mcmc.core.restart_stragglers`), the mass matrix is the chains' robust spread, and the
+  shared $\epsilon$ starts from the median per-chain one.
 - ``"fixed"``: $L$ = ``num_steps`` (default 10), $\epsilon$ by dual averaging of the mean
   acceptance probability, $M^{-1}$ in the same windows.
+
+**Mass matrix.** ``mass="dense"`` adapts a full $M^{-1}$, the chains' pooled covariance shrunk
+towards its diagonal (`pyroflows.mcmc.adapt.welford_covariance`), which undoes linear correlations
+between coordinates; ``mass="diag"`` only their scales. ``"auto"`` (the default) is dense when the
+mass matrix is adapted, 16 or more chains run (their pooled draws estimate a $D \times D$
+covariance; one chain's window would not) and the flattened event has at most 200 coordinates (a
+dense metric costs two $(C, D) \times (D, D)$ products per leapfrog step, small next to an
+energy's gradient at that size). A dense metric keeps its Cholesky factor $L$ ($LL^\top =
+M^{-1}$) and $L^{-1}$, computed once per window: momenta are $L^{-\top}\xi$, the kinetic energy
+$\tfrac12\lVert L^\top p\rVert^2$, with no factorisation inside a transition. Chains whose
+energy lies far above the rest ([`straggling`][pyroflows.mcmc.core.straggling]) are left out of
+the window estimates, so a few stragglers cannot inflate them.
 
 Both start each window with a doubling/halving search for a "reasonable" $\epsilon$ (Hoffman &
 Gelman 2014, Algorithm 4). During ChEES warm-up the number of leapfrog steps is read back from the
