@@ -136,6 +136,8 @@ def test_bad_inputs_name_the_argument(family):
         flow.log_prob(torch.tensor([[math.nan, 0.0]]))
     with pytest.raises(ValueError, match="parallel"):
         pyroflows.build_flow("nsf_ar", 2, parallel="sideways")
+    with pytest.raises(ValueError, match="direction"):
+        pyroflows.build_flow(family, 2, direction="up")
 
 
 def test_elementwise_maps_are_pluggable():
@@ -285,3 +287,31 @@ def test_broadcast_parameters_equal_expanded_ones(shape, pshape, inverse):
     y_ref, log_d_ref = apply(x, tuple(p.expand(shape) for p in params))
     assert y.shape == log_d.shape == x.shape
     assert torch.allclose(y, y_ref, atol=1e-12) and torch.allclose(log_d, log_d_ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["nsf", "nsf_ar"])
+def test_direction_chooses_which_side_evaluates_the_spline_formula(family):
+    """``direction="density"`` (default): ``log_prob`` runs the spline formula on the data and
+    sampling the quadratic root; ``"sample"``: the reverse (the same function family inverted)."""
+    torch.manual_seed(0)
+    flows = {
+        d: pyroflows.build_flow(family, 3, num_layers=1, hidden_dims=(8,), direction=d).double()
+        for d in ("density", "sample")
+    }
+    with torch.no_grad():
+        for p in flows["density"].parameters():
+            p.normal_(0, 0.3)
+    flows["sample"].load_state_dict(flows["density"].state_dict())
+    layer = flows["density"].layers[0]
+    spline = layer.elementwise.base
+    assert isinstance(spline, RationalQuadraticSpline)
+    assert flows["sample"].layers[0].elementwise.__class__ is RationalQuadraticSpline
+    x = torch.randn(16, 3, dtype=torch.float64)
+    with mock.patch.object(spline, "inverse", side_effect=AssertionError("root in log_prob")):
+        log_p = flows["density"].log_prob(x)  # the formula only
+    z, ladj = layer.inverse_and_log_det(x)
+    assert torch.allclose(layer.forward_and_log_det(z)[0], x, atol=1e-10)
+    jac = torch.autograd.functional.jacobian(lambda v: layer.forward_and_log_det(v)[0], z[0])
+    assert torch.allclose(torch.linalg.slogdet(jac)[1], ladj[0], atol=1e-9)
+    assert torch.isfinite(log_p).all()
+    assert not torch.allclose(log_p, flows["sample"].log_prob(x))  # a different function family

@@ -49,9 +49,9 @@ from pyroflows.transforms.actnorm import ActNorm
 from pyroflows.transforms.autoregressive import Autoregressive, autoregressive_layers
 from pyroflows.transforms.base import FlowTransform
 from pyroflows.transforms.coupling import Coupling, coupling_layers, coupling_mask
-from pyroflows.transforms.elementwise import Params
+from pyroflows.transforms.elementwise import ElementwiseMap, Inverse, Params
 from pyroflows.transforms.multiscale import check_image_shape
-from pyroflows.validation import check_int, check_positive
+from pyroflows.validation import check_choice, check_int, check_positive
 
 
 class RationalQuadraticSpline:
@@ -172,6 +172,29 @@ class RationalQuadraticSpline:
         return self._spline(x, params, inverse=True)
 
 
+DIRECTIONS = ("density", "sample")
+
+
+def oriented_spline(direction: str = "density", **spline: Any) -> ElementwiseMap:
+    """A rational-quadratic spline whose formula runs in ``direction``.
+
+    Args:
+        direction: ``"density"`` (default): the spline formula maps data to base (``x -> z``,
+            what ``log_prob`` evaluates, as in zuko, nflows and Durkan et al.'s density
+            experiments) and sampling takes the quadratic root; ``"sample"``: the formula maps
+            base to data and ``log_prob`` takes the root.
+        **spline: options of
+            [`RationalQuadraticSpline`][pyroflows.transforms.spline.RationalQuadraticSpline].
+
+    Raises:
+        ValueError: an unknown ``direction`` or a bad spline option.
+    """
+    check_choice(direction, "direction", DIRECTIONS)
+    rqs = RationalQuadraticSpline(**spline)
+    # layers call ``forward`` when sampling: the density direction is the spline's inverse map
+    return Inverse(rqs) if direction == "density" else rqs
+
+
 def spline_coupling(
     input_dim: int,
     hidden_dims: Sequence[int] = (64, 64),
@@ -179,6 +202,7 @@ def spline_coupling(
     parity: int = 0,
     mask: str = "half",
     unconditional: bool = True,
+    direction: str = "density",
     **spline: Any,
 ) -> Coupling:
     """One rational-quadratic spline coupling layer over vectors (Pyro-style helper).
@@ -191,13 +215,15 @@ def spline_coupling(
         mask: ``"half"`` or ``"alternate"``.
         unconditional: also map the conditioning part with a spline of learned constant
             parameters, so the layer transforms every coordinate.
+        direction: which direction evaluates the spline formula (see
+            [`oriented_spline`][pyroflows.transforms.spline.oriented_spline]).
         **spline: ``bins``, ``bound``, ``min_bin_width``, ``min_bin_height``,
             ``min_derivative`` of
             [`RationalQuadraticSpline`][pyroflows.transforms.spline.RationalQuadraticSpline].
     """
     return Coupling(
         coupling_mask((input_dim,), mask, parity),
-        RationalQuadraticSpline(**spline),
+        oriented_spline(direction, **spline),
         hidden_dims,
         context_dim,
         unconditional,
@@ -210,6 +236,7 @@ def spline_autoregressive(
     context_dim: int | None = None,
     parallel: str = "inverse",
     ordering: Sequence[int] | torch.Tensor | None = None,
+    direction: str = "density",
     **spline: Any,
 ) -> Autoregressive:
     """One rational-quadratic spline autoregressive layer (Pyro-style helper).
@@ -221,11 +248,18 @@ def spline_autoregressive(
         parallel: ``"inverse"`` (MAF direction: density in one pass) or ``"forward"`` (IAF
             direction: sampling in one pass).
         ordering: permutation of ``0..D-1`` (default identity).
+        direction: which direction evaluates the spline formula (see
+            [`oriented_spline`][pyroflows.transforms.spline.oriented_spline]).
         **spline: options of
             [`RationalQuadraticSpline`][pyroflows.transforms.spline.RationalQuadraticSpline].
     """
     return Autoregressive(
-        input_dim, parallel, RationalQuadraticSpline(**spline), hidden_dims, context_dim, ordering
+        input_dim,
+        parallel,
+        oriented_spline(direction, **spline),
+        hidden_dims,
+        context_dim,
+        ordering,
     )
 
 
@@ -244,6 +278,7 @@ def build_nsf(
     min_derivative: float = 1e-3,
     unconditional: bool = True,
     actnorm: bool = True,
+    direction: str = "density",
 ) -> list[FlowTransform]:
     """NSF (coupling): ``num_layers`` rational-quadratic spline couplings with alternating masks.
 
@@ -259,8 +294,18 @@ def build_nsf(
             constant parameters (as zuko's two-pass NSF and nflows'
             ``apply_unconditional_transform`` do), so each layer transforms every coordinate.
         actnorm: images only: ActNorm before every coupling.
+        direction: ``"density"`` (default): ``log_prob`` evaluates the spline formula on the
+            data side and sampling takes the quadratic root; ``"sample"``: the other way round
+            (see [`oriented_spline`][pyroflows.transforms.spline.oriented_spline]).
     """
-    spline = RationalQuadraticSpline(bins, bound, min_bin_width, min_bin_height, min_derivative)
+    spline = oriented_spline(
+        direction,
+        bins=bins,
+        bound=bound,
+        min_bin_width=min_bin_width,
+        min_bin_height=min_bin_height,
+        min_derivative=min_derivative,
+    )
     if len(shape) == 1:
         return coupling_layers(
             shape, num_layers, spline, hidden_dims, context_dim, mask, unconditional
@@ -292,6 +337,7 @@ def build_nsf_ar(
     min_bin_width: float = 1e-3,
     min_bin_height: float = 1e-3,
     min_derivative: float = 1e-3,
+    direction: str = "density",
 ) -> list[FlowTransform]:
     """NSF (autoregressive): ``num_layers`` rational-quadratic spline MADE layers.
 
@@ -303,8 +349,16 @@ def build_nsf_ar(
             [`layer_orderings`][pyroflows.transforms.autoregressive.layer_orderings]).
         bins, bound, min_bin_width, min_bin_height, min_derivative: the spline
             ([`RationalQuadraticSpline`][pyroflows.transforms.spline.RationalQuadraticSpline]).
+        direction: ``"density"`` (default) or ``"sample"``, as for ``nsf``.
     """
-    spline = RationalQuadraticSpline(bins, bound, min_bin_width, min_bin_height, min_derivative)
+    spline = oriented_spline(
+        direction,
+        bins=bins,
+        bound=bound,
+        min_bin_width=min_bin_width,
+        min_bin_height=min_bin_height,
+        min_derivative=min_derivative,
+    )
     return autoregressive_layers(
         shape,
         parallel,
