@@ -86,8 +86,10 @@ def test_chees_learns_a_quarter_period_on_a_standard_normal():
     target = energies.Gaussian(torch.zeros(5), torch.ones(5))
     kernel, idata = run(target, 256, 200, 20)
     length = float(kernel.params.step_size) * kernel.params.num_steps
-    # E_h sin^2(hT) / sqrt(T), h ~ U(0, 1) (ChEES of a unit Gaussian, cost-discounted): T ~ 1.9
-    assert 1.2 < length < 3.5
+    # E_h sin^2(hT) / sqrt(T), h ~ U(0, 1) (ChEES of a unit Gaussian, cost-discounted) peaks at
+    # T ~ 1.93 and has a second local maximum at T ~ 5.17, where the stochastic ascent also ends
+    # for some seeds (diagonal or dense metric alike)
+    assert 1.2 < length < 3.5 or 4.3 < length < 7.0
     assert kernel.inverse_mass_matrix.shape == (5, 5)  # dense by default at this size
     assert torch.allclose(kernel.inverse_mass_matrix, torch.eye(5), atol=0.25)
 
@@ -192,23 +194,42 @@ def test_dense_metric_falls_back_to_the_diagonal():
     assert torch.isfinite(metric.whitener).all()
 
 
-def test_dense_welford_is_the_pooled_covariance_without_stragglers():
+def test_dense_window_estimate_is_the_pooled_covariance_without_stragglers():
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randn(50, 2, 3, generator=g, dtype=torch.float64) for _ in range(4)]
-    weights = [torch.rand(50, generator=g) > 0.2 for _ in batches]
+    batches = [torch.randn(48, 2, 3, generator=g, dtype=torch.float64) + 5 for _ in range(4)]
+    weights = [torch.rand(48, generator=g) > 0.2 for _ in batches]
     batches[0][weights[0].logical_not()] += 1e6  # far stragglers, weighted out
-    state = mcmc.adapt.EMPTY_WELFORD
+    state, welford = mcmc.adapt.EMPTY_COVARIANCE, mcmc.adapt.EMPTY_WELFORD
     for batch, weight in zip(batches, weights, strict=True):
-        state = mcmc.adapt.welford_update(state, batch, weight, dense=True)
+        state = mcmc.adapt.covariance_update(state, batch, weight)
+        welford = mcmc.adapt.welford_update(welford, batch.flatten(1), weight)
+    assert state.count.shape == (8,)  # 48 chains: 8 groups
     kept = torch.cat([b[w] for b, w in zip(batches, weights, strict=True)]).flatten(1)
     n = kept.shape[0]
-    assert float(state.count) == n
-    torch.testing.assert_close(state.m2 / (n - 1), kept.T.cov())
-    shrunk = mcmc.adapt.welford_covariance(state)
-    torch.testing.assert_close(shrunk.diagonal(), mcmc.adapt.welford_variance(
-        mcmc.adapt.WelfordState(state.count, state.mean, state.m2.diagonal())))
-    w = n / (n + 6)  # off-diagonal entries keep n / (n + D) of their weight, times n / (n + 5)
-    torch.testing.assert_close(shrunk[0, 1], kept.T.cov()[0, 1] * w * n / (n + 5))
+    assert float(state.count.sum()) == n
+    mean = state.shift + state.total.sum(0) / n
+    pooled = (state.cross.sum(0) - state.total.sum(0).outer(state.total.sum(0)) / n) / (n - 1)
+    torch.testing.assert_close(mean, kept.mean(0))
+    torch.testing.assert_close(pooled, kept.T.cov())
+    shrunk = mcmc.adapt.shrunk_covariance(state)
+    # the diagonal is the diagonal estimate's; independent coordinates: off-diagonals mostly gone
+    torch.testing.assert_close(shrunk.diagonal(), mcmc.adapt.welford_variance(welford))
+    off = ~torch.eye(6, dtype=torch.bool)
+    assert shrunk[off].abs().max() < 0.5 * pooled[off].abs().max()
+
+
+def test_dense_window_estimate_keeps_a_real_correlation():
+    g = torch.Generator().manual_seed(0)
+    mix = torch.tensor([[1.0, 0.0], [0.95, 0.31]], dtype=torch.float64)
+    state = mcmc.adapt.EMPTY_COVARIANCE
+    draws = []
+    for _ in range(20):
+        batch = torch.randn(64, 2, generator=g, dtype=torch.float64) @ mix.T
+        draws.append(batch)
+        state = mcmc.adapt.covariance_update(state, batch)
+    pooled = torch.cat(draws).T.cov()
+    shrunk = mcmc.adapt.shrunk_covariance(state)
+    torch.testing.assert_close(shrunk[0, 1], pooled[0, 1], rtol=0.03, atol=0)
 
 
 @pytest.mark.parametrize("adapt", ["chees", "fixed"])

@@ -12,13 +12,13 @@ single chain's. The update is elementwise, so the same code tunes one scale per 
 
 **Variance windows** ([`WindowAdaptation`][pyroflows.mcmc.adapt.WindowAdaptation]). Warm-up is
 cut like Stan's: a fast initial buffer (15%), slow windows doubling in length, a terminal buffer
-(10%). In each slow window a batched Welford estimator (Chan et al.'s pairwise update, one merge
-per step for all chains, straggling chains weighted out) accumulates the chains' states; at the
-window's end the diagonal variance, shrunk towards $10^{-3}$ as Stan does, becomes the new inverse
-mass matrix (HMC) or proposal variance (random-walk MH), and dual averaging restarts from ten times
-the current step. For a dense HMC metric the estimator accumulates cross-products, and the pooled
-covariance is also shrunk towards its diagonal
-([`welford_covariance`][pyroflows.mcmc.adapt.welford_covariance]).
+(10%). In each slow window a batched Welford estimator (Chan et al.'s pairwise update, one merge per
+step for all chains, straggling chains weighted out) accumulates the chains' states; at the window's
+end the diagonal variance, shrunk towards $10^{-3}$ as Stan does, becomes the new inverse mass
+matrix (HMC) or proposal variance (random-walk MH), and dual averaging restarts from ten times the
+current step. For a dense HMC metric the estimator accumulates cross-products per group of chains,
+and the pooled covariance is shrunk towards its diagonal as far as the groups' disagreement says its
+off-diagonal entries are noise ([`shrunk_covariance`][pyroflows.mcmc.adapt.shrunk_covariance]).
 
 **ChEES** ([`ChEESAdaptation`][pyroflows.mcmc.adapt.ChEESAdaptation]; Hoffman, Radul &
 Sountsov 2021). HMC's trajectory length $T$ is tuned by stochastic gradient ascent on $\log T$
@@ -133,8 +133,7 @@ def dual_averaging_update(
 
 # -- pooled variance ---------------------------------------------------------------------------
 class WelfordState(NamedTuple):
-    """Running (weighted) count, mean and sum of squared deviations over a stream of batches;
-    ``m2`` is event-shaped (diagonal) or ``(D, D)`` over the flattened event (dense)."""
+    """Running (weighted) count, mean and sum of squared deviations over a stream of batches."""
 
     count: torch.Tensor | int
     mean: torch.Tensor | None
@@ -145,10 +144,7 @@ EMPTY_WELFORD = WelfordState(0, None, None)
 
 
 def welford_update(
-    state: WelfordState,
-    batch: torch.Tensor,
-    weight: torch.Tensor | None = None,
-    dense: bool = False,
+    state: WelfordState, batch: torch.Tensor, weight: torch.Tensor | None = None
 ) -> WelfordState:
     """Merge ``batch`` (``(n, *shape)``) into ``state`` (Chan et al.'s pairwise update).
 
@@ -156,67 +152,33 @@ def welford_update(
         state: the running estimate.
         batch: the new rows.
         weight: a 0/1 weight per row (``(n,)``; default all ones): rows of weight 0 are left out.
-        dense: accumulate the full ``(D, D)`` cross-products of the flattened rows.
     """
-    x = batch.flatten(1) if dense else batch
     if weight is None:
         n = batch.shape[0]
-        mean_b = x.mean(0)
-        centred, w = x - mean_b, None
+        mean_b = batch.mean(0)
+        centred = batch - mean_b
     else:
         n = weight.sum()
-        w = expand_as(weight, x).to(x.dtype)
-        mean_b = (w * x).sum(0) / n.clamp_min(1)
-        centred = w * (x - mean_b)
-    m2_b = centred.T @ centred if dense else centred.square().sum(0)
+        w = expand_as(weight, batch).to(batch.dtype)
+        mean_b = (w * batch).sum(0) / n.clamp_min(1)
+        centred = w * (batch - mean_b)
+    m2_b = centred.square().sum(0)
     if state.mean is None:
         return WelfordState(n, mean_b, m2_b)
     total = state.count + n
     delta = mean_b - state.mean
     mean = state.mean + delta * (n / total)
-    cross = delta[:, None] * delta[None, :] if dense else delta**2
-    m2 = state.m2 + m2_b + cross * (state.count * n / total)
+    m2 = state.m2 + m2_b + delta**2 * (state.count * n / total)
     return WelfordState(total, mean, m2)
-
-
-def _count(state: WelfordState) -> torch.Tensor:
-    return torch.as_tensor(state.count, dtype=state.m2.dtype, device=state.m2.device)
 
 
 def welford_variance(state: WelfordState, regularize: bool = True) -> torch.Tensor:
     """The sample variance, shrunk like Stan's: $\\frac{n}{n+5} s^2 + 10^{-3}\\frac{5}{n+5}$."""
-    n = _count(state)
+    n = torch.as_tensor(state.count, dtype=state.m2.dtype, device=state.m2.device)
     var = state.m2 / (n - 1).clamp_min(1)
     if not regularize:
         return var
     return (n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))
-
-
-def welford_covariance(state: WelfordState) -> torch.Tensor:
-    """The pooled sample covariance $S$ of a dense estimate, shrunk towards its diagonal and
-    regularised like Stan's:
-    $\\frac{n}{n+5}\\bigl(w S + (1-w)\\operatorname{diag} S\\bigr) + 10^{-3}\\frac{5}{n+5} I$
-    with $w = n / (n + D)$, so an estimate from few draws relative to the dimension keeps mostly
-    its variances (its diagonal is
-    [`welford_variance`][pyroflows.mcmc.adapt.welford_variance]'s).
-    """
-    n = _count(state)
-    cov = state.m2 / (n - 1).clamp_min(1)
-    dim = cov.shape[0]
-    w = n / (n + dim)
-    diag = torch.diag(cov.diagonal())
-    eye = torch.eye(dim, dtype=cov.dtype, device=cov.device)
-    return (n / (n + 5.0)) * (w * cov + (1 - w) * diag) + 1e-3 * (5.0 / (n + 5.0)) * eye
-
-
-def estimate_metric(state: WelfordState, dense: bool) -> Metric:
-    """The HMC metric of a window's estimate: [`dense_metric`][pyroflows.mcmc.core.dense_metric]
-    of [`welford_covariance`][pyroflows.mcmc.adapt.welford_covariance] or
-    [`diagonal_metric`][pyroflows.mcmc.core.diagonal_metric] of
-    [`welford_variance`][pyroflows.mcmc.adapt.welford_variance]."""
-    if dense:
-        return dense_metric(welford_covariance(state))
-    return diagonal_metric(welford_variance(state))
 
 
 def robust_variance(position: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
@@ -228,6 +190,102 @@ def robust_variance(position: torch.Tensor, fallback: torch.Tensor) -> torch.Ten
     return torch.where(torch.isfinite(var) & (var > 0), var, fallback)
 
 
+class CovarianceState(NamedTuple):
+    """A dense window estimate kept per group of chains (chain $c$ in group $c \\bmod K$):
+    weighted counts ``(K,)``, sums ``(K, D)`` and cross-product sums ``(K, D, D)`` of the
+    flattened rows less ``shift`` (the window's first mean, for precision)."""
+
+    shift: torch.Tensor | None
+    count: torch.Tensor | None
+    total: torch.Tensor | None
+    cross: torch.Tensor | None
+
+
+EMPTY_COVARIANCE = CovarianceState(None, None, None, None)
+
+#: the most groups of chains a dense estimate is split into to measure its own noise
+COVARIANCE_GROUPS = 8
+
+
+def covariance_update(
+    state: CovarianceState, batch: torch.Tensor, weight: torch.Tensor | None = None
+) -> CovarianceState:
+    """Add ``batch`` (``(C, *event)``, one row per chain) to a dense window estimate; rows of
+    ``weight`` 0 (``(C,)``, default all ones) are left out. The groups are the largest $K \\le 8$
+    dividing $C$."""
+    x = batch.flatten(1)
+    num = x.shape[0]
+    groups = next(k for k in range(min(COVARIANCE_GROUPS, num), 0, -1) if num % k == 0)
+    w = torch.ones_like(x[:, 0]) if weight is None else weight.to(x.dtype)
+    shift = state.shift
+    if shift is None:
+        shift = (w[:, None] * x).sum(0) / w.sum().clamp_min(1)
+    z = (x - shift).reshape(num // groups, groups, -1).transpose(0, 1)  # (K, C / K, D)
+    wg = w.reshape(num // groups, groups).T[..., None]
+    count, total = wg.sum((1, 2)), (wg * z).sum(1)
+    cross = (wg * z).transpose(1, 2) @ z
+    if state.shift is not None:
+        count, total, cross = count + state.count, total + state.total, cross + state.cross
+    return CovarianceState(shift, count, total, cross)
+
+
+def shrunk_covariance(state: CovarianceState) -> torch.Tensor:
+    """The pooled covariance $S$ of a dense window estimate, shrunk towards its diagonal by the
+    Ledoit–Wolf intensity $\\lambda = \\sum_{i \\ne j} \\widehat{\\mathrm{Var}}(S_{ij}) /
+    \\sum_{i \\ne j} S_{ij}^2$ (clipped to $[0, 1]$) and regularised like Stan's:
+    $\\frac{n}{n+5}\\bigl((1-\\lambda) S + \\lambda \\operatorname{diag} S\\bigr)
+    + 10^{-3}\\frac{5}{n+5} I$.
+
+    $\\widehat{\\mathrm{Var}}(S_{ij})$ is the spread of the $K$ groups' own covariances over
+    $K$: it measures what autocorrelated, heavy-tailed draws really tell (off-diagonal entries that
+    are noise, as on a funnel, are dropped; real correlations, as in a regression, are kept).
+    With a single group $\\lambda = D / (n + D)$. The diagonal is always the diagonal estimate's.
+    """
+    n_k = state.count
+    n = n_k.sum()
+    mean = state.total.sum(0) / n
+    cov = (state.cross.sum(0) - n * torch.outer(mean, mean)) / (n - 1).clamp_min(1)
+    dim = cov.shape[0]
+    eye = torch.eye(dim, dtype=cov.dtype, device=cov.device)
+    if n_k.shape[0] > 1:
+        m_k = state.total / n_k.clamp_min(1)[:, None]
+        outer = m_k[:, :, None] * m_k[:, None, :]
+        cov_k = (state.cross - n_k[:, None, None] * outer) / (n_k - 1).clamp_min(1)[:, None, None]
+        noise = cov_k.var(0) / n_k.shape[0]
+        off = 1 - eye
+        lam = ((noise * off).sum() / ((cov.square() * off).sum() + 1e-30)).clamp(0, 1)
+    else:
+        lam = dim / (n + dim)
+    shrunk = (1 - lam) * cov + lam * torch.diag(cov.diagonal())
+    return (n / (n + 5.0)) * shrunk + 1e-3 * (5.0 / (n + 5.0)) * eye
+
+
+def window_update(
+    state: WelfordState | CovarianceState,
+    batch: torch.Tensor,
+    weight: torch.Tensor | None,
+    dense: bool,
+) -> WelfordState | CovarianceState:
+    """[`covariance_update`][pyroflows.mcmc.adapt.covariance_update] or
+    [`welford_update`][pyroflows.mcmc.adapt.welford_update]."""
+    return (covariance_update if dense else welford_update)(state, batch, weight)
+
+
+def empty_window(dense: bool) -> WelfordState | CovarianceState:
+    """The empty window estimate of that kind."""
+    return EMPTY_COVARIANCE if dense else EMPTY_WELFORD
+
+
+def estimate_metric(state: WelfordState | CovarianceState, dense: bool) -> Metric:
+    """The HMC metric of a window's estimate: [`dense_metric`][pyroflows.mcmc.core.dense_metric]
+    of [`shrunk_covariance`][pyroflows.mcmc.adapt.shrunk_covariance] or
+    [`diagonal_metric`][pyroflows.mcmc.core.diagonal_metric] of
+    [`welford_variance`][pyroflows.mcmc.adapt.welford_variance]."""
+    if dense:
+        return dense_metric(shrunk_covariance(state))
+    return diagonal_metric(welford_variance(state))
+
+
 # -- step size and variance in windows --------------------------------------------------------
 class WindowState(NamedTuple):
     """Step size (or per-coordinate scales), the variance estimate (a diagonal variance tensor,
@@ -237,7 +295,7 @@ class WindowState(NamedTuple):
     step_size: torch.Tensor
     variance: torch.Tensor | Metric
     dual: DualAveragingState
-    welford: WelfordState
+    welford: WelfordState | CovarianceState
     t: int
 
 
@@ -270,7 +328,8 @@ class WindowAdaptation:
 
     def init(self, step_size: torch.Tensor, variance: torch.Tensor | Metric) -> WindowState:
         """The state at the start of warm-up."""
-        return WindowState(step_size, variance, dual_averaging_init(step_size), EMPTY_WELFORD, 0)
+        dual, empty = dual_averaging_init(step_size), empty_window(self.metric == "dense")
+        return WindowState(step_size, variance, dual, empty, 0)
 
     def update(
         self,
@@ -296,14 +355,14 @@ class WindowAdaptation:
         welford, variance = state.welford, state.variance
         if self.first_start < t <= self.last_end:
             weight = None if energy is None else ~straggling(energy, position[0].numel())
-            welford = welford_update(welford, position, weight, self.metric == "dense")
+            welford = window_update(welford, position, weight, self.metric == "dense")
         ended = t in self.ends
         if ended:
             if self.metric is None:
                 variance = welford_variance(welford)
             else:
                 variance = estimate_metric(welford, self.metric == "dense")
-            welford = EMPTY_WELFORD
+            welford = empty_window(self.metric == "dense")
         return WindowState(step_size, variance, dual, welford, t), ended
 
     def restart(self, state: WindowState, step_size: torch.Tensor) -> WindowState:
@@ -323,7 +382,7 @@ class ChEESState(NamedTuple):
     mean_square: torch.Tensor
     chees_moments: torch.Tensor
     metric: Metric
-    welford: WelfordState
+    welford: WelfordState | CovarianceState
     t: int
 
 
@@ -391,7 +450,8 @@ class ChEESAdaptation:
         dual = dual_averaging_init(start, self.shrink_to)
         zero = torch.zeros_like(log_t)
         moments = torch.zeros((2,), dtype=log_t.dtype, device=log_t.device)
-        return ChEESState(dual, log_t, log_t, zero, moments, metric, EMPTY_WELFORD, 0)
+        empty = empty_window(self.dense)
+        return ChEESState(dual, log_t, log_t, zero, moments, metric, empty, 0)
 
     def in_initial_phase(self, state: ChEESState) -> bool:
         """Whether the next transition belongs to the per-chain phase."""
@@ -464,10 +524,10 @@ class ChEESAdaptation:
         welford, metric = state.welford, state.metric
         if self.first_start < t <= self.last_end:
             weight = ~straggling(energy, initial[0].numel())
-            welford = welford_update(welford, initial, weight, self.dense)
+            welford = window_update(welford, initial, weight, self.dense)
         ended = t in self.ends
         if ended:
-            metric, welford = estimate_metric(welford, self.dense), EMPTY_WELFORD
+            metric, welford = estimate_metric(welford, self.dense), empty_window(self.dense)
         new = ChEESState(dual, log_t, log_t_avg, mean_square, moments, metric, welford, t)
         return new, ended
 

@@ -32,7 +32,7 @@ flagged divergent and rejected.
   acceptance probability, $M^{-1}$ in the same windows.
 
 **Mass matrix.** ``mass="dense"`` adapts a full $M^{-1}$, the chains' pooled covariance shrunk
-towards its diagonal (`pyroflows.mcmc.adapt.welford_covariance`), which undoes linear correlations
+towards its diagonal (`pyroflows.mcmc.adapt.shrunk_covariance`), which undoes linear correlations
 between coordinates; ``mass="diag"`` only their scales. ``"auto"`` (the default) is dense when the
 mass matrix is adapted, 16 or more chains run (their pooled draws estimate a $D \times D$
 covariance; one chain's window would not) and the flattened event has at most 200 coordinates (a
