@@ -208,6 +208,10 @@ def test_bad_arguments():
         AutoFlow(linear_gaussian, flow="realnvp", init_scale=0.0)
     with pytest.raises(ValueError, match="num_quantile_samples"):
         AutoFlow(linear_gaussian, flow="realnvp", num_quantile_samples=0)
+    with pytest.raises(ValueError, match="tail_df"):
+        AutoFlow(linear_gaussian, flow="realnvp", tail_df=2.0)
+    with pytest.raises(ValueError, match="warm_start_rank"):
+        AutoFlow(linear_gaussian, flow="realnvp", warm_start_rank=-1)
     with pytest.raises(ValueError, match="num_samples"):
         log_importance_weights(
             linear_gaussian,
@@ -224,15 +228,19 @@ def test_bad_arguments():
         )
 
 
-def test_float64_and_default_device_trap(data):
+@pytest.mark.parametrize("tail_df", [None, 5.0])
+def test_float64_and_default_device_trap(data, tail_df):
     y = data.double()
-    guide = AutoFlow(linear_gaussian, flow="iaf", num_layers=2, hidden_dims=(8,))
+    guide = AutoFlow(linear_gaussian, flow="iaf", num_layers=2, hidden_dims=(8,), tail_df=tail_df)
     with default_device_trap():
         svi = SVI(linear_gaussian, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
         assert math.isfinite(svi.step(y))
         assert guide.get_posterior().rsample((3,)).dtype == torch.float64
         assert guide.quantiles([0.5])["z"].device.type == "cpu"
     assert all(p.dtype == torch.float64 and p.device.type == "cpu" for p in guide.parameters())
+    if tail_df:  # a learned Student-t base, starting at tail_df
+        base = guide.get_base_dist().base_dist
+        assert isinstance(base, dist.StudentT) and (base.df - tail_df).abs().max() < 0.1
 
 
 def test_cli_vi_prints_kl_and_writes_plot(tmp_path, capsys):

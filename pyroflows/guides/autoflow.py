@@ -6,14 +6,15 @@ and puts a distribution on $u$; here that distribution is a flow $T$ of any fami
 ``pyroflows.available_flows()``, followed by a learnable affine stage and a fixed one:
 
 $$
-u = \hat u + L_0 \bigl(\delta + S\, T(\varepsilon)\bigr), \qquad
+u = \hat u + A_0 \bigl(\delta + S\, T(\varepsilon)\bigr), \qquad
 \varepsilon \sim \mathcal N(0, I_D),
 $$
 
 with $S$ lower-triangular (``affine="full"``) or diagonal (``affine="diagonal"``), both
 initialised at $\delta = 0$, $S = I$, and the flow's layers at or near the identity. The fixed
-map $(\hat u, L_0)$ is the **warm start** (``warm_start="laplace"``, the default): the MAP and
-the Cholesky factor of the Laplace covariance, found by
+map $(\hat u, A_0)$ is the **warm start** (``warm_start="laplace"``, the default): the MAP and
+a square root of the Laplace covariance (exact up to 256 dimensions, low-rank plus diagonal
+above), found by
 [`laplace_warm_start`][pyroflows.guides.warm_start.laplace_warm_start] the first time the guide
 runs. Training therefore starts at the Laplace approximation, and everything learnable works in
 whitened coordinates where the posterior has unit scale: the flow only has to learn what is not
@@ -70,7 +71,7 @@ from pyroflows.guides.warm_start import (
     unconstrained_log_density,
 )
 from pyroflows.registry import build_flow, get_builder
-from pyroflows.validation import check_choice, check_int, check_positive
+from pyroflows.validation import check_choice, check_int, check_number, check_positive
 
 WARM_STARTS = ("laplace", "map", None)
 AFFINES = ("full", "diagonal", None)
@@ -90,9 +91,14 @@ class AutoFlow(AutoContinuous):
         warm_start: ``"laplace"`` (MAP and Laplace covariance), ``"map"`` (MAP, with
             ``init_scale``) or ``None`` (the init point, with ``init_scale``).
         num_starts: L-BFGS starts of the MAP search (optimised together).
+        warm_start_rank: above 256 latent dimensions, the eigen-directions of the scaled
+            Hessian the Laplace start keeps besides its diagonal.
         init_loc_fn: per-site initial point (see Pyro's autoguide initialisation): the first
             MAP start, or the location without a warm start.
         init_scale: scale of the fixed affine map when there is no usable curvature.
+        tail_df: a heavy-tailed base: independent Student-t coordinates whose degrees of
+            freedom start here and are learned (kept above 2); ``None``: the flow's standard
+            normal base.
         num_quantile_samples: posterior draws behind ``quantiles`` and ``median``.
         **flow_options: further options of the family's builder.
 
@@ -124,18 +130,24 @@ class AutoFlow(AutoContinuous):
         affine: bool | str | None = True,
         warm_start: str | None = "laplace",
         num_starts: int = 8,
+        warm_start_rank: int = 32,
         init_loc_fn: Callable = init_to_median,
         init_scale: float = 0.1,
+        tail_df: float | None = None,
         num_quantile_samples: int = 10_000,
         **flow_options: Any,
     ) -> None:
         get_builder(flow)  # unknown names fail here, not at the first SVI step
         self._init_scale = check_positive(init_scale, "init_scale")
+        self._tail_df = None if tail_df is None else check_number(
+            tail_df, "tail_df", low=2.0, low_open=True
+        )
         if affine is not True:
             check_choice(affine if affine is not False else None, "affine", AFFINES)
         self._affine = None if affine is False else affine
         self._warm = check_choice(warm_start, "warm_start", WARM_STARTS)
         self._num_starts = check_int(num_starts, "num_starts")
+        self._rank = check_int(warm_start_rank, "warm_start_rank", minimum=0)
         self._flow_name = flow
         self._flow_args = dict(num_layers=num_layers, hidden_dims=hidden_dims, **flow_options)
         self.num_quantile_samples = check_int(num_quantile_samples, "num_quantile_samples")
@@ -162,6 +174,7 @@ class AutoFlow(AutoContinuous):
                     init=loc,
                     init_scale=self._init_scale,
                     num_starts=self._num_starts,
+                    rank=self._rank,
                     laplace=self._warm == "laplace",
                 )
         for name in ("loc", "scale", "directions", "direction_scales"):
@@ -170,6 +183,10 @@ class AutoFlow(AutoContinuous):
         with torch.device(loc.device):
             flow = build_flow(self._flow_name, dim, **self._flow_args)
         self.flow = flow.to(dtype=loc.dtype)
+        if self._tail_df is not None:
+            self.tail_df = PyroParam(
+                torch.full_like(loc, self._tail_df), constraints.greater_than(2.0)
+            )
         affine = self._affine
         if affine is True:
             affine = "full" if dim <= 256 else "diagonal"
@@ -256,8 +273,12 @@ class AutoFlow(AutoContinuous):
 
     # -- the posterior over the unconstrained latent vector ------------------------------
     def get_base_dist(self) -> dist.Distribution:
-        """$\\mathcal N(0, I_D)$, the flow's base (its buffers carry device and dtype)."""
-        return self.flow.base_dist()
+        """Independent Student-t coordinates with the learned ``tail_df``, or
+        $\\mathcal N(0, I_D)$, the flow's own base, with ``tail_df=None``."""
+        if self._tail_df is None:
+            return self.flow.base_dist()
+        zero = torch.zeros_like(self.base_loc)
+        return dist.StudentT(self.tail_df, zero, torch.ones_like(zero)).to_event(1)
 
     def _transforms(self) -> list[Transform]:
         """The flow's layers, the learnable affine stage, the fixed warm-start map: a flat list

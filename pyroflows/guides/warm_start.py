@@ -5,16 +5,21 @@ target of the guide is $\log p(u) = \log p(x, T(u)) + \log|\det J_T(u)|$. The wa
 
 1. maximises $\log p(u)$ by L-BFGS from several starts at once (one vectorised model run per
    evaluation, the starts in a particle plate): the init strategy's point and jittered copies;
-2. takes the Hessian $H = -\nabla^2 \log p(\hat u)$ by autograd and its Cholesky factor, so
-   $\mathcal N(\hat u, H^{-1})$ is the Laplace approximation; where $H$ is not positive
-   definite, a diagonal $1 / \sqrt{H_{ii}}$ (or the guide's ``init_scale``) replaces it;
+2. takes the curvature $H = -\nabla^2 \log p(\hat u)$ by Hessian-vector products (batched as
+   particles of one model run) and, with $s = \operatorname{diag}(H)^{-1/2}$, the
+   eigen-decomposition of $\operatorname{diag}(s) H \operatorname{diag}(s)$: all of it up to
+   ``max_dense_dim`` dimensions, so $\mathcal N(\hat u, H^{-1})$ is the Laplace approximation;
+   above, the diagonal plus the ``rank`` eigen-directions (by Lanczos iteration) that matter
+   most, a low-rank-plus-diagonal Laplace approximation. Directions of non-positive curvature
+   keep the diagonal scale (or the guide's ``init_scale`` where $H_{ii} \le 0$);
 3. when starts end on several optima of similar height (a multimodal posterior), keeps the
    init point with the guide's ``init_scale`` instead: a Gaussian around one optimum is a poor
    start there, and training (with annealing) spreads better from a broad one.
 
-[`AutoFlow`][pyroflows.guides.AutoFlow] puts $(\hat u, L)$, $L L^\top = H^{-1}$, in a fixed
-affine map after its flow, so the flow and its learnable affine stage work in whitened
-coordinates where the posterior has unit scale and little correlation.
+[`AutoFlow`][pyroflows.guides.AutoFlow] puts $u = \hat u + A x$, $A A^\top \approx H^{-1}$ (a
+[`LowRankAffine`][pyroflows.guides.warm_start.LowRankAffine]), in a fixed map after its flow,
+so the flow and its learnable affine stage work in whitened coordinates where the posterior
+has unit scale and little correlation.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -103,6 +108,9 @@ class WarmStart:
             with the guide's ``init_scale``), ``"map"`` (no Laplace) or ``"init"`` (no usable
             MAP: the init point with the guide's ``init_scale``).
         log_density: $\\log p(\\hat u)$ (unnormalised).
+        cost: what the search took: ``"starts"``, ``"lbfgs_evaluations"`` (vectorised
+            log-density and gradient evaluations, each of every start at once) and
+            ``"hessian_vector_products"``.
     """
 
     loc: torch.Tensor
@@ -111,13 +119,21 @@ class WarmStart:
     direction_scales: torch.Tensor
     kind: str
     log_density: float
+    cost: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def isotropic(cls, loc: torch.Tensor, scale: float, kind: str, log_density: float) -> WarmStart:
+    def isotropic(
+        cls,
+        loc: torch.Tensor,
+        scale: float,
+        kind: str,
+        log_density: float,
+        cost: dict[str, int] | None = None,
+    ) -> WarmStart:
         """$\\mathcal N(\\text{loc}, \\text{scale}^2 I)$."""
         return cls(
             loc, torch.full_like(loc, scale), loc.new_zeros(len(loc), 0), loc.new_zeros(0),
-            kind, log_density,
+            kind, log_density, {} if cost is None else cost,
         )
 
     def transform(self) -> LowRankAffine:
@@ -325,7 +341,10 @@ def laplace_warm_start(
         history_size=20,
     )
 
+    cost = {"starts": num_starts, "lbfgs_evaluations": 0, "hessian_vector_products": 0}
+
     def objective() -> torch.Tensor:
+        cost["lbfgs_evaluations"] += 1
         optimizer.zero_grad()
         log_p, _ = unconstrained_log_density(guide, model, u, args, kwargs)
         # non-finite starts drop out of the sum instead of poisoning the others
@@ -334,7 +353,9 @@ def laplace_warm_start(
         u.grad.nan_to_num_(0.0, 0.0, 0.0)
         return loss
 
-    fallback = WarmStart.isotropic(init.detach(), init_scale, "init", float(start_density))
+    fallback = WarmStart.isotropic(
+        init.detach(), init_scale, "init", float(start_density), cost
+    )
     try:
         optimizer.step(objective)
     except (ValueError, RuntimeError):  # a start left the support: keep what is usable
@@ -362,10 +383,14 @@ def laplace_warm_start(
             return fallback
         loc = u[best].detach().clone()
     if not laplace:
-        return WarmStart.isotropic(loc, init_scale, "map", float(final[best]))
+        return WarmStart.isotropic(loc, init_scale, "map", float(final[best]), cost)
+
+    def hvp(vectors: torch.Tensor) -> torch.Tensor:
+        cost["hessian_vector_products"] += len(vectors)
+        return _hvp(guide, model, loc, vectors, args, kwargs)
 
     scale, directions, direction_scales = _laplace(
-        lambda v: _hvp(guide, model, loc, v, args, kwargs),
+        hvp,
         loc,
         init_scale=init_scale,
         rank=dim if dim <= max_dense_dim else min(rank, dim),
@@ -373,11 +398,13 @@ def laplace_warm_start(
     )
     k = len(direction_scales)
     kind = "full" if k == dim else "lowrank" if k else "diagonal"
-    start = WarmStart(loc, scale, directions, direction_scales, kind, float(final[best]))
+    start = WarmStart(loc, scale, directions, direction_scales, kind, float(final[best]), cost)
     if _other_modes(u.detach(), final, ok, best, start.transform()):
         # several optima of similar height: a Gaussian around one of them is a poor start
         # (and around all of them a degenerate one); start broad at the init point instead
-        return WarmStart.isotropic(init.detach(), init_scale, "multimodal", fallback.log_density)
+        return WarmStart.isotropic(
+            init.detach(), init_scale, "multimodal", fallback.log_density, cost
+        )
     return start
 
 
