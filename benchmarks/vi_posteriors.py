@@ -14,6 +14,7 @@ Usage:
     python benchmarks/vi_posteriors.py                       # all posteriors and guides
     python benchmarks/vi_posteriors.py --posteriors eight_schools_noncentered --guides autoflow
     python benchmarks/vi_posteriors.py --num-steps 50 --num-draws 200   # smoke test
+    python benchmarks/vi_posteriors.py --posteriors garch11 --guides autoflow --khat-repeats 10
 
 Needs the posteriordb folder (``$PYROFLOWS_POSTERIORDB`` or ``../shared/posteriordb``).
 """
@@ -108,7 +109,12 @@ def run(name, guide_name, args):
         model, guide, **data, progress=False, seed=args.seed, num_elbo_samples=0, **options
     )
     seconds = time.perf_counter() - start
-    samples, log_w = draws_and_weights(model, guide, data, args.num_draws)
+    repeats = args.khat_repeats
+    samples, log_w = draws_and_weights(model, guide, data, args.num_draws * repeats)
+    # k-hat of independent sets of num_draws: its spread is the estimate's own noise
+    khats = [float(az.psislw(w.copy())[1]) for w in np.split(log_w, repeats)]
+    samples = {k: v[:, : args.num_draws] for k, v in samples.items()}
+    log_w = log_w[: args.num_draws]
     dim = sum(
         int(np.prod(samples[s].shape[2:]))
         for s in samples
@@ -130,6 +136,8 @@ def run(name, guide_name, args):
         hvps=cost.get("hessian_vector_products", 0),
         elbo=float(finite.mean()),
         **score(samples, log_w, reference),
+        khat_median=float(np.median(khats)),
+        khat_max=max(khats),
     )
 
 
@@ -140,6 +148,9 @@ def main() -> None:
     parser.add_argument("--num-steps", type=int, default=None, help="budget (default: fit_guide's)")
     parser.add_argument("--num-draws", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--khat-repeats", type=int, default=1, help="k-hat of this many sets of --num-draws"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="append each row to this JSON-lines file")
     args = parser.parse_args()
@@ -164,7 +175,12 @@ def main() -> None:
                     f"{row['hvps']:4d} {row['max_err']:7.3f} "
                     f"{row['sd_min']:6.3f}..{row['sd_max']:5.3f} {row['khat']:5.2f} "
                     f"{row['psis_max_err']:8.3f} "
-                    f"{row['psis_sd_min']:6.3f}..{row['psis_sd_max']:5.3f}",
+                    f"{row['psis_sd_min']:6.3f}..{row['psis_sd_max']:5.3f}"
+                    + (
+                        f"  k-hat median {row['khat_median']:.2f} max {row['khat_max']:.2f}"
+                        if args.khat_repeats > 1
+                        else ""
+                    ),
                     flush=True,
                 )
             if args.out:
