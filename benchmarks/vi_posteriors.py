@@ -105,6 +105,8 @@ def run(name, guide_name, args):
     start = time.perf_counter()
     guide = GUIDES[guide_name](model)
     options = {} if args.num_steps is None else dict(num_steps=args.num_steps)
+    if args.num_particles is not None:
+        options["num_particles"] = args.num_particles
     history = fit_guide(
         model, guide, **data, progress=False, seed=args.seed, num_elbo_samples=0, **options
     )
@@ -147,6 +149,7 @@ def main() -> None:
     parser.add_argument("--guides", nargs="+", default=list(GUIDES), choices=list(GUIDES))
     parser.add_argument("--num-steps", type=int, default=None, help="budget (default: fit_guide's)")
     parser.add_argument("--num-draws", type=int, default=4000)
+    parser.add_argument("--num-particles", type=int, default=None, help="default: fit_guide's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--khat-repeats", type=int, default=1, help="k-hat of this many sets of --num-draws"
