@@ -26,6 +26,10 @@ log-derivatives, like the affine map's log-scale), so a zero output gives $\delt
 conditioner's output layer starts at zero, so every spline (and every flow built from them)
 starts as the identity.
 
+``nsf`` and ``nsf_ar`` evaluate the spline formula in ``log_prob`` (data to base) and the root
+when sampling (``direction="density"``, as zuko and nflows do); ``direction="sample"`` swaps the
+two, a different function family (the inverse of a rational-quadratic spline is not one).
+
 Reference: Durkan, Bekasov, Murray, Papamakarios (2019), *Neural Spline Flows*.
 
 Example:
