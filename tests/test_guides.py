@@ -364,7 +364,8 @@ def test_low_rank_warm_start_captures_the_correlation_above_the_dense_limit():
         pyro.sample("z", dist.MultivariateNormal(mean, cov))
 
     guide = AutoFlow(model, flow="realnvp", num_layers=1, hidden_dims=(8,), num_starts=2)
-    guide()
+    with default_device_trap():
+        guide()
     start = guide.warm_start
     assert start.kind == "lowrank" and start.directions.shape == (dim, 32)
     assert ((start.loc - mean).abs() / cov.diagonal().sqrt()).max() < 0.05  # the MAP, up to L-BFGS
