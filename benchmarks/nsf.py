@@ -10,11 +10,15 @@ points).
 
 ``vi``: KL(q || p) of ``AutoFlow`` guides (``flow[:option=value,...]``) and Pyro's
 ``AutoNormalizingFlow`` with two BNAF layers, trained with the budget and scored by the KL
-estimate of ``benchmarks/vi.py`` (``pyroflows.commands.vi.fit_and_score``).
+estimate of ``benchmarks/vi.py`` (``pyroflows.commands.vi.fit_and_score``: ``--kl-samples``
+fresh draws of q, printed with its Monte-Carlo standard error), one row per ``--seeds`` entry
+(the seed also decides the warm start's jitter and every SVI draw).
 
     OMP_NUM_THREADS=1 python benchmarks/nsf.py density --data 8gaussians --steps 2000
     OMP_NUM_THREADS=1 python benchmarks/nsf.py vi --targets u1 --guides nsf bnaf:parallel=forward \
         AutoNormalizingFlow --steps 3000
+    OMP_NUM_THREADS=1 python benchmarks/nsf.py vi --targets u3 --guides nsf \
+        nsf:warm_start=None,init_scale=1.0 --anneal 0 --seeds 0 1
 
 Quality, not speed: run one task per process on a busy machine; the numbers do not depend on
 load.
@@ -119,7 +123,7 @@ def run_vi(args: argparse.Namespace) -> list[dict]:
         num_plot_samples=1,
     )
     rows = []
-    print("| target | guide | KL (nats) | ± | seconds |\n|---|---|---|---|---|")
+    print("| target | guide | seed | KL (nats) | ± | seconds |\n|---|---|---|---|---|---|")
     for target in args.targets:
         for spec in args.guides:
             name, options = parse_guide(spec)
@@ -127,14 +131,15 @@ def run_vi(args: argparse.Namespace) -> list[dict]:
                 make = partial(make_guide, name)
             else:
                 make = partial(AutoFlow, flow=name, **options)
-            result = fit_and_score(energies.get(target), make, **settings)
-            result.pop("samples")
-            rows.append(dict(target=target, guide=spec, **result))
-            print(
-                f"| {target} | {spec} | {result['kl']:.4f} | {result['kl_se']:.4f} "
-                f"| {result['train_seconds']:.0f} |",
-                flush=True,
-            )
+            for seed in args.seeds or [args.seed]:
+                result = fit_and_score(energies.get(target), make, **{**settings, "seed": seed})
+                result.pop("samples")
+                rows.append(dict(target=target, guide=spec, seed=seed, **result))
+                print(
+                    f"| {target} | {spec} | {seed} | {result['kl']:.4f} | {result['kl_se']:.4f} "
+                    f"| {result['train_seconds']:.0f} |",
+                    flush=True,
+                )
     return rows
 
 
@@ -226,6 +231,7 @@ def main() -> None:
     parser.add_argument("--particles", type=int, default=64, help="vi: ELBO particles")
     parser.add_argument("--kl-samples", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="vi: several seeds")
     parser.add_argument("--json", default=None, help="write the rows to this file")
     parser.add_argument("--out", default="docs/img/rq_spline.png", help="figure: output path")
     args = parser.parse_args()
