@@ -179,6 +179,10 @@ class AutoFlow(AutoContinuous):
                 )
         for name in ("loc", "scale", "directions", "direction_scales"):
             self.register_buffer(f"base_{name}", getattr(self.warm_start, name).detach().clone())
+        tril = self.warm_start.scale_tril
+        self.register_buffer(  # empty: the low-rank-plus-diagonal map is used
+            "base_scale_tril", loc.new_zeros(0, 0) if tril is None else tril.detach().clone()
+        )
         # Build on the model's device even under another default device (e.g. the tests' trap).
         with torch.device(loc.device):
             flow = build_flow(self._flow_name, dim, **self._flow_args)
@@ -288,11 +292,14 @@ class AutoFlow(AutoContinuous):
             layers.append(LowerCholeskyAffine(self.loc, self.scale_tril))
         elif self._affine_kind == "diagonal":
             layers.append(AffineTransform(self.loc, self.scale, event_dim=1))
-        layers.append(
-            LowRankAffine(
-                self.base_loc, self.base_scale, self.base_directions, self.base_direction_scales
+        if self.base_scale_tril.numel():
+            layers.append(LowerCholeskyAffine(self.base_loc, self.base_scale_tril))
+        else:
+            layers.append(
+                LowRankAffine(
+                    self.base_loc, self.base_scale, self.base_directions, self.base_direction_scales
+                )
             )
-        )
         return layers
 
     def get_transform(self, *args: Any, **kwargs: Any) -> Transform:

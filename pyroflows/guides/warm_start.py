@@ -8,7 +8,8 @@ target of the guide is $\log p(u) = \log p(x, T(u)) + \log|\det J_T(u)|$. The wa
 2. takes the curvature $H = -\nabla^2 \log p(\hat u)$ by Hessian-vector products (batched as
    particles of one model run) and, with $s = \operatorname{diag}(H)^{-1/2}$, the
    eigen-decomposition of $\operatorname{diag}(s) H \operatorname{diag}(s)$: all of it up to
-   ``max_dense_dim`` dimensions, so $\mathcal N(\hat u, H^{-1})$ is the Laplace approximation;
+   ``max_dense_dim`` dimensions, so $\mathcal N(\hat u, H^{-1})$ is the Laplace approximation
+   (used through the Cholesky factor of $H^{-1}$);
    above, the diagonal plus the ``rank`` eigen-directions (by Lanczos iteration) that matter
    most, a low-rank-plus-diagonal Laplace approximation. Directions of non-positive curvature
    keep the diagonal scale (or the guide's ``init_scale`` where $H_{ii} \le 0$);
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 from pyro import poutine
+from pyro.distributions.transforms import LowerCholeskyAffine
 from pyro.infer.importance import vectorized_importance_weights
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import Transform, constraints
@@ -111,6 +113,10 @@ class WarmStart:
         cost: what the search took: ``"starts"``, ``"lbfgs_evaluations"`` (vectorised
             log-density and gradient evaluations, each of every start at once) and
             ``"hessian_vector_products"``.
+        scale_tril: up to ``max_dense_dim`` dimensions, the Cholesky factor of $A A^\\top$,
+            which is then the map used (a triangular factor keeps the whitened coordinates
+            aligned with the model's sites, where flows find non-Gaussianity most easily);
+            ``None`` above.
     """
 
     loc: torch.Tensor
@@ -120,6 +126,7 @@ class WarmStart:
     kind: str
     log_density: float
     cost: dict[str, int] = field(default_factory=dict)
+    scale_tril: torch.Tensor | None = None
 
     @classmethod
     def isotropic(
@@ -136,13 +143,15 @@ class WarmStart:
             kind, log_density, {} if cost is None else cost,
         )
 
-    def transform(self) -> LowRankAffine:
-        """$x \\mapsto \\hat u + A x$."""
+    def transform(self) -> Transform:
+        """$x \\mapsto \\hat u + A x$ (with $A$ = ``scale_tril`` where there is one)."""
+        if self.scale_tril is not None:
+            return LowerCholeskyAffine(self.loc, self.scale_tril)
         return LowRankAffine(self.loc, self.scale, self.directions, self.direction_scales)
 
     def covariance(self) -> torch.Tensor:
         """$A A^\\top$, dense ``(D, D)``."""
-        a = self.transform().matrix()
+        a = LowRankAffine(self.loc, self.scale, self.directions, self.direction_scales).matrix()
         return a @ a.T
 
 
@@ -399,6 +408,9 @@ def laplace_warm_start(
     k = len(direction_scales)
     kind = "full" if k == dim else "lowrank" if k else "diagonal"
     start = WarmStart(loc, scale, directions, direction_scales, kind, float(final[best]), cost)
+    if dim <= max_dense_dim:
+        covariance = start.covariance()
+        start.scale_tril = torch.linalg.cholesky(0.5 * (covariance + covariance.T))
     if _other_modes(u.detach(), final, ok, best, start.transform()):
         # several optima of similar height: a Gaussian around one of them is a poor start
         # (and around all of them a degenerate one); start broad at the init point instead
