@@ -449,9 +449,9 @@ class AutoFlow(AutoContinuous):
 
         A site whose support depends on other sites (``beta ~ Uniform(0, 1 - alpha)``) is
         constrained at each draw's values of those sites, as in
-        [`forward`][pyroflows.guides.autoflow.AutoFlow.forward], which takes one vectorised run of the
-        model over the draws (one run per draw for a model that does not vectorise); other sites
-        need no model run.
+        [`forward`][pyroflows.guides.autoflow.AutoFlow.forward], which takes one vectorised run
+        of the model over the draws (one run per draw for a model that does not vectorise);
+        other sites need no model run.
 
         Args:
             quantiles: levels in $[0, 1]$.

@@ -12,6 +12,7 @@ import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 from pyro.infer.elbo import ELBO
+from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from pyroflows.infer.importance import log_importance_weights
@@ -27,7 +28,10 @@ def _latent_dim(guide: Callable, args: tuple, kwargs: dict) -> int:
     return sum(
         site["value"].numel()
         for site in trace.nodes.values()
-        if site["type"] == "sample" and not site["is_observed"]
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and not site["infer"].get("is_auxiliary")  # e.g. AutoNormal's unconstrained twins
+        and not site_is_subsample(site)  # a plate's index tensor
     )
 
 
