@@ -69,6 +69,8 @@ def models(transforms: int, bins: int, hidden: tuple[int, ...]) -> dict[str, Cal
 
     table = {
         "pyroflows nsf": ours("nsf", bins=bins),
+        # the spline formula on the sampling side (the default before direction existed)
+        "pyroflows nsf sample": ours("nsf", bins=bins, direction="sample"),
         "pyroflows nsf_ar": ours("nsf_ar", bins=bins),
         "pyroflows bnaf": ours("bnaf"),
         "pyroflows realnvp": ours("realnvp"),
