@@ -188,9 +188,12 @@ def test_model_path_of_sample_returns_named_inference_data():
     assert {"acceptance_rate", "step_size", "diverging", "energy", "lp"} <= set(idata.sample_stats)
     assert math.isfinite(float(az.loo(idata).elpd_loo))
     samples = {k: torch.as_tensor(v.values).flatten(0, 1) for k, v in post.items()}
-    predictive = Predictive(model, posterior_samples=samples, return_sites=["y"])
-    replicated = predictive(J=8, y=None, sigma=data["sigma"])["y"]
-    assert replicated.shape == (240, 8)
+    for parallel in (False, True):
+        predictive = Predictive(
+            model, posterior_samples=samples, return_sites=["y"], parallel=parallel
+        )
+        replicated = predictive(J=8, y=None, sigma=data["sigma"])["y"]
+        assert replicated.shape == (240, 8)
 
 
 def test_default_device_trap():
