@@ -8,8 +8,9 @@ defaults and compare every parameter with the reference summaries (10 long Stan 
   root of our bulk ESS); goal < 4;
 - ``sd ratio``: the range of our sd over the reference sd; goal within 10% of 1;
 - ``max R-hat`` (rank-normalised split R-hat over all chains); goal < 1.01;
-- ``min ESS``, divergences, wall time (warm-up included, and the SVI fit for NeuTra; read
-  times on a quiet machine only).
+- ``min ESS``, divergences, leapfrog steps per draw (gradient evaluations: ESS per gradient does not
+  depend on the machine's load), wall time (warm-up included, and the SVI fit for NeuTra; read times
+  on a quiet machine only).
 
 Usage (quality numbers do not depend on the machine's load; times do):
 
@@ -75,6 +76,7 @@ def run(name: str, args: argparse.Namespace) -> dict:
         "max_rhat": float(max(r["rhat"] for r in rows.values())),
         "min_ess": float(min(r["ess"] for r in rows.values())),
         "divergences": int(idata.sample_stats["diverging"].sum()),
+        "steps": float(idata.sample_stats["n_steps"].mean()),
         "seconds": seconds,
         "ok": bool(
             np.abs(z).max() < 4
@@ -163,8 +165,8 @@ def main(argv: list[str] | None = None) -> None:
         f"sampler {args.sampler}, mass {args.mass}, {args.dtype}\n"
     )
     print("| posterior | max abs(z) (param) | sd ratio | max R-hat | min ESS | divergences "
-          "| s | goals met |")
-    print("|---|---|---|---|---|---|---|---|", flush=True)
+          "| leapfrog steps / draw | s | goals met |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
     results = []
     for name in args.names:  # one row as soon as it is known
         r = run(name, args)
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"| {r['posterior']} | {r['max_abs_z']:.2f} ({r['worst']}) | "
             f"{r['sd_ratio_min']:.3f}-{r['sd_ratio_max']:.3f} | {r['max_rhat']:.4f} | "
-            f"{r['min_ess']:.0f} | {r['divergences']} | {r['seconds']:.0f} | "
+            f"{r['min_ess']:.0f} | {r['divergences']} | {r['steps']:.1f} | {r['seconds']:.0f} | "
             f"{'yes' if r['ok'] else 'no'} |",
             flush=True,
         )
