@@ -13,8 +13,10 @@ target of the guide is $\log p(u) = \log p(x, T(u)) + \log|\det J_T(u)|$. The wa
    above, the diagonal plus the ``rank`` eigen-directions (by Lanczos iteration) that matter
    most, a low-rank-plus-diagonal Laplace approximation. Directions of non-positive curvature
    keep the diagonal scale (or the guide's ``init_scale`` where $H_{ii} \le 0$);
-3. when starts end on several optima of similar height (a multimodal posterior), keeps the
-   init point with the guide's ``init_scale`` instead: a Gaussian around one optimum is a poor
+3. when starts end on several optima of similar height (a multimodal posterior; a start counts
+   only where its gradient is small at the posterior's scale, so unconverged starts on the
+   slope of the same optimum do not), keeps the init point with the guide's ``init_scale``
+   instead: a Gaussian around one optimum is a poor
    start there, and training (with annealing) spreads better from a broad one.
 
 [`AutoFlow`][pyroflows.guides.AutoFlow] puts $u = \hat u + A x$, $A A^\top \approx H^{-1}$ (a
@@ -411,7 +413,8 @@ def laplace_warm_start(
     if dim <= max_dense_dim:
         covariance = start.covariance()
         start.scale_tril = torch.linalg.cholesky(0.5 * (covariance + covariance.T))
-    if _other_modes(u.detach(), final, ok, best, start.transform()):
+    stationary = _stationary(guide, model, u, ok, start, args, kwargs)
+    if _other_modes(u.detach(), final, stationary, best, start.transform()):
         # several optima of similar height: a Gaussian around one of them is a poor start
         # (and around all of them a degenerate one); start broad at the init point instead
         return WarmStart.isotropic(
@@ -504,12 +507,37 @@ def _lanczos(
     return values, basis[:m].T @ ritz
 
 
+def _stationary(
+    guide: Any,
+    model: Callable,
+    u: torch.Tensor,
+    ok: torch.Tensor,
+    start: WarmStart,
+    args: tuple,
+    kwargs: dict,
+    tolerance: float = 1.0,
+) -> torch.Tensor:
+    """Which finite starts ended where the gradient is small at the posterior's scale,
+    $\\lVert A^\\top \\nabla \\log p(u_k) \\rVert < $ ``tolerance`` (a point $r$ Laplace sds
+    down the slope of the same optimum has about $r$): optima, not unconverged points."""
+    x = torch.where(ok[:, None], u.detach(), start.loc).requires_grad_(True)
+    with torch.enable_grad():
+        log_p, _ = unconstrained_log_density(guide, model, x, args, kwargs)
+        (grad,) = torch.autograd.grad(log_p.sum(), x)
+    if start.scale_tril is not None:
+        whitened = grad @ start.scale_tril
+    else:
+        whitened = start.transform()._stretch(grad * start.scale, 1.0)
+    return ok & (whitened.norm(dim=-1) < tolerance)
+
+
 def _other_modes(
     u: torch.Tensor, log_p: torch.Tensor, ok: torch.Tensor, best: int, whitening: Transform,
     *, separation: float = 3.0, height: float = 5.0,
 ) -> list[int]:
-    """Starts that ended on other optima than ``best``: more than ``separation`` Laplace sds
-    from it and from each other, and within ``height`` nats of its log-density."""
+    """Starts that ended on other optima than ``best`` (``ok``: at an optimum): more than
+    ``separation`` Laplace sds from it and from each other, and within ``height`` nats of its
+    log-density."""
     whiten = whitening.inv(u)
     found: list[int] = [best]
     for k in torch.argsort(log_p, descending=True).tolist():
