@@ -73,6 +73,18 @@ def test_compare_scores_draws_in_mcse_units():
         posteriordb.compare(draws, {"c": {"mean": 0.0, "sd": 1.0}})
 
 
+def test_compare_includes_the_reference_own_error():
+    """With many more draws than the reference has, the reference mean's own error dominates:
+    an offset of 2 reference standard errors is z ~ 2, not ~ 2 * sqrt(draws / reference)."""
+    gen = np.random.default_rng(1)
+    draws = {"a": 0.02 + gen.standard_normal((4, 50_000))}  # reference se 1 / sqrt(10^4)
+    row = posteriordb.compare(draws, {"a": {"mean": 0.0, "sd": 1.0, "draws": 10_000}})["a"]
+    assert row["ref_se"] == pytest.approx(0.01)
+    assert 1.0 < row["z"] < 3.0
+    alone = posteriordb.compare(draws, {"a": {"mean": 0.0, "sd": 1.0}})["a"]
+    assert alone["ref_se"] == 0.0 and alone["z"] > 6
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="name must be one of"):
         posteriordb.load("radon")

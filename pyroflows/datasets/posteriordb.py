@@ -283,7 +283,8 @@ def load(
     Returns:
         ``(model, data, reference)``: call ``model(**data)``; ``data`` maps the Stan data names to
         Python ints (sizes) and tensors; ``reference`` maps Stan-flattened 0-based parameter names
-        (``"theta[0]"``, ``"tau"``) to ``{"mean", "sd", "q05", "q50", "q95", ...}``.
+        (``"theta[0]"``, ``"tau"``) to ``{"mean", "sd", "q05", "q50", "q95", ..., "draws"}``
+        (``draws``: how many reference draws the summaries come from).
 
     Raises:
         ValueError: unknown ``name``, or the posterior's folder is missing under ``root``.
@@ -309,7 +310,10 @@ def load(
         for k, v in raw.items()
         if k in wanted
     }
-    reference = json.loads((folder / "reference.json").read_text())["params"]
+    summary = json.loads((folder / "reference.json").read_text())
+    info = summary.get("reference_draws", {})
+    size = info.get("num_chains", 0) * info.get("draws_per_chain", 0)
+    reference = {k: {**v, "draws": size} if size else v for k, v in summary["params"].items()}
     return model, data, reference
 
 
@@ -343,8 +347,12 @@ def compare(
     Returns:
         flat name -> ``mean``, ``sd`` (of the draws), ``ess`` (bulk), ``rhat`` (rank-normalised
         split R-hat), ``mcse`` (the reference sd over the square root of the draws' ESS),
-        ``z`` (mean error in MCSE units), ``err_sd`` (mean error in reference-sd units) and
-        ``sd_ratio`` (draws' sd over the reference sd).
+        ``ref_se`` (the reference mean's own Monte-Carlo error: its sd over the square root of
+        its number of draws, which posteriordb thins to near-independence; 0 when unknown),
+        ``z`` (mean error over the combined error $\sqrt{\text{mcse}^2 + \text{ref\_se}^2}$:
+        with hundreds of thousands of draws the reference's error is the larger one),
+        ``err_sd`` (mean error in reference-sd units) and ``sd_ratio`` (draws' sd over the
+        reference sd).
 
     Raises:
         ValueError: a reference parameter whose site is missing from ``samples``.
@@ -362,13 +370,15 @@ def compare(
         rhat = float(az.rhat(x)) if x.shape[0] > 1 else float("nan")
         mean, sd = float(x.mean()), float(x.std(ddof=1))
         mcse = ref["sd"] / math.sqrt(ess)
+        ref_se = ref["sd"] / math.sqrt(ref["draws"]) if ref.get("draws") else 0.0
         rows[flat_name] = {
             "mean": mean,
             "sd": sd,
             "ess": ess,
             "rhat": rhat,
             "mcse": mcse,
-            "z": (mean - ref["mean"]) / mcse,
+            "ref_se": ref_se,
+            "z": (mean - ref["mean"]) / math.hypot(mcse, ref_se),
             "err_sd": (mean - ref["mean"]) / ref["sd"],
             "sd_ratio": sd / ref["sd"],
         }
