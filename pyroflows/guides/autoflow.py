@@ -44,6 +44,7 @@ References:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -100,7 +101,9 @@ class AutoFlow(AutoContinuous):
             freedom start here and are learned (kept above 2); ``None``: the flow's standard
             normal base.
         num_quantile_samples: posterior draws behind ``quantiles`` and ``median``.
-        **flow_options: further options of the family's builder.
+        **flow_options: further options of the family's builder. Families with a
+            ``direction`` option (the splines) default to ``direction="sample"`` here: the
+            guide only samples, so the spline formula runs on the sampling side.
 
     Raises:
         ValueError: unknown ``flow``, a bad option, or (at the first call) a discrete latent
@@ -137,7 +140,11 @@ class AutoFlow(AutoContinuous):
         num_quantile_samples: int = 10_000,
         **flow_options: Any,
     ) -> None:
-        get_builder(flow)  # unknown names fail here, not at the first SVI step
+        builder = get_builder(flow)  # unknown names fail here, not at the first SVI step
+        if "direction" in inspect.signature(builder).parameters:
+            # a guide runs its flow only noise -> sample: evaluate the spline formula there
+            # (the density side's inverse trains worse in VI: U1-U4 in docs/splines.md)
+            flow_options.setdefault("direction", "sample")
         self._init_scale = check_positive(init_scale, "init_scale")
         self._tail_df = None if tail_df is None else check_number(
             tail_df, "tail_df", low=2.0, low_open=True
