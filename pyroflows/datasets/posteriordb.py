@@ -349,7 +349,7 @@ def compare(
         split R-hat), ``mcse`` (the reference sd over the square root of the draws' ESS),
         ``ref_se`` (the reference mean's own Monte-Carlo error: its sd over the square root of
         its number of draws, which posteriordb thins to near-independence; 0 when unknown),
-        ``z`` (mean error over the combined error $\sqrt{\text{mcse}^2 + \text{ref\_se}^2}$:
+        ``z`` (mean error over the combined error ``hypot(mcse, ref_se)``:
         with hundreds of thousands of draws the reference's error is the larger one),
         ``err_sd`` (mean error in reference-sd units) and ``sd_ratio`` (draws' sd over the
         reference sd).
