@@ -67,6 +67,8 @@ def _per_chain(x: torch.Tensor, num_chains: int) -> torch.Tensor:
         x = x.reshape(1)
     if x.shape[0] != num_chains:
         x = x.expand(num_chains, *x.shape[1:])
+    if x.dim() == 1:  # one value per chain already (spares a replayed graph two ops per site)
+        return x
     return x.reshape(num_chains, -1).sum(1)
 
 

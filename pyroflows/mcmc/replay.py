@@ -84,6 +84,42 @@ def _value_dependent(node: fx.Node, values: dict, constant: set) -> bool:
     )
 
 
+def _equals(operand: Any, identity: float, values: dict) -> bool:
+    """Whether ``operand`` (a number, or a folded constant) is ``identity`` everywhere."""
+    if isinstance(operand, fx.Node):
+        value = values.get(operand) if operand.op == "get_attr" else None
+        return isinstance(value, torch.Tensor) and bool((value == identity).all())
+    return isinstance(operand, int | float) and operand == identity
+
+
+def _identity_source(node: fx.Node, values: dict) -> fx.Node | None:
+    """The operand ``node`` returns unchanged, if any: a view, copy or clone with its input's
+    layout; ``x * 1``, ``x / 1``, ``x + 0``, ``x - 0``, ``x ** 1`` (also by an all-0 or all-1
+    folded constant) whose result has ``x``'s shape and dtype and ``x`` is contiguous."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    if node.target in _NO_OP_WHEN_SAME:
+        source = node.args[0]
+        return source if _same_layout(values[node], values[source]) else None
+    identity = _IDENTITY_OPERAND.get(node.target)
+    if identity is None or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    commutes = node.target in (aten.add.Tensor, aten.mul.Tensor)
+    source = a if _equals(b, identity, values) else None
+    if source is None and commutes and _equals(a, identity, values):
+        source = b
+    if not isinstance(source, fx.Node):
+        return None
+    out, value = values[node], values[source]
+    same = _same_layout(out, value) or (
+        isinstance(value, torch.Tensor)
+        and (out.shape, out.dtype, out.device) == (value.shape, value.dtype, value.device)
+        and value.is_contiguous()
+    )
+    return source if same else None
+
+
 def _same_layout(a: Any, b: Any) -> bool:
     return (
         isinstance(a, torch.Tensor)
@@ -137,19 +173,16 @@ def simplify(module: fx.GraphModule, *example: torch.Tensor) -> fx.GraphModule:
             name = f"_folded_{index}"
             module.register_buffer(name, value, persistent=False)
             with graph.inserting_before(node):
-                node.replace_all_uses_with(graph.get_attr(name))
+                attr = graph.get_attr(name)
+            node.replace_all_uses_with(attr)
+            values[attr] = value
     graph.eliminate_dead_code()
     seen: dict[tuple, fx.Node] = {}
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
-        source = node.args[0] if node.args else None
-        identity = _IDENTITY_OPERAND.get(node.target)
-        no_op = node.target in _NO_OP_WHEN_SAME or (
-            identity is not None and len(node.args) == 2 and node.args[1] == identity
-            and not node.kwargs
-        )
-        if isinstance(source, fx.Node) and no_op and _same_layout(values[node], values[source]):
+        source = _identity_source(node, values)
+        if source is not None:
             node.replace_all_uses_with(source)
             graph.erase_node(node)
             continue
