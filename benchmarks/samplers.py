@@ -72,6 +72,7 @@ class Target:
     sd: np.ndarray | None  # posterior sd per constrained coordinate
     constrain: Callable = lambda x: x  # unconstrained draws (..., D) -> constrained
     derive: Callable = lambda x: x  # constrained draws -> the coordinates `mean`/`sd` describe
+    mean_se: float | np.ndarray = 0.0  # the known mean's own Monte-Carlo error (a reference's)
 
 
 def _rotated_covariance(dim: int, condition: float) -> np.ndarray:
@@ -156,7 +157,7 @@ def make_targets() -> dict[str, Target]:
         with numpyro.plate("i", 9):
             numpyro.sample("x", ndist.Normal(0.0, jnp.exp(v / 2)))
 
-    schools_mean, schools_sd = _schools_reference()
+    schools_mean, schools_sd, schools_mean_se = _schools_reference()
     zeros, ones = np.zeros, np.ones
 
     def schools_constrain(x):
@@ -168,7 +169,7 @@ def make_targets() -> dict[str, Target]:
     return {
         "eight_schools": Target(
             "eight_schools", 10, schools_model, schools_energy, schools_jax, schools_numpyro,
-            schools_mean, schools_sd, schools_constrain, schools_theta,
+            schools_mean, schools_sd, schools_constrain, schools_theta, schools_mean_se,
         ),
         "gauss100": Target(
             "gauss100", 100, gauss_model, gauss.energy, lambda x: -0.5 * x @ precision @ x,
@@ -185,19 +186,18 @@ def make_targets() -> dict[str, Target]:
     }
 
 
-def _schools_reference() -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Reference mean and sd of (mu, tau, theta[8]) from ../shared/posteriordb, if there."""
+def _schools_reference() -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | float]:
+    """Reference mean, sd and the mean's own Monte-Carlo error of (mu, tau, theta[8]) from
+    ../shared/posteriordb, if there."""
     from pyroflows.datasets import posteriordb
 
     try:
         _, _, reference = posteriordb.load("eight_schools_noncentered")
     except (FileNotFoundError, OSError, ValueError):
-        return None, None
+        return None, None, 0.0
     names = ["mu", "tau"] + [f"theta[{i}]" for i in range(8)]
-    return (
-        np.array([reference[n]["mean"] for n in names]),
-        np.array([reference[n]["sd"] for n in names]),
-    )
+    mean, sd = (np.array([reference[n][k] for n in names]) for k in ("mean", "sd"))
+    return mean, sd, sd / math.sqrt(reference["mu"].get("draws", math.inf))
 
 
 # -- samplers: each returns (draws (chains, draws, D) or {name: (chains, draws, ...)}, divergences)
@@ -339,7 +339,8 @@ def _as_matrix(draws) -> np.ndarray:
 
 
 def score(draws, target: Target) -> tuple[float, float]:
-    """Min bulk ESS, and the largest |mean error| in Monte-Carlo standard errors (NaN unknown).
+    """Min bulk ESS, and the largest |mean error| in Monte-Carlo standard errors (NaN unknown;
+    a reference mean's own error is part of the standard error).
 
     Dict draws (the model paths) are constrained already; arrays are unconstrained."""
     x = _as_matrix(draws).astype(np.float64)
@@ -350,7 +351,7 @@ def score(draws, target: Target) -> tuple[float, float]:
     if target.mean is not None:
         y = target.derive(x)
         se = target.sd / np.sqrt(az.ess(az.convert_to_dataset({"y": y}))["y"].values)
-        error = float(np.max(np.abs(y.mean((0, 1)) - target.mean) / se))
+        error = float(np.max(np.abs(y.mean((0, 1)) - target.mean) / np.hypot(se, target.mean_se)))
     return float(ess.min()), error
 
 
