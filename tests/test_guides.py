@@ -160,7 +160,9 @@ def test_log_prob_at_own_samples_equals_inverse_density():
 def test_reverse_kl_is_exact_for_a_gaussian_guide():
     target = energies.get("gaussian", dim=2, correlation=0.0)  # N(0, I)
     # without a warm start it starts as N(0, 0.5^2 I)
-    guide = AutoFlow(target.model, flow="realnvp", init_scale=0.5, warm_start=None)
+    guide = AutoFlow(
+        target.model, flow="realnvp", init_scale=0.5, warm_start=None, tail_df=None
+    )
     kl, err = reverse_kl(target.model, guide, target.log_normalizer, num_samples=20_000)
     exact = 2 / 2 * (0.25 - 1 - math.log(0.25))
     assert abs(kl - exact) < 4 * err + 1e-4

@@ -98,7 +98,9 @@ class AutoFlow(AutoContinuous):
             MAP start, or the location without a warm start.
         init_scale: scale of the fixed affine map when there is no usable curvature.
         tail_df: a heavy-tailed base: independent Student-t coordinates whose degrees of
-            freedom start here and are learned (kept above 2); ``None``: the flow's standard
+            freedom start here and are learned (kept above 2), so that the guide can reach
+            the exponential tails a bounded or positive site gives the unconstrained
+            posterior (PSIS $\\hat k$ in docs/guides.md); ``None``: the flow's standard
             normal base.
         num_quantile_samples: posterior draws behind ``quantiles`` and ``median``.
         **flow_options: further options of the family's builder. Families with a
@@ -136,7 +138,7 @@ class AutoFlow(AutoContinuous):
         warm_start_rank: int = 32,
         init_loc_fn: Callable = init_to_median,
         init_scale: float = 0.1,
-        tail_df: float | None = None,
+        tail_df: float | None = 7.0,
         num_quantile_samples: int = 10_000,
         **flow_options: Any,
     ) -> None:
