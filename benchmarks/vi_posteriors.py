@@ -41,7 +41,7 @@ from pyroflows.guides.warm_start import plate_nesting
 GUIDES: dict[str, Callable] = {
     "autoflow": lambda model: AutoFlow(model),
     "autoflow-realnvp": lambda model: AutoFlow(model, flow="realnvp"),
-    "autoflow-t5": lambda model: AutoFlow(model, tail_df=5.0),
+    "autoflow-normal": lambda model: AutoFlow(model, tail_df=None),
     "AutoNormal": AutoNormal,
     "AutoMultivariateNormal": AutoMultivariateNormal,
     "AutoIAFNormal": AutoIAFNormal,

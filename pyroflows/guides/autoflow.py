@@ -78,6 +78,16 @@ WARM_STARTS = ("laplace", "map", None)
 AFFINES = ("full", "diagonal", None)
 
 
+AUTO_TAIL_DF = 7.0  # tail_df="auto"'s start; docs/guides.md has the measurements
+
+
+def _is_real(support: constraints.Constraint) -> bool:
+    """Whether ``support`` is the real line (or a product of real lines)."""
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
+
+
 class AutoFlow(AutoContinuous):
     """An ``AutoContinuous`` guide with a normalizing-flow posterior over the latent vector.
 
@@ -98,10 +108,11 @@ class AutoFlow(AutoContinuous):
             MAP start, or the location without a warm start.
         init_scale: scale of the fixed affine map when there is no usable curvature.
         tail_df: a heavy-tailed base: independent Student-t coordinates whose degrees of
-            freedom start here and are learned (kept above 2), so that the guide can reach
-            the exponential tails a bounded or positive site gives the unconstrained
-            posterior (PSIS $\\hat k$ in docs/guides.md); ``None``: the flow's standard
-            normal base.
+            freedom start here and are learned (kept above 2); ``None``: the flow's standard
+            normal base; ``"auto"``: 7 when a latent site has a support other than the real
+            line, else ``None``. A bounded or positive site's log-Jacobian is linear in its
+            unconstrained value, so the posterior's tail there can be exponential, which a
+            normal base cannot reach (PSIS $\\hat k$ in docs/guides.md).
         num_quantile_samples: posterior draws behind ``quantiles`` and ``median``.
         **flow_options: further options of the family's builder. Families with a
             ``direction`` option (the splines) default to ``direction="sample"`` here: the
@@ -138,7 +149,7 @@ class AutoFlow(AutoContinuous):
         warm_start_rank: int = 32,
         init_loc_fn: Callable = init_to_median,
         init_scale: float = 0.1,
-        tail_df: float | None = 7.0,
+        tail_df: float | str | None = "auto",
         num_quantile_samples: int = 10_000,
         **flow_options: Any,
     ) -> None:
@@ -148,9 +159,12 @@ class AutoFlow(AutoContinuous):
             # (the density side's inverse trains worse in VI: U1-U4 in docs/splines.md)
             flow_options.setdefault("direction", "sample")
         self._init_scale = check_positive(init_scale, "init_scale")
-        self._tail_df = None if tail_df is None else check_number(
-            tail_df, "tail_df", low=2.0, low_open=True
-        )
+        if isinstance(tail_df, str):
+            self._tail_df: float | str | None = check_choice(tail_df, "tail_df", ("auto",))
+        else:
+            self._tail_df = None if tail_df is None else check_number(
+                tail_df, "tail_df", low=2.0, low_open=True
+            )
         if affine is not True:
             check_choice(affine if affine is not False else None, "affine", AFFINES)
         self._affine = None if affine is False else affine
@@ -171,6 +185,11 @@ class AutoFlow(AutoContinuous):
         loc = self._init_loc()
         dim = self.latent_dim
         self._max_plate_nesting = plate_nesting(self.model, args, kwargs)
+        if self._tail_df == "auto":
+            self._tail_df = AUTO_TAIL_DF if any(
+                not _is_real(site["fn"].support)
+                for _, site in self.prototype_trace.iter_stochastic_nodes()
+            ) else None
         if self._warm is None:
             self.warm_start = WarmStart.isotropic(loc, self._init_scale, "init", math.nan)
         else:
