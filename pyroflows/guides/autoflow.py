@@ -81,11 +81,14 @@ AFFINES = ("full", "diagonal", None)
 AUTO_TAIL_DF = 7.0  # tail_df="auto"'s start; docs/guides.md has the measurements
 
 
-def _is_real(support: constraints.Constraint) -> bool:
-    """Whether ``support`` is the real line (or a product of real lines)."""
+def _is_bounded(support: constraints.Constraint) -> bool:
+    """Whether ``support`` is bounded on both sides (an interval, a product of intervals, the
+    simplex)."""
     while isinstance(support, constraints.independent):
         support = support.base_constraint
-    return support is constraints.real
+    return isinstance(support, (constraints.interval, constraints.half_open_interval)) or (
+        support is constraints.simplex
+    )
 
 
 class AutoFlow(AutoContinuous):
@@ -109,10 +112,11 @@ class AutoFlow(AutoContinuous):
         init_scale: scale of the fixed affine map when there is no usable curvature.
         tail_df: a heavy-tailed base: independent Student-t coordinates whose degrees of
             freedom start here and are learned (kept above 2); ``None``: the flow's standard
-            normal base; ``"auto"``: 7 when a latent site has a support other than the real
-            line, else ``None``. A bounded or positive site's log-Jacobian is linear in its
-            unconstrained value, so the posterior's tail there can be exponential, which a
-            normal base cannot reach (PSIS $\\hat k$ in docs/guides.md).
+            normal base; ``"auto"``: 7 when a latent site's support is bounded (an interval or
+            the simplex), else ``None``. Such a site's log-Jacobian is linear in its
+            unconstrained value, so the posterior's tail there can be exponential, beyond a
+            normal base's reach; the bounded site keeps finite moments under a heavier tail,
+            where a positive site's $e^u$ would not (PSIS $\\hat k$ in docs/guides.md).
         num_quantile_samples: posterior draws behind ``quantiles`` and ``median``.
         **flow_options: further options of the family's builder. Families with a
             ``direction`` option (the splines) default to ``direction="sample"`` here: the
@@ -187,7 +191,7 @@ class AutoFlow(AutoContinuous):
         self._max_plate_nesting = plate_nesting(self.model, args, kwargs)
         if self._tail_df == "auto":
             self._tail_df = AUTO_TAIL_DF if any(
-                not _is_real(site["fn"].support)
+                _is_bounded(site["fn"].support)
                 for _, site in self.prototype_trace.iter_stochastic_nodes()
             ) else None
         if self._warm is None:
