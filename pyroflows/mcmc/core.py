@@ -70,6 +70,18 @@ class EnergyFunction:
         """$U(x)$ and $\\nabla U(x)$ (NaN for rows whose evaluation fails validation)."""
         return self._guarded(x, True, guard)
 
+    def traced(self, x: torch.Tensor) -> Callable | None:
+        """The energy's replayed graph for inputs like ``x``, ``graph(x) -> (U, grad U)``, where
+        the energy offers one (a model's potential: `pyroflows.mcmc.replay`), else ``None``."""
+        traced = getattr(self.energy, "traced", None)
+        return None if traced is None else traced(x)
+
+    def count(self, x: torch.Tensor, calls: int) -> None:
+        """Record ``calls`` evaluations at points shaped like ``x`` made outside this object
+        (a compiled trajectory runs the energy's graph itself)."""
+        self.num_calls += calls
+        self.num_evals += calls * x.shape[: x.dim() - self.event_dim].numel()
+
     def _evaluate(self, x: torch.Tensor, with_grad: bool):
         if not with_grad:
             with torch.no_grad():
@@ -371,6 +383,7 @@ def hmc_step(
     metric: Metric,
     num_steps: int,
     max_energy_error: float,
+    integrator: Callable = leapfrog,
 ) -> tuple[HMCState, HMCInfo]:
     """One HMC transition of every chain: fresh momenta, ``num_steps`` leapfrog steps, a
     per-chain accept/reject; a proposal whose energy error exceeds ``max_energy_error`` (or is
@@ -384,11 +397,13 @@ def hmc_step(
         metric: the mass matrix.
         num_steps: leapfrog steps $L \\ge 1$.
         max_energy_error: the divergence threshold on $H' - H$.
+        integrator: [`leapfrog`][pyroflows.mcmc.core.leapfrog] or a function with its
+            signature and result (a compiled trajectory: `pyroflows.mcmc.compiled`).
     """
     x0 = state.position
     p0 = metric.momentum(x0, generator)
     h0 = state.energy + metric.kinetic(p0)
-    x, p, u, grad = leapfrog(energy, x0, p0, state.grad, step_size, metric, num_steps)
+    x, p, u, grad = integrator(energy, x0, p0, state.grad, step_size, metric, num_steps)
     h = u + metric.kinetic(p)
     delta = h - h0
     decision = metropolis(generator, x, u, -delta)

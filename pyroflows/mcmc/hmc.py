@@ -75,6 +75,7 @@ import torch
 
 from pyroflows.mcmc.adapt import ChEESAdaptation, WindowAdaptation
 from pyroflows.mcmc.base import BatchedKernel, RunState, Warmup
+from pyroflows.mcmc.compiled import TrajectoryCompiler
 from pyroflows.mcmc.core import (
     Energy,
     HMCInfo,
@@ -135,6 +136,11 @@ class HMC(BatchedKernel):
         max_steps: the most leapfrog steps a ChEES trajectory may take.
         mass: ``"diag"``, ``"dense"``, or ``"auto"``: dense when the mass matrix is adapted,
             at least 16 chains run and the flattened event has at most 200 coordinates.
+        compile: run leapfrog trajectories compiled by ``torch.compile`` (energy graph and
+            updates fused): ``"auto"`` once the run has spent as long in eager steps as a
+            compile is expected to take, ``True`` as soon as eligible, ``False`` never. Only an
+            energy with a replayed graph (a Pyro model's potential) is eligible; see
+            `pyroflows.mcmc.compiled`.
         model: a Pyro model instead of an energy (keyword only).
 
     Example:
@@ -160,9 +166,11 @@ class HMC(BatchedKernel):
         learning_rate: float = 0.025,
         max_steps: int = 1000,
         mass: str = "auto",
+        compile: bool | str = "auto",
         model: Callable | None = None,
     ) -> None:
         self.mass = check_choice(mass, "mass", ("auto", "diag", "dense"))
+        self.compiler = TrajectoryCompiler(check_choice(compile, "compile", ("auto", True, False)))
         self.initial_step_size = check_positive(step_size, "step_size")
         self.num_steps = None if num_steps is None else check_int(num_steps, "num_steps")
         self.max_energy_error = check_positive(max_energy_error, "max_energy_error")
@@ -258,6 +266,7 @@ class HMC(BatchedKernel):
             params.metric,
             num_steps,
             self.max_energy_error,
+            self.compiler.integrator(self.potential, state.position, step_size),
         )
 
     def init_warmup(self, state: HMCState, warmup_steps: int, generator: torch.Generator) -> Warmup:

@@ -360,7 +360,7 @@ class ModelPotential:
         return value.reshape(u.shape[:-1])
 
     def value_and_grad(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """$U(u)$ and $\nabla U(u)$ for every chain (what a gradient sampler needs per step).
+        """$U(u)$ and $\\nabla U(u)$ for every chain (what a gradient sampler needs per step).
 
         Args:
             u: unconstrained points ``(C, D)``.
@@ -379,6 +379,14 @@ class ModelPotential:
                 (grad,) = torch.autograd.grad(value.sum(), x)
             value = value.detach()
         return value.reshape(u.shape[:-1]), grad.reshape(u.shape)
+
+    def traced(self, u: torch.Tensor) -> Callable | None:
+        """The replayed graph of $U$ and $\\nabla U$ for points shaped like ``u`` (``(C, D)``):
+        ``graph(u) -> (U(u), grad U(u))``, pure tensor ops that ``torch.compile`` can fuse;
+        ``None`` while there is none (see [`energy`][pyroflows.mcmc.ModelPotential.energy])."""
+        if not self.replay or u.dim() != 2:
+            return None
+        return self._replay.lookup(u.detach(), True)
 
     def _execute(self, flat: torch.Tensor) -> torch.Tensor:
         """$U$ of ``(C, D)`` points by executing the model."""

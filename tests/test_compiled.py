@@ -1,0 +1,141 @@
+"""Compiled leapfrog trajectories: the same trajectory as eager steps up to rounding (padding
+steps included), the right posterior when sampling, the ski-rental rule, and an eager fallback
+with a warning when compiling fails."""
+
+import math
+import shutil
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyroflows import mcmc
+from pyroflows.mcmc import ModelPotential
+from pyroflows.mcmc.compiled import TrajectoryCompiler
+from pyroflows.mcmc.core import EnergyFunction, dense_metric, diagonal_metric, leapfrog
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+F64 = torch.float64
+needs_compiler = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "clang++", "c++")),
+    reason="torch.compile needs a C++ compiler on CPU",
+)
+
+
+def funnel(scale: torch.Tensor) -> None:
+    v = pyro.sample("v", dist.Normal(0.0 * scale, 3.0 * scale))
+    with pyro.plate("i", 4):
+        pyro.sample("x", dist.Normal(0.0 * scale, torch.exp(v / 2)))
+
+
+def lognormal_and_gaussians(loc: torch.Tensor) -> None:
+    """The posterior is the prior: s ~ LogNormal(0.5, 0.4), z ~ N(loc, 1) in 3 dims."""
+    pyro.sample("s", dist.LogNormal(loc.new_tensor(0.5), 0.4))
+    with pyro.plate("d", 3):
+        pyro.sample("z", dist.Normal(loc, 1.0))
+
+
+def traced_energy(num_chains: int) -> tuple[EnergyFunction, torch.Tensor]:
+    potential = ModelPotential(funnel, torch.tensor(1.0, dtype=F64))
+    energy = EnergyFunction(potential, 1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(num_chains, potential.dim, generator=gen, dtype=F64)
+    for _ in range(2):  # the replay traces on the second sight of a shape
+        energy.value_and_grad(x)
+    assert energy.traced(x) is not None
+    return energy, x
+
+
+@needs_compiler
+@pytest.mark.parametrize("dense", [False, True])
+def test_compiled_trajectory_equals_eager_steps(dense):
+    energy, x = traced_energy(32)
+    gen = torch.Generator().manual_seed(1)
+    p = torch.randn(x.shape, generator=gen, dtype=F64)
+    _, grad = energy.value_and_grad(x)
+    d = x.shape[1]
+    metric = (
+        dense_metric(torch.eye(d, dtype=F64) + 0.3)
+        if dense
+        else diagonal_metric(torch.linspace(0.5, 2.0, d, dtype=F64))
+    )
+    step = torch.tensor(0.05, dtype=F64)
+    compiler = TrajectoryCompiler(True, unroll=4)
+    calls = energy.num_calls
+    integrate = compiler.integrator(energy, x, step)
+    assert integrate is not leapfrog
+    for num_steps in (7, 8, 1):  # padded with size-0 steps, exact multiple, shorter than unroll
+        compiled = integrate(energy, x, p, grad, step, metric, num_steps)
+        eager = leapfrog(energy, x, p, grad, step, metric, num_steps)
+        for a, b in zip(compiled, eager, strict=True):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
+    assert energy.num_calls - calls == 2 * (7 + 8 + 1)  # compiled steps are counted too
+    assert len(compiler._compiled) == 1  # one compile serves every trajectory length
+
+
+@needs_compiler
+def test_sampling_with_compiled_trajectories_gets_the_posterior():
+    kernel = mcmc.HMC(model=lognormal_and_gaussians, compile=True)
+    loc = torch.tensor(1.5, dtype=F64)
+    idata = mcmc.sample(
+        kernel,
+        num_chains=256,
+        num_samples=300,
+        warmup_steps=300,
+        seed=0,
+        progress=False,
+        model_args=(loc,),
+    )
+    assert kernel.compiler._compiled, "the trajectories were not compiled"
+    s = torch.as_tensor(idata.posterior["s"].values).flatten()
+    z = torch.as_tensor(idata.posterior["z"].values).reshape(-1, 3)
+    mean_s = math.exp(0.5 + 0.4**2 / 2)
+    sd_s = mean_s * math.sqrt(math.expm1(0.4**2))
+    # chains are many and nearly independent draws: a generous ESS of a quarter of the draws
+    se = 1 / math.sqrt(s.numel() / 4)
+    assert abs(s.mean().item() - mean_s) < 4 * sd_s * se
+    assert abs(s.std().item() / sd_s - 1) < 0.1
+    assert torch.allclose(z.mean(0), loc.expand(3), atol=4 * se)
+    assert torch.allclose(z.std(0), torch.ones(3, dtype=F64), atol=0.1)
+
+
+def test_auto_compiles_only_after_its_eager_budget():
+    energy, x = traced_energy(8)
+    step = torch.tensor(0.1, dtype=F64)
+    compiler = TrajectoryCompiler("auto", compile_after=3600.0)
+    integrate = compiler.integrator(energy, x, step)
+    p = torch.zeros_like(x)
+    _, grad = energy.value_and_grad(x)
+    out = integrate(energy, x, p, grad, step, diagonal_metric(torch.ones(x.shape[1], dtype=F64)), 3)
+    assert compiler.eager_seconds > 0 and not compiler._compiled
+    assert torch.isfinite(out[2]).all()
+    # ineligible: per-chain step sizes, or an energy without a replayed graph
+    assert compiler.integrator(energy, x, step.expand(8, 1)) is leapfrog
+    plain = EnergyFunction(lambda y: (y**2).sum(-1), 1)
+    assert TrajectoryCompiler(True).integrator(plain, x, step) is leapfrog
+    assert TrajectoryCompiler(False).integrator(energy, x, step) is leapfrog
+
+
+def test_failed_compile_warns_once_and_stays_eager(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    energy, x = traced_energy(8)
+    step = torch.tensor(0.1, dtype=F64)
+    compiler = TrajectoryCompiler(True)
+    metric = diagonal_metric(torch.ones(x.shape[1], dtype=F64))
+    _, grad = energy.value_and_grad(x)
+    p = torch.ones_like(x)
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        out = compiler.integrator(energy, x, step)(energy, x, p, grad, step, metric, 5)
+    expected = leapfrog(energy, x, p, grad, step, metric, 5)
+    assert all(torch.equal(a, b) for a, b in zip(out, expected, strict=True))
+    assert compiler.integrator(energy, x, step) is leapfrog
+
+
+def test_compile_option_is_checked():
+    with pytest.raises(ValueError, match="compile"):
+        mcmc.HMC(model=funnel, compile="sometimes")
