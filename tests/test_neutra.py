@@ -27,6 +27,10 @@ def other(ref):
     pyro.sample("w", dist.Normal(ref.new_tensor(0.0), 1.0))
 
 
+def other_vector(ref):
+    pyro.sample("w", dist.Normal(ref.new_tensor(0.0), 1.0).expand([3]).to_event(1))
+
+
 def fitted_guide(num_steps, scale=3.0):
     ref = torch.zeros(())
     pyro.clear_param_store()  # autoguide parameters live in the global store, by name
@@ -57,8 +61,15 @@ def test_neutra_recovers_funnel_marginal(kernel):
     mix faster)."""
     guide, ref = fitted_guide(300, scale=1.5)
     idata = mcmc.neutra(
-        funnel, guide, model_args=(ref, 1.5), num_samples=150, warmup_steps=150, num_chains=64,
-        kernel=kernel, seed=0, progress=False,
+        funnel,
+        guide,
+        model_args=(ref, 1.5),
+        num_samples=150,
+        warmup_steps=150,
+        num_chains=64,
+        kernel=kernel,
+        seed=0,
+        progress=False,
     )
     v = idata.posterior["v"].values
     assert idata.posterior["x"].dims == ("chain", "draw", "coords")
@@ -69,19 +80,50 @@ def test_neutra_recovers_funnel_marginal(kernel):
     assert idata.attrs["neutra"] == kernel
 
 
+@pytest.mark.parametrize("tail_df", [None, 5.0])
+def test_independence_proposal_is_the_guides_q(tail_df):
+    """A model whose posterior is the guide's own q: the flow independence sampler, proposing
+    from the guide's base (normal or Student-t) through T, accepts every move."""
+    ref = torch.zeros(())
+    pyro.clear_param_store()
+    guide = AutoFlow(other_vector, flow="iaf", num_layers=2, tail_df=tail_df, warm_start=None)
+    fit_guide(other_vector, guide, ref, num_steps=20, progress=False, seed=0)
+    with torch.no_grad():
+        q = guide.get_posterior()
+
+    def exact(ref):
+        pyro.sample("w", q)
+
+    idata = mcmc.neutra(
+        exact,
+        guide,
+        model_args=(ref,),
+        num_samples=20,
+        warmup_steps=0,
+        num_chains=16,
+        kernel="mh",
+        seed=0,
+        progress=False,
+    )
+    assert float(idata.sample_stats["acceptance_rate"].min()) > 0.999
+
+
 @pytest.mark.slow
 def test_neutra_beats_plain_hmc_on_the_funnel():
     """With a well-fitted flow the independence sampler accepts most proposals and NeuTra-HMC
     has no divergences, where plain HMC in the funnel's neck diverges."""
     guide, ref = fitted_guide(1500)
-    kwargs = dict(model_args=(ref,), num_samples=300, warmup_steps=300, num_chains=64, seed=0,
-                  progress=False)
+    kwargs = dict(
+        model_args=(ref,), num_samples=300, warmup_steps=300, num_chains=64, seed=0, progress=False
+    )
     neutra_mh = mcmc.neutra(funnel, guide, kernel="mh", **kwargs)
     assert float(neutra_mh.sample_stats["acceptance_rate"].mean()) > 0.6
     neutra_hmc = mcmc.neutra(funnel, guide, kernel="hmc", **kwargs)
     plain = mcmc.sample(mcmc.HMC(model=funnel), **kwargs)
-    ess = {k: float(az.ess(r.posterior["v"].values)) for k, r in [("neutra", neutra_hmc),
-                                                                   ("plain", plain)]}
+    ess = {
+        k: float(az.ess(r.posterior["v"].values))
+        for k, r in [("neutra", neutra_hmc), ("plain", plain)]
+    }
     assert ess["neutra"] > ess["plain"]
 
 

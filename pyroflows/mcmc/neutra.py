@@ -1,8 +1,10 @@
 r"""NeuTra: MCMC on a model in the latent space of a flow fitted by variational inference.
 
 A guide fitted by SVI — [`AutoFlow`][pyroflows.guides.AutoFlow], or any Pyro
-``AutoContinuous`` guide — gives a bijection $T$ from its base space ($\varepsilon \sim
-\mathcal N(0, I_D)$) to the model's unconstrained latent vector $u$ (``guide.get_transform()``).
+``AutoContinuous`` guide — gives a bijection $T$ from its base space ($\varepsilon$ drawn from
+``guide.get_base_dist()``: $\mathcal N(0, I_D)$, or independent Student-t coordinates for an
+``AutoFlow`` with heavy tails) to the model's unconstrained latent vector $u$
+(``guide.get_transform()``).
 Sampling $\varepsilon$ from the pulled-back target
 
 $$
@@ -11,10 +13,11 @@ U_\varepsilon(\varepsilon) = U\bigl(T(\varepsilon)\bigr)
 $$
 
 and mapping the draws through $T$ is exact MCMC on the model for any $T$; when $q$ fits the
-posterior, $U_\varepsilon$ is close to a standard normal, so HMC needs few, large steps through
+posterior, $U_\varepsilon$ is close to the base's energy, so HMC needs few, large steps through
 geometry (funnels, strong correlations, scales) that defeats it in $u$ (Hoffman et al. 2019).
 With ``kernel="mh"`` the flow is an independence proposal: in $\varepsilon$ space the proposal is
-$\mathcal N(0, I)$, which is $q$ itself in $u$ space, and the acceptance rate measures the fit.
+the guide's base distribution, which is $q$ itself in $u$ space, and the acceptance rate
+measures the fit.
 
 Unlike Pyro's ``NeuTraReparam`` (one chain per run, a model rewritten by a reparameterizer), this
 runs every chain in one batched call on the model's
@@ -56,9 +59,9 @@ class NeuTraPotential:
         self, potential: ModelPotential, transform: Transform, dtype: torch.dtype | None = None
     ) -> None:
         self.potential = potential
-        self.parts = list(transform.parts) if isinstance(transform, ComposeTransform) else [
-            transform
-        ]
+        self.parts = (
+            list(transform.parts) if isinstance(transform, ComposeTransform) else [transform]
+        )
         self.event_shape = potential.event_shape
         self._dtype = potential._dtype if dtype is None else dtype
 
@@ -79,20 +82,29 @@ class NeuTraPotential:
         return self.potential.energy(u) - log_det
 
 
-class _StandardNormal:
-    """$\\mathcal N(0, I_D)$ as an independence proposal drawing from the run's generator."""
+class _BaseProposal:
+    """The guide's base distribution as an independence proposal drawing from the run's
+    generator (torch distributions take none: each draw runs under a forked global generator
+    seeded from the run's, so the run stays reproducible and the global state untouched)."""
 
-    def __init__(self, like: torch.Tensor, generator: torch.Generator) -> None:
-        self.like, self.generator = like, generator
+    def __init__(
+        self,
+        base: torch.distributions.Distribution,
+        like: torch.Tensor,
+        generator: torch.Generator,
+        dtype: torch.dtype,
+    ) -> None:
+        self.base, self.like, self.generator, self.dtype = base, like, generator, dtype
 
     def sample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
-        shape = (*sample_shape, *self.like.shape)
-        return torch.randn(
-            shape, generator=self.generator, device=self.like.device, dtype=self.like.dtype
-        )
+        device = self.like.device
+        seed = int(torch.randint(2**62, (), generator=self.generator, device=device))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return self.base.sample(sample_shape).to(self.like)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.distributions.Normal(self.like, 1.0).log_prob(x).sum(-1)
+        return self.base.log_prob(x.to(self.dtype)).to(x.dtype)
 
 
 def _check_guide(guide: Any, potential: ModelPotential) -> Transform:
@@ -171,17 +183,16 @@ def neutra(
     check_choice(kernel, "kernel", ("hmc", "mh"))
     check_int(num_samples, "num_samples", minimum=1)
     check_int(num_chains, "num_chains", minimum=1)
-    warmup_steps = num_samples if warmup_steps is None else check_int(
-        warmup_steps, "warmup_steps", minimum=0
+    warmup_steps = (
+        num_samples if warmup_steps is None else check_int(warmup_steps, "warmup_steps", minimum=0)
     )
     potential = ModelPotential(model, *model_args, **(model_kwargs or {}))
     transform = _check_guide(guide, potential)
     guide_dtype = next((p.dtype for p in guide.parameters()), None)
     energy = NeuTraPotential(potential, transform, guide_dtype)
     generator = make_generator(seed, potential._device)
-    base = _StandardNormal(
-        torch.zeros(potential.dim, device=potential._device, dtype=potential._dtype), generator
-    )
+    like = torch.zeros(potential.dim, device=potential._device, dtype=potential._dtype)
+    base = _BaseProposal(guide.get_base_dist(), like, generator, energy._dtype)
     # chains start at independent draws of the guide where the model's density is finite
     start = finite_start(energy, lambda: base.sample((num_chains,)), generator)
     if kernel == "hmc":
@@ -190,8 +201,13 @@ def neutra(
     else:
         sampler = MH(energy, proposal=base, **kernel_options)
     eps, stats, attrs = run_chains(
-        sampler, start, num_samples, warmup_steps=warmup_steps, thinning=thinning,
-        progress=progress, generator=generator,
+        sampler,
+        start,
+        num_samples,
+        warmup_steps=warmup_steps,
+        thinning=thinning,
+        progress=progress,
+        generator=generator,
     )
     with torch.no_grad():
         chunks = eps.flatten(0, 1).split(4096)
