@@ -12,6 +12,7 @@ import torch
 
 from pyroflows import mcmc
 from pyroflows.mcmc import ModelPotential
+from pyroflows.mcmc import compiled as compiled_module
 from pyroflows.mcmc.compiled import TrajectoryCompiler
 from pyroflows.mcmc.core import EnergyFunction, dense_metric, diagonal_metric, leapfrog
 
@@ -49,8 +50,11 @@ def traced_energy(num_chains: int) -> tuple[EnergyFunction, torch.Tensor]:
 
 
 @needs_compiler
-@pytest.mark.parametrize("dense", [False, True])
-def test_compiled_trajectory_equals_eager_steps(dense):
+@pytest.mark.parametrize("metric_form", ["diagonal", "dense", "dense_matmul"])
+def test_compiled_trajectory_equals_eager_steps(metric_form, monkeypatch):
+    if metric_form == "dense_matmul":  # the form for many coordinates, on this small target
+        monkeypatch.setattr(compiled_module, "_FUSED_DENSE_DIM", 0)
+    dense = metric_form != "diagonal"
     energy, x = traced_energy(32)
     gen = torch.Generator().manual_seed(1)
     p = torch.randn(x.shape, generator=gen, dtype=F64)

@@ -45,9 +45,14 @@ __all__ = ["TrajectoryCompiler"]
 _expected_compile_seconds = [10.0]
 
 
-def _trajectory(graph: Callable, dense: bool, unroll: int) -> Callable:
+#: the most coordinates for which a dense mass matrix is applied as a fused product-sum
+_FUSED_DENSE_DIM = 16
+
+
+def _trajectory(graph: Callable, dense: bool, dim: int, unroll: int) -> Callable:
     """``unroll`` leapfrog steps through ``graph`` (``graph(x) -> (U, grad U)``), step ``k`` of
     size ``step_sizes[k]``, as one function for ``torch.compile``."""
+    small = dim <= _FUSED_DENSE_DIM
 
     def run(
         x: torch.Tensor,
@@ -60,7 +65,15 @@ def _trajectory(graph: Callable, dense: bool, unroll: int) -> Callable:
         for k in range(unroll):
             eps = step_sizes[k]
             p = p - 0.5 * eps * grad
-            x = x + eps * (p @ inverse_mass if dense else inverse_mass * p)
+            if not dense:
+                velocity = inverse_mass * p
+            elif small:
+                # inductor fuses a broadcast product-sum into its loops; for a few coordinates
+                # that beats a call to the BLAS matmul (10-D funnel: 43 against 57 us a step)
+                velocity = (p.unsqueeze(-1) * inverse_mass).sum(-2)
+            else:
+                velocity = p @ inverse_mass
+            x = x + eps * velocity
             u, grad = graph(x)
             p = p - 0.5 * eps * grad
         return x, p, u, grad
@@ -159,7 +172,7 @@ class TrajectoryCompiler:
         start = time.perf_counter()
         try:
             run = torch.compile(
-                _trajectory(graph, dense, self.unroll), fullgraph=True, dynamic=False
+                _trajectory(graph, dense, x.shape[-1], self.unroll), fullgraph=True, dynamic=False
             )
             sizes = torch.zeros(self.unroll, dtype=x.dtype, device=x.device) + 0 * step_size
             run(x, p, grad, sizes, metric.inverse_mass)
