@@ -130,6 +130,30 @@ def test_graph_is_simplified():
     assert "zeros_like" not in graph.code
 
 
+def correlated_gaussian(loc, scale_tril):
+    pyro.sample("z", dist.MultivariateNormal(loc, scale_tril=scale_tril))
+
+
+def test_solves_against_a_constant_factor_become_products():
+    """A MultivariateNormal with a fixed, ill-conditioned factor (condition number 1e4 of the
+    covariance): no triangular solve is left in the graph, and the products with the factor's
+    inverse give the executed energy and gradient."""
+    gen = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=gen, dtype=F64))
+    cov = q @ torch.diag(torch.logspace(-2, 2, 12, dtype=F64)) @ q.T
+    loc = torch.randn(12, generator=gen, dtype=F64)
+    potential = ModelPotential(correlated_gaussian, loc, torch.linalg.cholesky(cov))
+    u = 3 * torch.randn(16, 12, generator=gen, dtype=F64)
+    (via_energy, fused), (value, grad) = replayed_and_executed(potential, u)
+    graphs = [graph.module.code for graph in potential._replay._graphs.values()]
+    assert graphs and not any("solve_triangular" in code for code in graphs)
+    for replayed_value, replayed_grad in (via_energy, fused):
+        assert torch.allclose(replayed_value, value, rtol=1e-10, atol=1e-10)
+        assert torch.allclose(replayed_grad, grad, rtol=1e-9, atol=1e-9)
+    exact = torch.linalg.solve(cov, (u - loc).T).T  # the gradient, -grad log N(u; loc, cov)
+    assert torch.allclose(grad, exact, rtol=1e-8, atol=1e-8)
+
+
 def test_replay_under_the_default_device_trap():
     """Tracing and replay create no tensor without a device (a model whose own plates do,
     as Pyro's plates without ``device=``, is executed instead under the trap)."""
