@@ -7,6 +7,7 @@ float32.
 """
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -51,6 +52,16 @@ def dtype(request) -> torch.dtype:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _no_unrequested_compiles(monkeypatch):
+    """``HMC(compile="auto")`` would compile once a run's eager steps took 10 s, which a slow
+    CI machine can reach mid-test: seconds of compiling and draws that change with timing.
+    Tests that compile ask for it (``compile=True`` or ``compile_after``)."""
+    from pyroflows.mcmc import compiled
+
+    monkeypatch.setattr(compiled, "_expected_compile_seconds", [math.inf])
 
 
 @pytest.fixture

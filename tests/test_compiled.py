@@ -122,6 +122,26 @@ def test_auto_compiles_only_after_its_eager_budget():
     assert TrajectoryCompiler(False).integrator(energy, x, step) is leapfrog
 
 
+@needs_compiler
+def test_auto_compiles_once_the_budget_is_spent_and_per_run():
+    energy, x = traced_energy(8)
+    step = torch.tensor(0.1, dtype=F64)
+    metric = diagonal_metric(torch.ones(x.shape[1], dtype=F64))
+    _, grad = energy.value_and_grad(x)
+    p = torch.ones_like(x)
+    compiler = TrajectoryCompiler("auto", compile_after=1e-9)
+    first = compiler.integrator(energy, x, step)
+    first(energy, x, p, grad, step, metric, 2)  # eager, timed: spends the budget
+    assert compiler.eager_seconds > 0 and not compiler._compiled
+    out = compiler.integrator(energy, x, step)(energy, x, p, grad, step, metric, 2)
+    assert compiler._compiled  # compiled on the call after the budget was spent
+    expected = leapfrog(energy, x, p, grad, step, metric, 2)
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-10) for a, b in zip(out, expected))
+    compiler.new_run()  # a new run: its eager account starts at 0, the compile stays paid
+    assert compiler.eager_seconds == 0.0
+    assert compiler.integrator(energy, x, step) not in (leapfrog, compiler._timed)
+
+
 def test_failed_compile_warns_once_and_stays_eager(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")

@@ -17,11 +17,12 @@ less for later ones), so it pays only on long runs. ``compile="auto"`` follows t
 rule: the kernel runs eager leapfrog steps until the time they have taken reaches what a compile
 is expected to cost (``compile_after`` seconds, refined by the compiles this process has done),
 then compiles, so a run is never more than about twice as slow as it would be had it known its
-length in advance, and a short run never compiles. ``compile=True`` compiles at the first
-eligible trajectory. Eligible: the energy offers a replayed graph for the chains' shape
-(a [`ModelPotential`][pyroflows.mcmc.ModelPotential] does), one step size is shared by all
-chains, and the chains' state is flat ``(C, D)``. Should compiling fail (no C++ compiler, an op
-inductor cannot lower), one warning says so and the kernel stays eager.
+length in advance, and a short run never compiles. The account is per run (a kernel's later
+runs start it at 0; one that has compiled runs compiled from their start). ``compile=True``
+compiles at the first eligible trajectory. Eligible: the energy offers a replayed graph for the
+chains' shape (a [`ModelPotential`][pyroflows.mcmc.ModelPotential] does), one step size is
+shared by all chains, and the chains' state is flat ``(C, D)``. Should compiling fail (no C++
+compiler, an op inductor cannot lower), one warning says so and the kernel stays eager.
 
 **Reproducibility.** Fused arithmetic rounds differently from eager arithmetic, and chaotic
 dynamics amplify the difference, so the draws change (not their distribution) from the
@@ -86,8 +87,9 @@ class TrajectoryCompiler:
 
     A kernel holds one; [`integrator`][pyroflows.mcmc.compiled.TrajectoryCompiler.integrator]
     gives the function a transition integrates with. It memoises compiled trajectories (one
-    per energy graph, metric form and shapes) and the eager time spent so far; neither changes
-    what a run computes beyond rounding.
+    per energy graph, metric form and shapes) and the eager time spent in the current run
+    ([`new_run`][pyroflows.mcmc.compiled.TrajectoryCompiler.new_run] starts that account
+    over); neither changes what a run computes beyond rounding.
 
     Args:
         mode: ``"auto"`` (ski rental), ``True`` (at once) or ``False`` (never).
@@ -104,6 +106,10 @@ class TrajectoryCompiler:
         self.failed = False
         self._compiled: dict[tuple, tuple[Callable, Callable]] = {}
 
+    def new_run(self) -> None:
+        """Start the eager-time account over (a kernel calls this when it initialises chains)."""
+        self.eager_seconds = 0.0
+
     def integrator(
         self, energy: EnergyFunction, x: torch.Tensor, step_size: torch.Tensor
     ) -> Callable:
@@ -118,7 +124,8 @@ class TrajectoryCompiler:
         threshold = self.compile_after
         if threshold is None:
             threshold = _expected_compile_seconds[0]
-        if self.mode == "auto" and self.eager_seconds < threshold:
+        # once this kernel has compiled, the cost is paid: later runs go compiled at once
+        if self.mode == "auto" and self.eager_seconds < threshold and not self._compiled:
             return self._timed
         return lambda *args: self._compiled_leapfrog(graph, *args)
 

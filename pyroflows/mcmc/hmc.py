@@ -224,6 +224,7 @@ class HMC(BatchedKernel):
 
     # -- pure interface -----------------------------------------------------------------------
     def _init(self, position: torch.Tensor) -> HMCState:
+        self.compiler.new_run()  # when to compile is decided per run (pyroflows.mcmc.compiled)
         return hmc_init(position, self.potential)
 
     def default_params(self, state: HMCState) -> HMCParams:
