@@ -122,6 +122,28 @@ def test_auto_compiles_only_after_its_eager_budget():
     assert TrajectoryCompiler(False).integrator(energy, x, step) is leapfrog
 
 
+@pytest.mark.parametrize("horizon, due", [(10**12, True), (20, False), (None, False)])
+def test_auto_compiles_early_when_the_run_is_known_to_be_long(horizon, due):
+    """With the run's length known, the transitions left at the recent pace decide; without
+    it (Pyro's MCMC), or for a short run, only the spent eager time does."""
+    energy, x = traced_energy(8)
+    step = torch.tensor(0.1, dtype=F64)
+    metric = diagonal_metric(torch.ones(x.shape[1], dtype=F64))
+    _, grad = energy.value_and_grad(x)
+    p = torch.zeros_like(x)
+    compiler = TrajectoryCompiler("auto", compile_after=3600.0)
+    if horizon is not None:
+        compiler.plan(horizon)
+    compiler.new_run()
+    for _ in range(2 * compiler.min_probe):
+        integrate = compiler.integrator(energy, x, step)
+        assert integrate == compiler._timed
+        integrate(energy, x, p, grad, step, metric, 2)
+    assert (compiler.integrator(energy, x, step) != compiler._timed) is due
+    compiler.new_run()  # the plan was for one run only
+    assert compiler.horizon is None
+
+
 @needs_compiler
 def test_auto_compiles_once_the_budget_is_spent_and_per_run():
     energy, x = traced_energy(8)

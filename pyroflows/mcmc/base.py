@@ -239,6 +239,11 @@ class BatchedKernel(MCMCKernel):
         """The parameters of the next warm-up transition (``final``: of the sampling phase)."""
         raise NotImplementedError
 
+    def plan(self, num_transitions: int) -> None:
+        """Told by the driver before ``start`` how many transitions the run will make (a kernel
+        that trades a fixed cost for faster transitions, as HMC's trajectory compiler does,
+        weighs it against them); by default ignored."""
+
     def start(self, position: Any, warmup_steps: int, generator: torch.Generator) -> RunState:
         """A run's state: chains at ``position``, a fresh warm-up of ``warmup_steps`` steps."""
         chains = self.init(position)

@@ -13,11 +13,14 @@ $\lceil L / \text{unroll} \rceil$ calls; the steps past $L$ in the last call hav
 which leaves position and momentum exactly where they are.
 
 **When.** Compiling costs seconds (about 10 s for the first graph of a process on a 2-core CPU,
-less for later ones), so it pays only on long runs. ``compile="auto"`` follows the ski-rental
-rule: the kernel runs eager leapfrog steps until the time they have taken reaches what a compile
-is expected to cost (``compile_after`` seconds, refined by the compiles this process has done),
-then compiles, so a run is never more than about twice as slow as it would be had it known its
-length in advance, and a short run never compiles. The account is per run (a kernel's later
+less for later ones), so it pays only on long runs. Under ``compile="auto"`` the kernel runs
+eager leapfrog steps and compiles once either (a) the time they have taken reaches what a
+compile is expected to cost (``compile_after`` seconds, refined by the compiles this process has
+done): the ski-rental rule, under which a run is never more than about twice as slow as it
+would be had it known its length in advance; or (b) the run's length is known (the driver
+tells it) and the transitions left would take more than twice that long eagerly at the recent
+pace: a long run compiles early instead of spending a compile's worth of time eagerly first. A
+short run never compiles. The account is per run (a kernel's later
 runs start it at 0; one that has compiled runs compiled from their start). ``compile=True``
 compiles at the first eligible trajectory. Eligible: the energy offers a replayed graph for the
 chains' shape (a [`ModelPotential`][pyroflows.mcmc.ModelPotential] does), one step size is
@@ -98,17 +101,40 @@ class TrajectoryCompiler:
         unroll: leapfrog steps per compiled call.
     """
 
+    #: transitions left out of the pace (they trace the graph), then timed before it is trusted
+    #: (twice that in all); the weight of the latest transition in the pace
+    min_probe, pace_weight = 10, 0.1
+
     def __init__(
         self, mode: bool | str = "auto", compile_after: float | None = None, unroll: int = 4
     ) -> None:
         self.mode, self.compile_after, self.unroll = mode, compile_after, unroll
-        self.eager_seconds = 0.0
         self.failed = False
+        self._planned: int | None = None
+        self.new_run()
         self._compiled: dict[tuple, tuple[Callable, Callable]] = {}
 
+    def plan(self, num_transitions: int) -> None:
+        """The next run's length in transitions (the driver knows it; Pyro's ``MCMC`` does
+        not tell, and then the rule is plain ski rental)."""
+        self._planned = num_transitions
+
     def new_run(self) -> None:
-        """Start the eager-time account over (a kernel calls this when it initialises chains)."""
-        self.eager_seconds = 0.0
+        """Start the run's account over (a kernel calls this when it initialises chains)."""
+        self.eager_seconds, self.eager_transitions, self.recent_seconds = 0.0, 0, 0.0
+        self.horizon, self._planned = self._planned, None
+
+    def _due(self, threshold: float) -> bool:
+        """Whether to compile now, under ``"auto"``: the eager time spent has reached the
+        expected compile time (ski rental), or, with a known horizon, the transitions left would
+        take more than twice that eagerly at the recent pace (compiled steps cost a fraction of
+        eager ones, so compiling then pays whatever the exact speed-up)."""
+        if self.eager_seconds >= threshold:
+            return True
+        if self.horizon is None or self.eager_transitions < 2 * self.min_probe:
+            return False
+        left = self.horizon - self.eager_transitions
+        return self.recent_seconds * left >= 2 * threshold
 
     def integrator(
         self, energy: EnergyFunction, x: torch.Tensor, step_size: torch.Tensor
@@ -125,14 +151,22 @@ class TrajectoryCompiler:
         if threshold is None:
             threshold = _expected_compile_seconds[0]
         # once this kernel has compiled, the cost is paid: later runs go compiled at once
-        if self.mode == "auto" and self.eager_seconds < threshold and not self._compiled:
+        if self.mode == "auto" and not self._compiled and not self._due(threshold):
             return self._timed
         return lambda *args: self._compiled_leapfrog(graph, *args)
 
     def _timed(self, *args) -> tuple[torch.Tensor, ...]:
         start = time.perf_counter()
         out = leapfrog(*args)
-        self.eager_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.eager_seconds += seconds
+        self.eager_transitions += 1
+        # the recent pace (trajectories lengthen as warm-up adapts them), from after the first
+        # transitions, which also trace the energy's graph
+        if self.eager_transitions == self.min_probe + 1:
+            self.recent_seconds = seconds
+        elif self.eager_transitions > self.min_probe:
+            self.recent_seconds += self.pace_weight * (seconds - self.recent_seconds)
         return out
 
     def _compiled_leapfrog(

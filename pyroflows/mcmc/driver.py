@@ -73,6 +73,7 @@ def run_chains(
         generator = make_generator(None, device)
     calls, evals = kernel.num_energy_calls, kernel.num_energy_evals
     start = time.perf_counter()
+    kernel.plan(warmup_steps + num_samples * thinning)
     run = kernel.start(init, warmup_steps, generator)
     init = run.chains.position
     num_chains = init.shape[0]

@@ -223,6 +223,10 @@ class HMC(BatchedKernel):
         return 0.651 if chees else 0.574 if self.num_steps == 1 else 0.8
 
     # -- pure interface -----------------------------------------------------------------------
+    def plan(self, num_transitions: int) -> None:
+        """Pass the run's length to the trajectory compiler (``compile="auto"``)."""
+        self.compiler.plan(num_transitions)
+
     def _init(self, position: torch.Tensor) -> HMCState:
         self.compiler.new_run()  # when to compile is decided per run (pyroflows.mcmc.compiled)
         return hmc_init(position, self.potential)
