@@ -124,7 +124,7 @@ def run_vi(args: argparse.Namespace) -> list[dict]:
         kl_samples=args.kl_samples,
         seed=args.seed,
         num_plot_samples=1,
-        estimator=args.estimator,
+        lr=args.vi_lr,
     )
     rows = []
     print("| target | guide | seed | KL (nats) | ± | k-hat | seconds |\n"
@@ -236,9 +236,7 @@ def main() -> None:
     )
     parser.add_argument("--anneal", type=int, default=1500, help="vi: annealed steps")
     parser.add_argument("--particles", type=int, default=64, help="vi: ELBO particles")
-    parser.add_argument(
-        "--estimator", default="elbo", choices=("elbo", "stl"), help="vi: fit_guide's gradient"
-    )
+    parser.add_argument("--vi-lr", type=float, default=1e-2, help="vi: initial learning rate")
     parser.add_argument("--kl-samples", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="vi: several seeds")

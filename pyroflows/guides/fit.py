@@ -10,63 +10,14 @@ from typing import Any
 
 import torch
 from pyro import poutine
-from pyro.distributions import Delta
-from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer import Trace_ELBO
 from pyro.infer.elbo import ELBO
-from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from pyroflows.infer.importance import log_importance_weights
 from pyroflows.infer.loop import run_generator, train_loop
-from pyroflows.validation import check_choice, check_int, check_positive
-
-ESTIMATORS = ("elbo", "stl")
-
-
-class StickingTheLanding_ELBO(Trace_ELBO):
-    r"""``Trace_ELBO`` whose gradient drops the score term of reparameterised guide sites
-    ("sticking the landing", Roeder, Wu & Duvenaud 2017).
-
-    The reparameterised ELBO gradient of a guide site $z = g_\phi(\varepsilon)$ is
-    $\nabla_\phi[\log p(z) - \log q_\phi(z)]$, which holds a score term
-    $-\partial_\phi \log q_\phi(z)|_{z}$ of zero mean. This estimator keeps only the path:
-    $\log q$ is evaluated with the guide's parameters held fixed, so its gradient reaches
-    $\phi$ through $z$ alone, $\nabla_z \log q_{\bar\phi}(z)\, \partial_\phi z$. The
-    estimate stays unbiased and its variance vanishes as $q$ approaches the posterior, where the
-    ordinary estimator's does not. The loss value is the ordinary one.
-
-    The fixed-parameter gradient $\nabla_z \log q$ is taken at a detached copy of the draw, so
-    the guide's distribution evaluates its density there by inverting its transform (one
-    inverse pass per step for a flow guide). ``Delta`` sites (an autoguide's constrained
-    values, whose density is a Jacobian of the draw alone) keep their ordinary term; sites
-    without ``rsample`` keep their score-function term.
-    """
-
-    def _differentiable_loss_particle(
-        self, model_trace: Trace, guide_trace: Trace
-    ) -> tuple[Any, torch.Tensor]:
-        loss, surrogate = super()._differentiable_loss_particle(model_trace, guide_trace)
-        for site in guide_trace.nodes.values():
-            if site["type"] != "sample" or isinstance(site["fn"], Delta):
-                continue
-            entropy = site["score_parts"].entropy_term
-            value = site["value"]
-            if is_identically_zero(entropy) or not value.requires_grad:
-                continue
-            fixed = value.detach().requires_grad_()
-            with torch.enable_grad():
-                log_q = scale_and_mask(
-                    site["fn"].log_prob(fixed, *site["args"], **site["kwargs"]),
-                    site["scale"],
-                    site["mask"],
-                ).sum()
-                (score,) = torch.autograd.grad(log_q, fixed)
-            # value log q, gradient through the draw only: swap it for the full term
-            path = log_q.detach() + (score * (value - fixed.detach())).sum()
-            surrogate = surrogate - entropy.sum() + path
-        return loss, surrogate
+from pyroflows.validation import check_int, check_positive
 
 
 def _latent_dim(guide: Callable, args: tuple, kwargs: dict) -> int:
@@ -101,7 +52,6 @@ def fit_guide(
     final_lr: float | None = None,
     num_particles: int | None = None,
     elbo: ELBO | None = None,
-    estimator: str = "elbo",
     max_grad_norm: float | None = 10.0,
     anneal_steps: int = 0,
     eval_every: int = 100,
@@ -139,10 +89,6 @@ def fit_guide(
         elbo: the objective; it needs ``differentiable_loss`` (``Trace_ELBO``,
             ``TraceMeanField_ELBO``, ``TraceEnum_ELBO``). Default ``Trace_ELBO`` with
             vectorised particles.
-        estimator: the default objective's gradient: ``"elbo"`` (the reparameterised ELBO
-            gradient) or ``"stl"`` (sticking the landing: the guide's score term dropped,
-            [`StickingTheLanding_ELBO`][pyroflows.guides.fit.StickingTheLanding_ELBO]; one
-            inverse pass of a flow guide per step). Ignored when ``elbo`` is given.
         max_grad_norm: gradient-norm clip (``None``: no clipping).
         anneal_steps: temper the model's log-density by $\\beta$ rising linearly from 0.01 to 1
             over the first ``anneal_steps`` steps (Rezende & Mohamed 2015): the guide then
@@ -182,7 +128,6 @@ def fit_guide(
     check_int(anneal_steps, "anneal_steps", minimum=0)
     check_int(num_elbo_samples, "num_elbo_samples", minimum=0)
     check_positive(lr, "lr")
-    check_choice(estimator, "estimator", ESTIMATORS)
     final_lr = lr / 10 if final_lr is None else check_positive(final_lr, "final_lr")
     if elbo is not None and not hasattr(elbo, "differentiable_loss"):
         raise TypeError(
@@ -196,11 +141,10 @@ def fit_guide(
         if num_particles is None:
             num_particles = default_particles(_latent_dim(guide, args, kwargs))
         check_int(num_particles, "num_particles")
-        objective = StickingTheLanding_ELBO if estimator == "stl" else Trace_ELBO
         loss = (
             elbo
             if elbo is not None
-            else objective(num_particles=num_particles, vectorize_particles=True)
+            else Trace_ELBO(num_particles=num_particles, vectorize_particles=True)
         )
         beta = 1.0
 
