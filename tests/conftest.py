@@ -61,7 +61,10 @@ def _no_unrequested_compiles(monkeypatch):
     Tests that compile ask for it (``compile=True`` or ``compile_after``)."""
     from pyroflows.mcmc import compiled
 
-    monkeypatch.setattr(compiled, "_expected_compile_seconds", [math.inf])
+    cost = compiled._compile_cost
+    monkeypatch.setitem(cost, "first", math.inf)
+    monkeypatch.setitem(cost, "compiled_before", False)
+    monkeypatch.setitem(cost, "per_op", cost["per_op"])  # restored after a compiling test
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import torch
 from pyroflows import mcmc
 from pyroflows.mcmc import ModelPotential
 from pyroflows.mcmc import compiled as compiled_module
-from pyroflows.mcmc.compiled import TrajectoryCompiler
+from pyroflows.mcmc.compiled import TrajectoryCompiler, expected_compile_seconds
 from pyroflows.mcmc.core import EnergyFunction, dense_metric, diagonal_metric, leapfrog
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -120,6 +120,17 @@ def test_auto_compiles_only_after_its_eager_budget():
     plain = EnergyFunction(lambda y: (y**2).sum(-1), 1)
     assert TrajectoryCompiler(True).integrator(plain, x, step) is leapfrog
     assert TrajectoryCompiler(False).integrator(energy, x, step) is leapfrog
+
+
+def test_large_graphs_are_compiled_one_step_at_a_time_and_cost_more(monkeypatch):
+    monkeypatch.setitem(compiled_module._compile_cost, "compiled_before", True)
+    compiler = TrajectoryCompiler("auto", unroll=4)
+    assert compiler._unroll_for(44) == 4  # the funnel's graph
+    assert compiler._unroll_for(450) == 1  # GARCH(1,1)'s
+    small, large = expected_compile_seconds(44, 4), expected_compile_seconds(450, 1)
+    assert 0 < small < large
+    energy, x = traced_energy(8)
+    assert compiled_module._num_ops(energy.traced(x)) > 10
 
 
 @pytest.mark.parametrize("horizon, due", [(10**12, True), (20, False), (None, False)])

@@ -12,20 +12,23 @@ fuses them into a few loops. A trajectory of $L$ steps then runs as
 $\lceil L / \text{unroll} \rceil$ calls; the steps past $L$ in the last call have step size 0,
 which leaves position and momentum exactly where they are.
 
-**When.** Compiling costs seconds (about 10 s for the first graph of a process on a 2-core CPU,
-less for later ones), so it pays only on long runs. Under ``compile="auto"`` the kernel runs
-eager leapfrog steps and compiles once either (a) the time they have taken reaches what a
-compile is expected to cost (``compile_after`` seconds, refined by the compiles this process has
-done): the ski-rental rule, under which a run is never more than about twice as slow as it
-would be had it known its length in advance; or (b) the run's length is known (the driver
-tells it) and the transitions left would take more than twice that long eagerly at the recent
-pace: a long run compiles early instead of spending a compile's worth of time eagerly first. A
-short run never compiles. The account is per run (a kernel's later
-runs start it at 0; one that has compiled runs compiled from their start). ``compile=True``
-compiles at the first eligible trajectory. Eligible: the energy offers a replayed graph for the
-chains' shape (a [`ModelPotential`][pyroflows.mcmc.ModelPotential] does), one step size is
-shared by all chains, and the chains' state is flat ``(C, D)``. Should compiling fail (no C++
-compiler, an op inductor cannot lower), one warning says so and the kernel stays eager.
+**When.** Compiling costs seconds, so it pays only on long runs: on a 2-core CPU about 7 s to load
+inductor at a process's first compile, then roughly 0.02–0.07 s per op of the energy's graph and
+unrolled step (a 44-op funnel unrolled 4 times: 3 s; the 450-op GARCH(1,1) graph, compiled one step
+at a time as graphs over 800 unrolled ops are: about half a minute).
+[`expected_compile_seconds`][pyroflows.mcmc.compiled.expected_compile_seconds] holds that model,
+refined by each compile the process makes. Under ``compile="auto"`` the kernel runs eager leapfrog
+steps and compiles once either (a) the time they have taken reaches what a compile is expected to
+cost (or ``compile_after`` seconds): the ski-rental rule, under which a run is never more than about
+twice as slow as it would be had it known its length in advance; or (b) the run's length is known
+(the driver tells it) and the transitions left would take more than twice that long eagerly at the
+recent pace: a long run compiles early instead of spending a compile's worth of time eagerly first.
+A short run never compiles. The account is per run (a kernel's later runs start it at 0; one that
+has compiled runs compiled from their start). ``compile=True`` compiles at the first eligible
+trajectory. Eligible: the energy offers a replayed graph for the chains' shape (a
+[`ModelPotential`][pyroflows.mcmc.ModelPotential] does), one step size is shared by all chains, and
+the chains' state is flat ``(C, D)``. Should compiling fail (no C++ compiler, an op inductor cannot
+lower), one warning says so and the kernel stays eager.
 
 **Reproducibility.** Fused arithmetic rounds differently from eager arithmetic, and chaotic
 dynamics amplify the difference, so the draws change (not their distribution) from the
@@ -43,10 +46,26 @@ import torch
 
 from pyroflows.mcmc.core import EnergyFunction, Metric, leapfrog
 
-__all__ = ["TrajectoryCompiler"]
+__all__ = ["TrajectoryCompiler", "expected_compile_seconds"]
 
-#: seconds the next compile is expected to take: a first guess, then the last compile measured
-_expected_compile_seconds = [10.0]
+#: the cost model of a compile: seconds to load inductor (paid by a process's first compile),
+#: then seconds per graph op and unrolled step (a first guess, then the last compile's)
+_compile_cost = {"first": 7.0, "per_op": 0.03, "compiled_before": False}
+#: the most graph ops times unrolled steps to compile as one call (compile time grows faster
+#: than linearly with graph size, and a large graph's ops gain little from fusion)
+_MAX_UNROLLED_OPS = 800
+
+
+def _num_ops(graph: Callable) -> int:
+    """Ops in a replayed graph (an ``fx.GraphModule``); 50 for another callable."""
+    nodes = getattr(getattr(graph, "graph", None), "nodes", None)
+    return 50 if nodes is None else sum(node.op == "call_function" for node in nodes)
+
+
+def expected_compile_seconds(num_ops: int, unroll: int) -> float:
+    """What compiling ``unroll`` steps of a graph of ``num_ops`` ops is expected to cost."""
+    first = 0.0 if _compile_cost["compiled_before"] else _compile_cost["first"]
+    return first + _compile_cost["per_op"] * num_ops * unroll
 
 
 #: the most coordinates for which a dense mass matrix is applied as a fused product-sum
@@ -97,8 +116,10 @@ class TrajectoryCompiler:
     Args:
         mode: ``"auto"`` (ski rental), ``True`` (at once) or ``False`` (never).
         compile_after: under ``"auto"``, the eager leapfrog seconds after which to compile
-            (default: what the last compile of this process took, 10 s before any).
-        unroll: leapfrog steps per compiled call.
+            (default: [`expected_compile_seconds`][pyroflows.mcmc.compiled.expected_compile_seconds]
+            of the graph).
+        unroll: leapfrog steps per compiled call (1 for a graph whose ops times ``unroll``
+            exceed 800).
     """
 
     #: transitions left out of the pace (they trace the graph), then timed before it is trusted
@@ -147,13 +168,17 @@ class TrajectoryCompiler:
         graph = energy.traced(x)
         if graph is None:
             return leapfrog
+        num_ops = _num_ops(graph)
         threshold = self.compile_after
         if threshold is None:
-            threshold = _expected_compile_seconds[0]
+            threshold = expected_compile_seconds(num_ops, self._unroll_for(num_ops))
         # once this kernel has compiled, the cost is paid: later runs go compiled at once
         if self.mode == "auto" and not self._compiled and not self._due(threshold):
             return self._timed
         return lambda *args: self._compiled_leapfrog(graph, *args)
+
+    def _unroll_for(self, num_ops: int) -> int:
+        return self.unroll if num_ops * self.unroll <= _MAX_UNROLLED_OPS else 1
 
     def _timed(self, *args) -> tuple[torch.Tensor, ...]:
         start = time.perf_counter()
@@ -185,13 +210,13 @@ class TrajectoryCompiler:
         if entry is None or entry[0] is not graph:
             entry = (graph, self._compile(graph, metric.dense, x, p, grad, step_size, metric))
             self._compiled[key] = entry
-        run = entry[1]
+        run, unroll = entry[1]
         if run is None:
             return leapfrog(energy, x, p, grad, step_size, metric, num_steps)
-        calls = -(-num_steps // self.unroll)
+        calls = -(-num_steps // unroll)
         # step k of the trajectory has size eps for k < L and 0 past the end (a no-op step)
-        sizes = (torch.arange(calls * self.unroll, device=x.device) < num_steps).to(x.dtype)
-        sizes = (sizes * step_size).reshape(calls, self.unroll)
+        sizes = (torch.arange(calls * unroll, device=x.device) < num_steps).to(x.dtype)
+        sizes = (sizes * step_size).reshape(calls, unroll)
         u = None
         for c in range(calls):
             x, p, u, grad = run(x, p, grad, sizes[c], metric.inverse_mass)
@@ -207,15 +232,19 @@ class TrajectoryCompiler:
         grad: torch.Tensor,
         step_size: torch.Tensor,
         metric: Metric,
-    ) -> Callable | None:
-        """Compile (and run once, which is when inductor compiles) a trajectory; ``None``
-        after a warning if that fails."""
+    ) -> tuple[Callable | None, int]:
+        """Compile (and run once, which is when inductor compiles) a trajectory of as many
+        unrolled steps as the graph's size allows; ``(None, 1)`` after a warning if that
+        fails."""
+        num_ops = _num_ops(graph)
+        unroll = self._unroll_for(num_ops)
+        first = 0.0 if _compile_cost["compiled_before"] else _compile_cost["first"]
         start = time.perf_counter()
         try:
             run = torch.compile(
-                _trajectory(graph, dense, x.shape[-1], self.unroll), fullgraph=True, dynamic=False
+                _trajectory(graph, dense, x.shape[-1], unroll), fullgraph=True, dynamic=False
             )
-            sizes = torch.zeros(self.unroll, dtype=x.dtype, device=x.device) + 0 * step_size
+            sizes = torch.zeros(unroll, dtype=x.dtype, device=x.device) + 0 * step_size
             run(x, p, grad, sizes, metric.inverse_mass)
         except Exception as error:  # no compiler, an op inductor cannot lower, ...
             self.failed = True
@@ -226,6 +255,8 @@ class TrajectoryCompiler:
                 RuntimeWarning,
                 stacklevel=5,
             )
-            return None
-        _expected_compile_seconds[0] = time.perf_counter() - start
-        return run
+            return None, 1
+        seconds = time.perf_counter() - start
+        _compile_cost["per_op"] = max(seconds - first, 0.0) / (num_ops * unroll)
+        _compile_cost["compiled_before"] = True
+        return run, unroll
