@@ -20,6 +20,8 @@ k-hat from ``diagnose``), one row per ``--seeds`` entry
         AutoNormalizingFlow --steps 3000
     OMP_NUM_THREADS=1 python benchmarks/nsf.py vi --targets u3 --guides nsf \
         nsf:warm_start=None,init_scale=1.0 --anneal 0 --seeds 0 1
+    OMP_NUM_THREADS=1 python benchmarks/nsf.py vi --targets u1 --guides nsf:init_scale=1.0 \
+        --seeds 0 1 2 --vi-lr 3e-3
 
 Quality, not speed: run one task per process on a busy machine; the numbers do not depend on
 load.
