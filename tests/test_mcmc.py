@@ -205,6 +205,26 @@ def test_flow_independence_mh_leaves_target_invariant():
     assert abs(float(q[:, 0].var()) - 1.0) > 0.2 or abs(float(q.mean(0)[0])) > 0.2
 
 
+def test_independence_proposal_without_generator_draws_from_the_run():
+    """A proposal with only sample()/log_prob() (here a torch distribution, which takes no
+    generator) is drawn from the run's generator: the same seed gives the same draws whatever
+    the global generator's state, and the global generator is left as it was."""
+    target = energies.get("gaussian", dim=2, correlation=0.5)
+    proposal = torch.distributions.Independent(
+        torch.distributions.Normal(torch.zeros(2), 1.5 * torch.ones(2)), 1
+    )
+    init = torch.zeros(64, 2)
+    results = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        before = torch.get_rng_state()
+        idata = run(mcmc.MH(target, proposal=proposal), init, num_samples=20, warmup_steps=0)
+        assert torch.equal(torch.get_rng_state(), before)
+        results.append(draws(idata))
+    assert (results[0] == results[1]).all()
+    assert 0.2 < idata.sample_stats["acceptance_rate"].values.mean() < 0.95
+
+
 def test_flow_independence_refit_improves_acceptance():
     target = energies.get("banana")
     flow = build_flow("realnvp", 2, num_layers=4, hidden_dims=(32,))

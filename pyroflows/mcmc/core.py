@@ -202,6 +202,19 @@ def select(accepted: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torc
     return torch.where(expand_as(accepted, new), new, old)
 
 
+def draw_with(
+    generator: torch.Generator, draw: Callable[[], torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    """Run ``draw`` (which samples from torch's global generator, as torch and Pyro
+    distributions and ``.sample()`` methods do) under a forked global generator seeded from
+    ``generator``: reproducible from the run's generator, the global state left untouched."""
+    device = torch.device(device)
+    seed = int(torch.randint(2**62, (), generator=generator, device=generator.device))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return draw()
+
+
 def randn_like(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Standard normal draws shaped like ``x`` from ``generator``."""
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

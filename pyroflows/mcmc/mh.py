@@ -34,7 +34,14 @@ import torch
 
 from pyroflows.mcmc.adapt import WindowAdaptation
 from pyroflows.mcmc.base import BatchedKernel, RunState, Warmup
-from pyroflows.mcmc.core import Energy, Info, MHState, independence_step, random_walk_step
+from pyroflows.mcmc.core import (
+    Energy,
+    Info,
+    MHState,
+    draw_with,
+    independence_step,
+    random_walk_step,
+)
 from pyroflows.validation import check_int, check_positive, check_probability
 
 
@@ -208,8 +215,8 @@ class MH(BatchedKernel):
                 z = loc + flow.base_scale * noise
                 x, ladj = flow.forward_and_log_det(z)
                 log_q = flow.base_dist().log_prob(z) - ladj
-            else:
-                x = flow.sample((like.shape[0],))
+            else:  # any object with sample() draws from the global generator: fork it
+                x = draw_with(generator, lambda: flow.sample((like.shape[0],)), like.device)
                 log_q = self._proposal_log_prob(x)
         if x.shape != like.shape or x.dtype != like.dtype or x.device != like.device:
             raise ValueError(

@@ -36,6 +36,7 @@ import arviz as az
 import torch
 from torch.distributions.transforms import ComposeTransform, Transform
 
+from pyroflows.mcmc.core import draw_with
 from pyroflows.mcmc.models import to_inference_data
 from pyroflows.mcmc.potential import ModelPotential, finite_start
 from pyroflows.validation import check_choice, check_int
@@ -84,8 +85,8 @@ class NeuTraPotential:
 
 class _BaseProposal:
     """The guide's base distribution as an independence proposal drawing from the run's
-    generator (torch distributions take none: each draw runs under a forked global generator
-    seeded from the run's, so the run stays reproducible and the global state untouched)."""
+    generator (through [`draw_with`][pyroflows.mcmc.core.draw_with]: torch distributions take
+    no generator)."""
 
     def __init__(
         self,
@@ -97,11 +98,8 @@ class _BaseProposal:
         self.base, self.like, self.generator, self.dtype = base, like, generator, dtype
 
     def sample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
-        device = self.like.device
-        seed = int(torch.randint(2**62, (), generator=self.generator, device=device))
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            return self.base.sample(sample_shape).to(self.like)
+        draw = lambda: self.base.sample(sample_shape).to(self.like)  # noqa: E731
+        return draw_with(self.generator, draw, self.like.device)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         return self.base.log_prob(x.to(self.dtype)).to(x.dtype)
