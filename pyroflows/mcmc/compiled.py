@@ -133,7 +133,8 @@ class TrajectoryCompiler:
         self.failed = False
         self._planned: int | None = None
         self.new_run()
-        self._compiled: dict[tuple, tuple[Callable, Callable]] = {}
+        # key -> (graph, (compiled trajectory or None after a failure, its unroll))
+        self._compiled: dict[tuple, tuple[Callable, tuple[Callable | None, int]]] = {}
 
     def plan(self, num_transitions: int) -> None:
         """The next run's length in transitions (the driver knows it; Pyro's ``MCMC`` does
@@ -148,8 +149,8 @@ class TrajectoryCompiler:
     def _due(self, threshold: float) -> bool:
         """Whether to compile now, under ``"auto"``: the eager time spent has reached the
         expected compile time (ski rental), or, with a known horizon, the transitions left would
-        take more than twice that eagerly at the recent pace (compiled steps cost a fraction of
-        eager ones, so compiling then pays whatever the exact speed-up)."""
+        take more than twice that eagerly at the recent pace (compiling then pays for a speed-up
+        of 2x or more: 2.6–7x measured on small graphs, 1.5x on GARCH's large one)."""
         if self.eager_seconds >= threshold:
             return True
         if self.horizon is None or self.eager_transitions < 2 * self.min_probe:
