@@ -138,8 +138,9 @@ class HMC(BatchedKernel):
             at least 16 chains run and the flattened event has at most 200 coordinates.
         compile: run leapfrog trajectories compiled by ``torch.compile`` (energy graph and
             updates fused): ``"auto"`` once the run has spent as long in eager steps as a
-            compile is expected to take, ``True`` as soon as eligible, ``False`` never. Only an
-            energy with a replayed graph (a Pyro model's potential) is eligible; see
+            compile is expected to take, or earlier when the run is known to be long enough to
+            repay it; ``True`` as soon as eligible; ``False`` never. Only an energy with a
+            replayed graph (a Pyro model's potential) is eligible; see
             `pyroflows.mcmc.compiled`.
         model: a Pyro model instead of an energy (keyword only).
 
