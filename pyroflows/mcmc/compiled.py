@@ -12,10 +12,12 @@ fuses them into a few loops. A trajectory of $L$ steps then runs as
 $\lceil L / \text{unroll} \rceil$ calls; the steps past $L$ in the last call have step size 0,
 which leaves position and momentum exactly where they are.
 
-**When.** Compiling costs seconds, so it pays only on long runs: on a 2-core CPU about 7 s to load
-inductor at a process's first compile, then roughly 0.02–0.07 s per op of the energy's graph and
-unrolled step (a 44-op funnel unrolled 4 times: 3 s; the 450-op GARCH(1,1) graph, compiled one step
-at a time as graphs over 800 unrolled ops are: about half a minute).
+**When.** Compiling costs seconds, so it pays only on long runs: on a 2-core CPU about 3 s to load
+inductor at a process's first compile (inductor's probe builds of the CPU's vector instruction
+sets, another 5–7 s on a cold cache, are skipped: the CPU's own report is trusted, and the
+probes run only should the build then fail), then roughly 0.01–0.07 s per op of the energy's
+graph and unrolled step (a 44-op funnel unrolled 4 times: 3 s; the 450-op GARCH(1,1) graph,
+compiled one step at a time as graphs over 800 unrolled ops are: about half a minute).
 [`expected_compile_seconds`][pyroflows.mcmc.compiled.expected_compile_seconds] holds that model,
 refined by each compile the process makes. Under ``compile="auto"`` the kernel runs eager leapfrog
 steps and compiles once either (a) the time they have taken reaches what a compile is expected to
@@ -38,6 +40,7 @@ transition where compiled steps start. Under ``"auto"`` that transition depends 
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable
@@ -50,10 +53,20 @@ __all__ = ["TrajectoryCompiler", "expected_compile_seconds"]
 
 #: the cost model of a compile: seconds to load inductor (paid by a process's first compile),
 #: then seconds per graph op and unrolled step (a first guess, then the last compile's)
-_compile_cost = {"first": 7.0, "per_op": 0.03, "compiled_before": False}
+_compile_cost = {"first": 3.0, "per_op": 0.03, "compiled_before": False}
 #: the most graph ops times unrolled steps to compile as one call (compile time grows faster
 #: than linearly with graph size, and a large graph's ops gain little from fusion)
 _MAX_UNROLLED_OPS = 800
+
+
+def _inductor_options(trust_isa: bool) -> contextlib.AbstractContextManager:
+    """Inductor's configuration for a compile: with ``trust_isa``, the CPU's vector instruction
+    set as the CPU reports it, without building and loading a probe library per candidate."""
+    if not trust_isa:
+        return contextlib.nullcontext()
+    from torch._inductor import config
+
+    return config.patch({"cpp.vec_isa_ok": True})
 
 
 def _num_ops(graph: Callable) -> int:
@@ -241,22 +254,29 @@ class TrajectoryCompiler:
         unroll = self._unroll_for(num_ops)
         first = 0.0 if _compile_cost["compiled_before"] else _compile_cost["first"]
         start = time.perf_counter()
-        try:
-            run = torch.compile(
-                _trajectory(graph, dense, x.shape[-1], unroll), fullgraph=True, dynamic=False
-            )
-            sizes = torch.zeros(unroll, dtype=x.dtype, device=x.device) + 0 * step_size
-            run(x, p, grad, sizes, metric.inverse_mass)
-        except Exception as error:  # no compiler, an op inductor cannot lower, ...
-            self.failed = True
-            reason = " ".join(str(error).split())[:200]
-            warnings.warn(
-                f"compiling the leapfrog trajectory failed ({type(error).__name__}: {reason}); "
-                "the sampler continues with eager steps",
-                RuntimeWarning,
-                stacklevel=5,
-            )
-            return None, 1
+        # first trusting the CPU's reported vector ISA, which skips inductor's probe builds
+        # (seconds, most of a cold compile); should that build fail, again with the probes
+        for trust_isa in (x.device.type == "cpu", False):
+            try:
+                run = torch.compile(
+                    _trajectory(graph, dense, x.shape[-1], unroll), fullgraph=True, dynamic=False
+                )
+                sizes = torch.zeros(unroll, dtype=x.dtype, device=x.device) + 0 * step_size
+                with _inductor_options(trust_isa):
+                    run(x, p, grad, sizes, metric.inverse_mass)
+                break
+            except Exception as error:  # no compiler, an op inductor cannot lower, ...
+                if trust_isa:
+                    continue
+                self.failed = True
+                reason = " ".join(str(error).split())[:200]
+                warnings.warn(
+                    f"compiling the leapfrog trajectory failed ({type(error).__name__}: "
+                    f"{reason}); the sampler continues with eager steps",
+                    RuntimeWarning,
+                    stacklevel=5,
+                )
+                return None, 1
         seconds = time.perf_counter() - start
         _compile_cost["per_op"] = max(seconds - first, 0.0) / (num_ops * unroll)
         _compile_cost["compiled_before"] = True
