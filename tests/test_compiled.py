@@ -4,6 +4,7 @@ with a warning when compiling fails."""
 
 import math
 import shutil
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -191,6 +192,34 @@ def test_failed_compile_warns_once_and_stays_eager(monkeypatch):
     expected = leapfrog(energy, x, p, grad, step, metric, 5)
     assert all(torch.equal(a, b) for a, b in zip(out, expected, strict=True))
     assert compiler.integrator(energy, x, step) is leapfrog
+
+
+@needs_compiler
+def test_a_build_failing_with_the_trusted_vector_isa_is_retried_with_inductors_probes(
+    monkeypatch,
+):
+    tried = []
+    real_options = compiled_module._inductor_options
+
+    def options(trust_isa):
+        tried.append(trust_isa)
+        if trust_isa:
+            raise RuntimeError("the C++ compiler rejects -mavx512f")
+        return real_options(trust_isa)
+
+    monkeypatch.setattr(compiled_module, "_inductor_options", options)
+    energy, x = traced_energy(8)
+    step = torch.tensor(0.1, dtype=F64)
+    metric = diagonal_metric(torch.ones(x.shape[1], dtype=F64))
+    _, grad = energy.value_and_grad(x)
+    p = torch.ones_like(x)
+    compiler = TrajectoryCompiler(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the retry succeeds: no warning
+        out = compiler.integrator(energy, x, step)(energy, x, p, grad, step, metric, 5)
+    assert tried == [True, False] and not compiler.failed
+    expected = leapfrog(energy, x, p, grad, step, metric, 5)
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-10) for a, b in zip(out, expected))
 
 
 def test_compile_option_is_checked():
