@@ -222,6 +222,24 @@ def test_a_build_failing_with_the_trusted_vector_isa_is_retried_with_inductors_p
     assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-10) for a, b in zip(out, expected))
 
 
+@needs_compiler
+def test_each_compiled_trajectory_is_its_own_code_object_so_none_is_a_recompile(monkeypatch):
+    # dynamo runs a code object eagerly after 8 recompiles; with errors on any recompile, two
+    # graphs compiled in one process must both compile cleanly
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    step = torch.tensor(0.1, dtype=F64)
+    for num_chains in (8, 16):  # two shapes: two graphs
+        energy, x = traced_energy(num_chains)
+        metric = diagonal_metric(torch.ones(x.shape[1], dtype=F64))
+        _, grad = energy.value_and_grad(x)
+        compiler = TrajectoryCompiler(True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            integrate = compiler.integrator(energy, x, step)
+            integrate(energy, x, torch.ones_like(x), grad, step, metric, 3)
+        assert not compiler.failed
+
+
 def test_compile_option_is_checked():
     with pytest.raises(ValueError, match="compile"):
         mcmc.HMC(model=funnel, compile="sometimes")

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import types
 import warnings
 from collections.abc import Callable
 
@@ -114,7 +115,10 @@ def _trajectory(graph: Callable, dense: bool, dim: int, unroll: int) -> Callable
             p = p - 0.5 * eps * grad
         return x, p, u, grad
 
-    return run
+    # dynamo keeps compiled entries per code object, and after 8 it runs a code object eagerly
+    # (its recompile limit): each trajectory gets its own copy, so any number of models and
+    # kernels in one process run compiled
+    return types.FunctionType(run.__code__.replace(), run.__globals__, "run", None, run.__closure__)
 
 
 class TrajectoryCompiler:
