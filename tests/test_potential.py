@@ -196,6 +196,48 @@ def test_model_path_of_sample_returns_named_inference_data():
         assert replicated.shape == (240, 8)
 
 
+def funnel_with_data(y):
+    v = pyro.sample("v", dist.Normal(torch.tensor(0.0, dtype=F64), 3.0))
+    with pyro.plate("i", 4):
+        x = pyro.sample("x", dist.Normal(torch.tensor(0.0, dtype=F64), torch.exp(v / 2)))
+        pyro.sample("y", dist.Normal(x, 1.0), obs=y)
+
+
+def test_reparameterized_sites_are_reported_as_deterministic_not_as_data():
+    from pyro.infer.reparam import LocScaleReparam
+
+    y = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=F64)
+    model = pyro.poutine.reparam(funnel_with_data, config={"x": LocScaleReparam(centered=0.0)})
+    potential = ModelPotential(model, y)
+    u = potential.init(5, generator=torch.Generator().manual_seed(0))
+    values = potential.unpack(u)
+    assert set(values) == {"v", "x_decentered"} and potential.dim == 5
+    x = potential.deterministic(u)["x"]
+    assert torch.allclose(x, values["x_decentered"] * torch.exp(values["v"][:, None] / 2))
+    assert set(potential.log_likelihood(u)) == {"y"}
+    v, z = values["v"], values["x_decentered"]
+    log_p = (
+        dist.Normal(0.0, 3.0).log_prob(v)
+        + dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
+        + dist.Normal(x, 1.0).log_prob(y).sum(-1)
+    )
+    assert torch.allclose(potential.energy(u), -log_p)
+
+    # without data the non-centred funnel is exactly v ~ N(0, 3^2), x_decentered ~ N(0, 1)
+    no_data = pyro.poutine.reparam(
+        lambda: funnel_with_data(None), config={"x": LocScaleReparam(centered=0.0)}
+    )
+    idata = mcmc.sample(
+        mcmc.HMC(model=no_data), num_chains=64, num_samples=200, warmup_steps=200, seed=0,
+        progress=False,
+    )
+    post = idata.posterior
+    assert post["x"].dims == ("chain", "draw", "i") and "log_likelihood" not in idata.groups()
+    draws = post["v"].values
+    se = 3.0 / math.sqrt(float(az.ess(draws)))
+    assert abs(draws.mean()) < 4 * se and abs(draws.std() / 3.0 - 1) < 0.05
+
+
 def test_default_device_trap():
     model, data = eight_schools()
     with default_device_trap():

@@ -20,7 +20,9 @@ that execution* — so a support that depends on another parameter (Stan's
 ``real<upper=1 - a> b``) is transformed correctly — and the log-densities are summed per chain.
 A model works when its sites broadcast over outer batch dimensions: plates with ``dim=`` set,
 vector-valued sites declared with ``.to_event``. Construction checks that two chains evaluated
-together give each chain the density it has alone, and names the site where they do not.
+together give each chain the density it has alone, and names the site where they do not. A site
+that ``poutine.reparam`` replaced (observed through a ``Delta`` at its new value) is reported
+like a deterministic site.
 
 **Replay.** Executing the model costs mostly Python (handlers, distribution construction,
 broadcasting), not arithmetic. From the second call with a given shape on, the energy and its
@@ -38,6 +40,7 @@ from typing import Any
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions import Delta
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.autoguide.initialization import init_to_uniform
 from pyro.poutine.messenger import Messenger
@@ -52,6 +55,15 @@ __all__ = ["ModelPotential"]
 _CHAINS = "_pyroflows_chains"
 
 InitStrategy = Callable[[dict], torch.Tensor] | Mapping[str, Any] | None
+
+
+def _reparameterized(site: dict) -> bool:
+    """Whether a site is a latent that a Pyro reparameterizer (``poutine.reparam``, e.g.
+    ``LocScaleReparam``) replaced by a function of new latent sites: it is then observed through
+    a ``Delta`` at that function's value. Its value is reported like a deterministic site's, not
+    as data; its log-density (a Jacobian term, if any) stays in the potential."""
+    fn = site["fn"]
+    return site["is_observed"] and isinstance(getattr(fn, "base_dist", fn), Delta)
 
 
 @dataclass(frozen=True)
@@ -244,7 +256,7 @@ class ModelPotential:
                         )
             self._frames[name] = [f for f in site["cond_indep_stack"] if f.vectorized]
             nesting = max(nesting, len(fn.batch_shape))
-            if site["infer"].get("_deterministic"):
+            if site["infer"].get("_deterministic") or _reparameterized(site):
                 self._deterministic[name] = site["value"].shape
             elif site["is_observed"]:
                 if not site["infer"].get("is_auxiliary"):  # pyro.factor sites are not data
