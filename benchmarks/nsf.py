@@ -22,6 +22,8 @@ k-hat from ``diagnose``), one row per ``--seeds`` entry
         nsf:warm_start=None,init_scale=1.0 --anneal 0 --seeds 0 1
     OMP_NUM_THREADS=1 python benchmarks/nsf.py vi --targets u1 --guides nsf:init_scale=1.0 \
         --seeds 0 1 2 --vi-lr 3e-3
+    OMP_NUM_THREADS=1 python benchmarks/nsf.py vi --guides nsf:bound=10.0,bins=16,init_scale=1.0 \
+        --seeds 0 1 2 --vi-lr 3e-3 --particles 256 --anneal-from 0.1
 
 Quality, not speed: run one task per process on a busy machine; the numbers do not depend on
 load.
@@ -127,6 +129,7 @@ def run_vi(args: argparse.Namespace) -> list[dict]:
         seed=args.seed,
         num_plot_samples=1,
         lr=args.vi_lr,
+        anneal_from=args.anneal_from,
     )
     rows = []
     print("| target | guide | seed | KL (nats) | ± | k-hat | seconds |\n"
@@ -237,6 +240,7 @@ def main() -> None:
         "--guides", nargs="+", default=["nsf", "bnaf:parallel=forward", "AutoNormalizingFlow"]
     )
     parser.add_argument("--anneal", type=int, default=1500, help="vi: annealed steps")
+    parser.add_argument("--anneal-from", type=float, default=0.01, help="vi: first beta")
     parser.add_argument("--particles", type=int, default=64, help="vi: ELBO particles")
     parser.add_argument("--vi-lr", type=float, default=1e-2, help="vi: initial learning rate")
     parser.add_argument("--kl-samples", type=int, default=20_000)

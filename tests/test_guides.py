@@ -228,6 +228,32 @@ def test_bad_arguments():
             torch.zeros(2, 3),
             num_steps=0,
         )
+    for anneal_from in (0.0, 1.5):
+        with pytest.raises(ValueError, match="anneal_from"):
+            fit_guide(
+                linear_gaussian,
+                AutoFlow(linear_gaussian, flow="realnvp"),
+                torch.zeros(2, 3),
+                anneal_from=anneal_from,
+            )
+
+
+@pytest.mark.parametrize("anneal_from", [0.01, 0.25])
+def test_fit_guide_anneals_from_anneal_from(anneal_from):
+    # A point-mass guide at 0 (log q = 0) makes each step's loss exactly beta * 0.5 log(2 pi);
+    # the tiny rate keeps the point at 0.
+    def model():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    at_zero = init_to_value(values={"z": torch.tensor(0.0)})
+    guide = pyro.infer.autoguide.AutoDelta(model, init_loc_fn=at_zero)
+    history = fit_guide(
+        model, guide, num_steps=5, lr=1e-9, anneal_steps=4, anneal_from=anneal_from,
+        num_particles=1, patience=None, cooldown=0, num_elbo_samples=0, progress=False, seed=0,
+    )
+    betas = [anneal_from + (1 - anneal_from) * k / 4 for k in range(4)] + [1.0]
+    expected = [beta * 0.5 * math.log(2 * math.pi) for beta in betas]
+    assert history["train_loss"] == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("tail_df", [None, 5.0])

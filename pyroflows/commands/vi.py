@@ -71,6 +71,7 @@ def fit_and_score(
     seed: int = 0,
     progress: bool = False,
     num_plot_samples: int = 20_000,
+    **fit_options: Any,
 ) -> dict[str, Any]:
     """Train ``make_guide(target.model)`` by [`fit_guide`][pyroflows.guides.fit_guide], then
     score it.
@@ -86,6 +87,7 @@ def fit_and_score(
         seed: seed of Pyro's and torch's RNGs.
         progress: show a progress bar.
         num_plot_samples: draws of $q$ returned for plots.
+        **fit_options: further options of ``fit_guide`` (e.g. ``anneal_from``).
 
     Returns:
         ``kl``, ``kl_se`` (nats), ``train_seconds``, ``final_loss`` and ``samples``
@@ -104,6 +106,7 @@ def fit_and_score(
     history = fit_guide(
         target.model, guide, num_steps=num_steps, num_particles=num_particles,
         anneal_steps=anneal_steps, lr=lr, progress=progress, num_elbo_samples=0,
+        **fit_options,
     )
     seconds = time.perf_counter() - start
     kl, kl_se = reverse_kl(target.model, guide, target.log_normalizer, num_samples=kl_samples)

@@ -17,7 +17,7 @@ from torch import nn
 
 from pyroflows.infer.importance import log_importance_weights
 from pyroflows.infer.loop import run_generator, train_loop
-from pyroflows.validation import check_int, check_positive
+from pyroflows.validation import check_int, check_number, check_positive
 
 
 def _latent_dim(guide: Callable, args: tuple, kwargs: dict) -> int:
@@ -54,6 +54,7 @@ def fit_guide(
     elbo: ELBO | None = None,
     max_grad_norm: float | None = 10.0,
     anneal_steps: int = 0,
+    anneal_from: float = 0.01,
     eval_every: int = 100,
     patience: int | None = 5,
     cooldown: int = 300,
@@ -90,10 +91,12 @@ def fit_guide(
             ``TraceMeanField_ELBO``, ``TraceEnum_ELBO``). Default ``Trace_ELBO`` with
             vectorised particles.
         max_grad_norm: gradient-norm clip (``None``: no clipping).
-        anneal_steps: temper the model's log-density by $\\beta$ rising linearly from 0.01 to 1
-            over the first ``anneal_steps`` steps (Rezende & Mohamed 2015): the guide then
-            fits $p^\\beta$, broad at first, which keeps reverse-KL training from dropping modes.
-            No plateau stop happens while annealing.
+        anneal_steps: temper the model's log-density by $\\beta$ rising linearly from
+            ``anneal_from`` to 1 over the first ``anneal_steps`` steps (Rezende & Mohamed 2015):
+            the guide then fits $p^\\beta$, broad at first, which keeps reverse-KL training from
+            dropping modes. No plateau stop happens while annealing.
+        anneal_from: the first $\\beta$, in $(0, 1]$. The default 0.01 spreads a guide very wide
+            first; 0.1 suits spline guides with a wide box (``docs/splines.md``, fourth pass).
         eval_every: steps per plateau window.
         patience: windows without improvement before stopping (``None``: run the budget).
         cooldown: steps after the plateau with the learning rate falling linearly to 0 (the
@@ -126,6 +129,7 @@ def fit_guide(
         >>> history = fit_guide(target.model, guide, num_steps=100, progress=False)
     """
     check_int(anneal_steps, "anneal_steps", minimum=0)
+    check_number(anneal_from, "anneal_from", low=0.0, high=1.0, low_open=True)
     check_int(num_elbo_samples, "num_elbo_samples", minimum=0)
     check_positive(lr, "lr")
     final_lr = lr / 10 if final_lr is None else check_positive(final_lr, "final_lr")
@@ -163,7 +167,10 @@ def fit_guide(
 
         def loss_fn(step: int) -> torch.Tensor:
             nonlocal beta
-            beta = min(1.0, 0.01 + 0.99 * (step - 1) / anneal_steps) if anneal_steps else 1.0
+            if step <= anneal_steps:
+                beta = anneal_from + (1.0 - anneal_from) * (step - 1) / anneal_steps
+            else:
+                beta = 1.0
             return loss.differentiable_loss(tempered, guide, *args, **kwargs)
 
         history = train_loop(
