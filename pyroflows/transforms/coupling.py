@@ -82,6 +82,11 @@ class Coupling(FlowTransform):
         unconditional: also transform the conditioning part, with the same elementwise map and
             learned constant parameters (zero-initialised: the identity), so a layer transforms
             every coordinate; the conditioner still reads that part before its map.
+        nonlinearity: hidden activation of a vector conditioner (default ReLU); image
+            conditioners keep their ReLU.
+
+    Raises:
+        ValueError: a ``nonlinearity`` for an image mask.
 
     Example:
         >>> layer = Coupling(coupling_mask((4,), "half"), "affine", hidden_dims=(16,))
@@ -98,8 +103,12 @@ class Coupling(FlowTransform):
         hidden_dims: Sequence[int] = (64, 64),
         context_dim: int | None = None,
         unconditional: bool = False,
+        nonlinearity: nn.Module | None = None,
     ) -> None:
         super().__init__(tuple(mask.shape), context_dim)
+        if nonlinearity is not None and mask.dim() != 1:
+            raise ValueError("nonlinearity applies to vector couplings only (image conditioners "
+                             f"use ReLU), got a mask of shape {tuple(mask.shape)}")
         self.elementwise = resolve_elementwise(elementwise)
         num_params = self.elementwise.num_params
         self.register_buffer("mask", mask.bool())
@@ -121,7 +130,11 @@ class Coupling(FlowTransform):
             else:
                 self._halves = None
             self.conditioner = DenseConditioner(
-                len(idx_a), [len(idx_b)] * num_params, hidden_dims, context_dim
+                len(idx_a),
+                [len(idx_b)] * num_params,
+                hidden_dims,
+                context_dim,
+                nonlinearity=nonlinearity,
             )
         else:
             # Images: the conv net sees the masked image and predicts every position.
@@ -181,6 +194,7 @@ def coupling_layers(
     context_dim: int | None = None,
     mask: str | None = None,
     unconditional: bool = False,
+    nonlinearity: nn.Module | None = None,
 ) -> list[Coupling]:
     """``num_layers`` coupling layers whose masks alternate parity, so every coordinate is
     transformed: the builder behind ``nice``, ``realnvp`` and ``nsf``.
@@ -196,6 +210,7 @@ def coupling_layers(
             ``"half"`` for vectors and ``"checkerboard"`` for images by default.
         unconditional: every layer also maps its conditioning part (see
             [`Coupling`][pyroflows.transforms.coupling.Coupling]).
+        nonlinearity: hidden activation of the vector conditioners (default ReLU).
     """
     event_shape = tuple(event_shape)
     kind = mask or ("half" if len(event_shape) == 1 else "checkerboard")
@@ -206,6 +221,7 @@ def coupling_layers(
             hidden_dims,
             context_dim,
             unconditional,
+            nonlinearity,
         )
         for i in range(num_layers)
     ]

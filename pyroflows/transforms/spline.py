@@ -47,6 +47,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from pyroflows.registry import flow_family
 from pyroflows.transforms.actnorm import ActNorm
@@ -283,6 +284,7 @@ def build_nsf(
     unconditional: bool = True,
     actnorm: bool = True,
     direction: str = "density",
+    nonlinearity: nn.Module | None = None,
 ) -> list[FlowTransform]:
     """NSF (coupling): ``num_layers`` rational-quadratic spline couplings with alternating masks.
 
@@ -301,6 +303,8 @@ def build_nsf(
         direction: ``"density"`` (default): ``log_prob`` evaluates the spline formula on the
             data side and sampling takes the quadratic root; ``"sample"``: the other way round
             (see [`oriented_spline`][pyroflows.transforms.spline.oriented_spline]).
+        nonlinearity: vectors only: hidden activation of the conditioner MLPs (default ReLU;
+            e.g. ``torch.nn.ELU()``).
     """
     spline = oriented_spline(
         direction,
@@ -312,8 +316,11 @@ def build_nsf(
     )
     if len(shape) == 1:
         return coupling_layers(
-            shape, num_layers, spline, hidden_dims, context_dim, mask, unconditional
+            shape, num_layers, spline, hidden_dims, context_dim, mask, unconditional, nonlinearity
         )
+    if nonlinearity is not None:
+        raise ValueError("nonlinearity applies to vector nsf flows only (image conditioners use "
+                         f"ReLU), got shape {shape}")
     shape = check_image_shape(shape, "nsf")
     alternate = mask is None and shape[0] > 1  # checkerboard, channel, then both flipped
     layers: list[FlowTransform] = []
