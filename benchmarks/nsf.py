@@ -23,7 +23,7 @@ k-hat from ``diagnose``), one row per ``--seeds`` entry
     OMP_NUM_THREADS=1 python benchmarks/nsf.py vi --targets u1 --guides nsf:init_scale=1.0 \
         --seeds 0 1 2 --vi-lr 3e-3
     OMP_NUM_THREADS=1 python benchmarks/nsf.py vi --guides nsf:bound=10.0,bins=16,init_scale=1.0 \
-        --seeds 0 1 2 --vi-lr 3e-3 --particles 256 --anneal-from 0.1
+        --seeds 0 1 2 3 4 --vi-lr 3e-3 --particles 256 --anneal-from 0.3
 
 Quality, not speed: run one task per process on a busy machine; the numbers do not depend on
 load.

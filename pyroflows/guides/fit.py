@@ -96,7 +96,8 @@ def fit_guide(
             the guide then fits $p^\\beta$, broad at first, which keeps reverse-KL training from
             dropping modes. No plateau stop happens while annealing.
         anneal_from: the first $\\beta$, in $(0, 1]$. The default 0.01 spreads a guide very wide
-            first; 0.1 suits spline guides with a wide box (``docs/splines.md``, fourth pass).
+            first; 0.3 suited spline guides with a wide box on U1-U4 (``docs/splines.md``,
+            fourth pass).
         eval_every: steps per plateau window.
         patience: windows without improvement before stopping (``None``: run the budget).
         cooldown: steps after the plateau with the learning rate falling linearly to 0 (the
