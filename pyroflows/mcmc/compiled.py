@@ -12,7 +12,7 @@ fuses them into a few loops. A trajectory of $L$ steps then runs as
 $\lceil L / \text{unroll} \rceil$ calls; the steps past $L$ in the last call have step size 0,
 which leaves position and momentum exactly where they are.
 
-**When.** Compiling costs seconds, so it pays only on long runs: on a 2-core CPU about 3 s to load
+**When.** Compiling costs seconds, so it pays only on long runs: on a 2-core CPU about 4 s to load
 inductor at a process's first compile (inductor's probe builds of the CPU's vector instruction
 sets, another 5–7 s on a cold cache, are skipped: the CPU's own report is trusted, and the
 probes run only should the build then fail), then roughly 0.01–0.07 s per op of the energy's
@@ -54,7 +54,7 @@ __all__ = ["TrajectoryCompiler", "expected_compile_seconds"]
 
 #: the cost model of a compile: seconds to load inductor (paid by a process's first compile),
 #: then seconds per graph op and unrolled step (a first guess, then the last compile's)
-_compile_cost = {"first": 3.0, "per_op": 0.03, "compiled_before": False}
+_compile_cost = {"first": 4.0, "per_op": 0.03, "compiled_before": False}
 #: the most graph ops times unrolled steps to compile as one call (compile time grows faster
 #: than linearly with graph size, and a large graph's ops gain little from fusion)
 _MAX_UNROLLED_OPS = 800
