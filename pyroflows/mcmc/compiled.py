@@ -43,12 +43,11 @@ from __future__ import annotations
 import contextlib
 import time
 import types
-import warnings
 from collections.abc import Callable
 
 import torch
 
-from pyroflows.mcmc.core import EnergyFunction, Metric, leapfrog
+from pyroflows.mcmc.core import EnergyFunction, Metric, leapfrog, warn_fallback
 
 __all__ = ["TrajectoryCompiler", "expected_compile_seconds"]
 
@@ -273,11 +272,10 @@ class TrajectoryCompiler:
                 if trust_isa:
                     continue
                 self.failed = True
-                reason = " ".join(str(error).split())[:200]
-                warnings.warn(
-                    f"compiling the leapfrog trajectory failed ({type(error).__name__}: "
-                    f"{reason}); the sampler continues with eager steps",
-                    RuntimeWarning,
+                warn_fallback(
+                    "compiling the leapfrog trajectory failed",
+                    error,
+                    "the sampler continues with eager steps",
                     stacklevel=5,
                 )
                 return None, 1

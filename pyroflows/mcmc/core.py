@@ -26,6 +26,7 @@ this guard, so a systematic error surfaces with its own message.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -36,6 +37,17 @@ Energy = Callable[[torch.Tensor], torch.Tensor]
 
 #: phrases of torch's and Pyro's distribution argument / support validation errors
 _VALIDATION_PHRASES = ("to satisfy the constraint", "to be within the support")
+
+
+def warn_fallback(failure: str, error: Exception, consequence: str, stacklevel: int) -> None:
+    """One ``RuntimeWarning``: ``failure`` (with the error's type and first 200 characters),
+    then what the sampler does instead; ``stacklevel`` counts from the caller."""
+    reason = " ".join(str(error).split())[:200]
+    warnings.warn(
+        f"{failure} ({type(error).__name__}: {reason}); {consequence}",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 def is_validation_error(error: BaseException) -> bool:

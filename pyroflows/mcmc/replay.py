@@ -30,7 +30,6 @@ model's data, a ``pyro.param``) changes in place, which its ``_version`` counter
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +37,8 @@ import torch
 import torch.fx as fx
 from torch.func import functionalize, grad_and_value
 from torch.fx.experimental.proxy_tensor import make_fx
+
+from pyroflows.mcmc.core import warn_fallback
 
 __all__ = ["Replay"]
 
@@ -317,10 +318,9 @@ class Replay:
     def _warn(self, error: Exception) -> None:
         if not self._warned:
             self._warned = True
-            reason = " ".join(str(error).split())[:200]
-            warnings.warn(
-                f"the {self.name} cannot be replayed as a traced graph ({type(error).__name__}: "
-                f"{reason}); it is evaluated eagerly, which is slower",
-                RuntimeWarning,
+            warn_fallback(
+                f"the {self.name} cannot be replayed as a traced graph",
+                error,
+                "it is evaluated eagerly, which is slower",
                 stacklevel=4,
             )
