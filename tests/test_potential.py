@@ -22,6 +22,7 @@ from pyro.infer.mcmc.util import initialize_model
 from pyroflows import mcmc
 from pyroflows.datasets import posteriordb as pdb
 from pyroflows.mcmc import ModelPotential
+from pyroflows.mcmc.core import EnergyFunction
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,10 +65,11 @@ def pyro_params(potential, transforms, u_row):
     return params
 
 
+@pytest.mark.parametrize("vectorize", ["plate", "vmap"])
 @pytest.mark.parametrize("case", [eight_schools, regression, mixture, kidiq_like])
-def test_energy_and_gradient_equal_pyro_potential(case):
+def test_energy_and_gradient_equal_pyro_potential(case, vectorize):
     model, data = case()
-    potential = ModelPotential(model, **data)
+    potential = ModelPotential(model, vectorize=vectorize, **data)
     _, pyro_potential, transforms, _ = initialize_model(model, model_kwargs=data)
     u = potential.init(5, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     energy = potential.energy(u)
@@ -194,6 +196,112 @@ def test_model_path_of_sample_returns_named_inference_data():
         )
         replicated = predictive(J=8, y=None, sigma=data["sigma"])["y"]
         assert replicated.shape == (240, 8)
+
+
+def one_chain_model(X, y):
+    """Written for one chain, as for Pyro's NUTS: ``X @ beta`` and a Cholesky factor built from
+    a parameter do not broadcast over a chain plate."""
+    beta = pyro.sample("beta", dist.Normal(X.new_zeros(3), 1.0).to_event(1))
+    rho = pyro.sample("rho", dist.Uniform(X.new_tensor(-0.9), 0.9))
+    sigma = pyro.sample("sigma", dist.HalfCauchy(X.new_tensor(1.0)))
+    pyro.deterministic("beta_norm", beta.norm())
+    eye = torch.eye(2, dtype=X.dtype)
+    scale_tril = sigma * torch.linalg.cholesky(eye + rho * (1 - eye))
+    with pyro.plate("pairs", len(y) // 2):
+        mean = (X @ beta).reshape(-1, 2)
+        pyro.sample("y", dist.MultivariateNormal(mean, scale_tril=scale_tril), obs=y.reshape(-1, 2))
+
+
+def one_chain_data():
+    gen = torch.Generator().manual_seed(5)
+    X = torch.randn(20, 3, generator=gen, dtype=F64)
+    return dict(X=X, y=X @ torch.tensor([1.0, -1.0, 0.5], dtype=F64) + 0.5 * torch.randn(
+        20, generator=gen, dtype=F64))
+
+
+def test_vmap_runs_a_model_written_for_one_chain():
+    data = one_chain_data()
+    with pytest.raises(ValueError, match="vectorize='vmap'"):
+        ModelPotential(one_chain_model, **data)
+    potential = ModelPotential(one_chain_model, vectorize="vmap", **data)
+    _, pyro_potential, transforms, _ = initialize_model(one_chain_model, model_kwargs=data)
+    u = potential.init(6, generator=torch.Generator().manual_seed(0))  # HalfCauchy: per chain
+    assert u.shape == (6, 5) and u.std(0).min() > 0.05
+    u.requires_grad_(True)
+    energy = potential.energy(u)
+    (grad,) = torch.autograd.grad(energy.sum(), u)
+    for c in range(6):
+        row = u[c].detach().clone().requires_grad_(True)
+        expected = pyro_potential(pyro_params(potential, transforms, row))
+        (expected_grad,) = torch.autograd.grad(expected, row)
+        assert torch.allclose(energy[c], expected, rtol=1e-10, atol=1e-8)
+        assert torch.allclose(grad[c], expected_grad, rtol=1e-8, atol=1e-8)
+    u = u.detach()
+    values = potential.unpack(u)
+    assert values["beta"].shape == (6, 3) and values["rho"].shape == (6,)
+    assert torch.allclose(potential.deterministic(u)["beta_norm"], values["beta"].norm(dim=1))
+    assert potential.log_likelihood(u)["y"].shape == (6, 10)
+    given = potential.init(3, {"rho": torch.tensor([-0.5, 0.0, 0.5]), "sigma": 2.0})
+    assert torch.allclose(potential.unpack(given)["rho"], torch.tensor([-0.5, 0.0, 0.5], dtype=F64))
+    assert torch.allclose(potential.pack(potential.unpack(u)), u)
+
+
+def test_vmap_sampling_matches_the_exact_posterior():
+    """Conjugate regression written for one chain: the posterior of beta is Gaussian."""
+    gen = torch.Generator().manual_seed(6)
+    X = torch.randn(15, 2, generator=gen, dtype=F64)
+    y = X @ torch.tensor([0.5, -1.0], dtype=F64) + torch.randn(15, generator=gen, dtype=F64)
+
+    def model(X, y):
+        beta = pyro.sample("beta", dist.Normal(X.new_zeros(2), 1.0).to_event(1))
+        pyro.sample("y", dist.Normal(X @ beta, 1.0).to_event(1), obs=y)
+
+    precision = torch.eye(2, dtype=F64) + X.T @ X
+    exact_mean = torch.linalg.solve(precision, X.T @ y)
+    idata = mcmc.sample(
+        mcmc.HMC(model=model), num_chains=64, num_samples=200, warmup_steps=200, seed=0,
+        progress=False, model_args=(X, y), vectorize="vmap",
+    )
+    draws = idata.posterior["beta"]
+    assert draws.shape == (64, 200, 2)
+    mcse = az.mcse(idata, var_names=["beta"])["beta"].values
+    error = draws.mean(("chain", "draw")).values - exact_mean.numpy()
+    assert (abs(error) < 4 * mcse).all()
+
+
+def test_vmap_names_control_flow_on_a_latent_value():
+    def branches(y):
+        x = pyro.sample("x", dist.Normal(y.new_tensor(0.0), 1.0))
+        if x > 0:  # Python control flow on a value: cannot be vectorized
+            pyro.factor("f", -x)
+
+    with pytest.raises(ValueError, match="cannot be mapped over chains"):
+        ModelPotential(branches, torch.zeros(3), vectorize="vmap")
+    with pytest.raises(ValueError, match="vectorize"):
+        ModelPotential(branches, torch.zeros(3), vectorize="loop")
+
+
+@pytest.mark.filterwarnings("error:.*cannot be replayed")  # such points do not stop replay
+def test_points_without_a_cholesky_factor_are_rejected_chain_by_chain():
+    """A covariance that is not positive definite at some chains' points: those chains get a
+    non-finite energy (their proposals are rejected), the others their own."""
+
+    def model(y):
+        rho = pyro.sample("rho", dist.Normal(y.new_tensor(0.0), 0.1))
+        eye = torch.eye(2, dtype=y.dtype)
+        scale_tril = torch.linalg.cholesky(eye + rho * (1 - eye))
+        pyro.sample("y", dist.MultivariateNormal(y.new_zeros(2), scale_tril=scale_tril), obs=y)
+
+    potential = ModelPotential(model, torch.tensor([0.3, -0.2], dtype=F64), vectorize="vmap")
+    u = torch.tensor([[0.5], [2.0], [-0.2], [-1.5]], dtype=F64)
+    with pytest.raises(torch.linalg.LinAlgError):
+        potential.energy(u)
+    for _ in range(3):  # the third call with this shape is replayed from a traced graph
+        value, grad = EnergyFunction(potential, 1).value_and_grad(u)
+    ok = torch.tensor([True, False, True, False])
+    assert torch.isfinite(value[ok]).all() and not torch.isfinite(value[~ok]).any()
+    assert torch.allclose(value[ok], potential.energy(u[ok]))
+    assert torch.isfinite(grad[ok]).all()
 
 
 def funnel_with_data(y):

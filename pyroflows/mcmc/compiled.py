@@ -234,9 +234,14 @@ class TrajectoryCompiler:
         # step k of the trajectory has size eps for k < L and 0 past the end (a no-op step)
         sizes = (torch.arange(calls * unroll, device=x.device) < num_steps).to(x.dtype)
         sizes = (sizes * step_size).reshape(calls, unroll)
-        u = None
-        for c in range(calls):
-            x, p, u, grad = run(x, p, grad, sizes[c], metric.inverse_mass)
+        start = (x, p, grad)
+        try:
+            for c in range(calls):
+                x, p, u, grad = run(x, p, grad, sizes[c], metric.inverse_mass)
+        except torch.linalg.LinAlgError:
+            # some chain's point has no finite density (a matrix the model factors is not
+            # positive definite there): the eager trajectory finds and rejects those chains
+            return leapfrog(energy, *start, step_size, metric, num_steps)
         energy.count(x, num_steps)
         return x, p, u, grad
 

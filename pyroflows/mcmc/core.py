@@ -55,6 +55,13 @@ def is_validation_error(error: BaseException) -> bool:
     return isinstance(error, ValueError) and any(p in str(error) for p in _VALIDATION_PHRASES)
 
 
+def is_rejectable(error: BaseException) -> bool:
+    """Whether ``error`` says some chain's point has no finite density (a proposal to reject):
+    a validation error, or a linear-algebra failure (a Cholesky factor of a matrix that is not
+    positive definite there; Stan rejects such a point too)."""
+    return is_validation_error(error) or isinstance(error, torch.linalg.LinAlgError)
+
+
 class EnergyFunction:
     """A batched energy with its shape check, call counters and the validation-error guard.
 
@@ -127,15 +134,19 @@ class EnergyFunction:
     def _guarded(self, x: torch.Tensor, with_grad: bool, guard: bool):
         try:
             return self._evaluate(x, with_grad)
-        except ValueError as error:
-            if not guard or not is_validation_error(error):
+        except (ValueError, RuntimeError) as error:
+            if not guard or not is_rejectable(error):
                 raise
         # Find the failing rows: one evaluation with validation off marks the rows it makes
-        # non-finite; the rest are re-evaluated with validation on, bisecting if one still fails.
-        with pyro.validation_enabled(False):
-            out = self._evaluate(x, with_grad)
-        u = out[0] if with_grad else out
-        good = torch.isfinite(u.reshape(u.shape[0], -1)).all(1)
+        # non-finite; the rest are re-evaluated with validation on, bisecting if one still fails
+        # (all rows when the failure is not a validation error).
+        try:
+            with pyro.validation_enabled(False):
+                out = self._evaluate(x, with_grad)
+            u = out[0] if with_grad else out
+            good = torch.isfinite(u.reshape(u.shape[0], -1)).all(1)
+        except torch.linalg.LinAlgError:
+            good = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         result = self._fill(x, with_grad)
         if good.any():
             index = good.nonzero().flatten()
@@ -151,10 +162,10 @@ class EnergyFunction:
     def _bisect(self, x: torch.Tensor, with_grad: bool):
         try:
             return self._evaluate(x, with_grad)
-        except ValueError as error:
-            if not is_validation_error(error):
+        except (ValueError, RuntimeError) as error:
+            if not is_rejectable(error):
                 raise
-        if x.shape[0] == 1:  # this chain's evaluation fails validation: a non-finite energy
+        if x.shape[0] == 1:  # this chain's point has no finite density: a non-finite energy
             fill = self._fill(x, with_grad)
             return fill if with_grad else fill[0]
         half = x.shape[0] // 2

@@ -136,6 +136,7 @@ def sample(
     seed: int | None = None,
     model_args: tuple = (),
     model_kwargs: dict[str, Any] | None = None,
+    vectorize: str = "plate",
 ) -> az.InferenceData:
     """Run ``kernel`` on its energy or its Pyro model; collect ``num_samples`` draws per chain.
 
@@ -154,6 +155,9 @@ def sample(
             generator, which is never reseeded).
         model_args: positional arguments of the kernel's model.
         model_kwargs: keyword arguments of the kernel's model.
+        vectorize: how the model evaluates every chain at once: ``"plate"`` (it broadcasts over
+            an outer chain plate) or ``"vmap"`` (a model written for one chain, mapped by
+            ``torch.func.vmap``); see [`ModelPotential`][pyroflows.mcmc.ModelPotential].
 
     Returns:
         For an energy, ``InferenceData`` with ``posterior["x"]`` of dims ``(chain, draw, x_dim_0,
@@ -186,9 +190,12 @@ def sample(
             thinning=thinning,
             model_args=model_args,
             model_kwargs=model_kwargs or {},
+            vectorize=vectorize,
         )
-    if model_args or model_kwargs:
-        raise ValueError("model_args and model_kwargs need a kernel built with model=...")
+    if model_args or model_kwargs or vectorize != "plate":
+        raise ValueError(
+            "model_args, model_kwargs and vectorize need a kernel built with model=..."
+        )
     init = _energy_init(kernel, init, num_chains)
     check_int(num_samples, "num_samples", minimum=1)
     warmup_steps = (

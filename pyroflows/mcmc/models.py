@@ -48,6 +48,7 @@ def sample_model(
     model_args: tuple = (),
     model_kwargs: dict[str, Any] | None = None,
     log_likelihood: bool | None = None,
+    vectorize: str = "plate",
 ) -> az.InferenceData:
     """Run ``kernel`` (built with ``model=``) on its model; users call
     [`sample`][pyroflows.mcmc.sample], which lands here.
@@ -67,6 +68,8 @@ def sample_model(
         model_kwargs: the model's keyword arguments.
         log_likelihood: store the pointwise log-likelihood (default: when it has at most
             ``MAX_LOG_LIKELIHOOD`` entries; many chains times large data can need gigabytes).
+        vectorize: ``"plate"`` or ``"vmap"``, as in
+            [`ModelPotential`][pyroflows.mcmc.ModelPotential].
 
     Returns:
         ``InferenceData`` (see [`to_inference_data`][pyroflows.mcmc.models.to_inference_data]).
@@ -78,7 +81,9 @@ def sample_model(
         warmup_steps, "warmup_steps", minimum=0
     )
     num_chains = 4 if num_chains is None else check_int(num_chains, "num_chains", minimum=1)
-    potential = ModelPotential(kernel.model, *model_args, **(model_kwargs or {}))
+    potential = ModelPotential(
+        kernel.model, *model_args, vectorize=vectorize, **(model_kwargs or {})
+    )
     generator = make_generator(seed, potential._device)
     start = potential.init(num_chains, init, generator)
     kernel.bind(potential)

@@ -137,6 +137,7 @@ def neutra(
     model_args: tuple = (),
     model_kwargs: dict[str, Any] | None = None,
     log_likelihood: bool | None = None,
+    vectorize: str = "plate",
     **kernel_options: Any,
 ) -> az.InferenceData:
     """Sample a model by NeuTra: HMC (or a flow independence sampler) in a fitted guide's base
@@ -158,6 +159,8 @@ def neutra(
         model_kwargs: the model's keyword arguments.
         log_likelihood: store the pointwise log-likelihood (see
             [`to_inference_data`][pyroflows.mcmc.models.to_inference_data]).
+        vectorize: ``"plate"`` or ``"vmap"`` (a model written for one chain), as in
+            [`ModelPotential`][pyroflows.mcmc.ModelPotential].
         **kernel_options: options of the kernel (``HMC(step_size=..., adapt=...)``, ...); HMC
             keeps an identity mass matrix unless ``adapt_mass_matrix=True``.
 
@@ -184,7 +187,9 @@ def neutra(
     warmup_steps = (
         num_samples if warmup_steps is None else check_int(warmup_steps, "warmup_steps", minimum=0)
     )
-    potential = ModelPotential(model, *model_args, **(model_kwargs or {}))
+    potential = ModelPotential(
+        model, *model_args, vectorize=vectorize, **(model_kwargs or {})
+    )
     transform = _check_guide(guide, potential)
     guide_dtype = next((p.dtype for p in guide.parameters()), None)
     energy = NeuTraPotential(potential, transform, guide_dtype)

@@ -20,7 +20,12 @@ that execution* — so a support that depends on another parameter (Stan's
 ``real<upper=1 - a> b``) is transformed correctly — and the log-densities are summed per chain.
 A model works when its sites broadcast over outer batch dimensions: plates with ``dim=`` set,
 vector-valued sites declared with ``.to_event``. Construction checks that two chains evaluated
-together give each chain the density it has alone, and names the site where they do not. A site
+together give each chain the density it has alone, and names the site where they do not.
+A model written for one chain at a time (``X @ beta``, a Cholesky factor of a kernel matrix built
+from a parameter, the style Pyro's own NUTS runs) takes ``vectorize="vmap"`` instead: the model
+is then executed for a single chain and ``torch.func.vmap`` maps that execution over the chains
+(still one execution for all of them, and replayed and compiled as the plate's is); only Python
+control flow on a latent value (``if x > 0``, ``.item()``) cannot be mapped. A site
 that ``poutine.reparam`` replaced (observed through a ``Delta`` at its new value) is reported
 like a deterministic site.
 
@@ -33,6 +38,7 @@ execution cannot be traced faithfully is executed every time, with a warning.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -47,12 +53,15 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
+from pyroflows.mcmc.core import is_rejectable
 from pyroflows.mcmc.replay import Replay
-from pyroflows.validation import check_int, check_tensor
+from pyroflows.validation import check_choice, check_int, check_tensor
 
 __all__ = ["ModelPotential"]
 
 _CHAINS = "_pyroflows_chains"
+#: how one execution evaluates every chain (``ModelPotential(vectorize=...)``)
+VECTORIZE = ("plate", "vmap")
 
 InitStrategy = Callable[[dict], torch.Tensor] | Mapping[str, Any] | None
 
@@ -73,8 +82,11 @@ class _Latent:
     start: int  # offset in u
 
 
-def _per_chain(x: torch.Tensor, num_chains: int) -> torch.Tensor:
-    """Sum everything but the leading chain dimension (a tensor without one is broadcast)."""
+def _per_chain(x: torch.Tensor, num_chains: int | None) -> torch.Tensor:
+    """Sum everything but the leading chain dimension (a tensor without one is broadcast);
+    with ``num_chains=None`` (one chain's execution, under ``vmap``) sum everything."""
+    if num_chains is None:
+        return x.sum()
     if x.dim() == 0:
         x = x.reshape(1)
     if x.shape[0] != num_chains:
@@ -170,14 +182,20 @@ class ModelPotential:
 
     Args:
         model: a Pyro model with continuous latent sites and static structure (the same sites
-            and shapes at every execution) whose sites broadcast over outer batch dimensions.
+            and shapes at every execution) whose sites broadcast over outer batch dimensions
+            (or, with ``vectorize="vmap"``, any such model written for one chain).
         *args: the model's positional arguments (bound for every evaluation).
+        vectorize: how one execution evaluates every chain: ``"plate"`` (an outer plate over
+            the chains; the model must broadcast over it) or ``"vmap"`` (the model runs for a
+            single chain and ``torch.func.vmap`` maps it over the chains). Not passed to the
+            model.
         **kwargs: the model's keyword arguments.
 
     Raises:
         ValueError: naming the site, for a model with no latent sites, a discrete latent site,
-            a support without a bijection to $\\mathbb R^d$, a subsampling plate, or a site that
-            does not broadcast over the chain plate.
+            a support without a bijection to $\\mathbb R^d$, a subsampling plate, a site that
+            does not broadcast over the chain plate (``"plate"``), or a model ``vmap`` cannot
+            map (``"vmap"``).
 
     Example:
         >>> def model(y):
@@ -191,15 +209,21 @@ class ModelPotential:
         (torch.Size([100]), torch.Size([100]))
     """
 
-    def __init__(self, model: Callable, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, model: Callable, *args: Any, vectorize: str = "plate", **kwargs: Any
+    ) -> None:
         if not callable(model):
             raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
         self.model, self.args, self.kwargs = model, args, kwargs
+        self.vectorize = check_choice(vectorize, "vectorize", VECTORIZE)
         record = _Record()
         with poutine.block(), record, _SetLatents(self._discovery_value):
             model(*args, **kwargs)
         self._discover(record.sites)
-        self._check_broadcast()
+        if self.vectorize == "plate":
+            self._check_broadcast()
+        else:
+            self._check_vmap()
         #: replay the traced log-density after the first calls (``False``: always execute)
         self.replay = True
         self._replay = Replay(self._execute, name="model's log-density")
@@ -274,18 +298,35 @@ class ModelPotential:
         first = sites[next(iter(self._latent))]["value"]
         self._device, self._dtype = first.device, first.dtype
 
+    def _check_points(self, check: Callable[[torch.Tensor], None]) -> None:
+        """Run ``check`` at two points in $[-2, 2]^D$, or, where the model has no density there
+        (a matrix it factors is not positive definite), at two points near 0."""
+        gen = torch.Generator(device=self._device).manual_seed(0)
+        for radius in (2.0, 0.1):
+            u = torch.rand((2, self.dim), generator=gen, device=self._device, dtype=self._dtype)
+            try:
+                return check(radius * (2 * u - 1))
+            except (ValueError, RuntimeError) as err:
+                if not is_rejectable(err):
+                    raise
+        return None
+
     def _check_broadcast(self) -> None:
         """Two chains run together must each get the density they get alone."""
-        gen = torch.Generator(device=self._device).manual_seed(0)
-        u = 4 * torch.rand((2, self.dim), generator=gen, device=self._device, dtype=self._dtype) - 2
+        self._check_points(self._check_broadcast_at)
+
+    def _check_broadcast_at(self, u: torch.Tensor) -> None:
         try:
             together = self._site_log_probs(u)
         except Exception as err:
+            if is_rejectable(err):
+                raise
             raise ValueError(
                 "the model does not run under an outer chain plate "
                 f"(dim={-(self.max_plate_nesting + 1)}): {' '.join(str(err).split())}. Write "
                 "its plates with dim= set and vector-valued sites with .to_event(1), so that "
-                "every site broadcasts over extra batch dimensions on the left"
+                "every site broadcasts over extra batch dimensions on the left, or pass "
+                "vectorize='vmap' for a model written for one chain"
             ) from err
         alone = [self._site_log_probs(u[i : i + 1]) for i in range(2)]
         for name, lp in together.items():
@@ -295,36 +336,66 @@ class ModelPotential:
                     f"site {name!r} is not chain-broadcastable: its log-density for one chain "
                     "changes when other chains are evaluated alongside (the model mixes batch "
                     "dimensions, e.g. a sum, reshape or .item() over a parameter). Use plates "
-                    "with dim= set and .to_event for vector-valued sites"
+                    "with dim= set and .to_event for vector-valued sites, or pass "
+                    "vectorize='vmap' for a model written for one chain"
                 )
+
+    def _check_vmap(self) -> None:
+        """The one-chain execution must map over chains (no Python branch on a value)."""
+        self._check_points(self._check_vmap_at)
+
+    def _check_vmap_at(self, u: torch.Tensor) -> None:
+        try:
+            self._execute(u)
+        except Exception as err:
+            if is_rejectable(err):
+                raise
+            raise ValueError(
+                "the model cannot be mapped over chains by torch.func.vmap: "
+                f"{' '.join(str(err).split())}. Python control flow on a latent value "
+                "(if x > 0, .item(), float(x)) cannot be vectorized: write it with torch.where"
+            ) from err
 
     # -- one execution for all chains --------------------------------------------------------
     def _run(self, u: torch.Tensor) -> tuple[dict[str, dict], torch.Tensor]:
-        """Execute the model once for the ``C`` chains of ``u`` ``(C, D)``: its sites, and the
-        summed log-Jacobian per chain ``(C,)``."""
-        num_chains = u.shape[0]
+        """Execute the model once for the ``C`` chains of ``u`` ``(C, D)`` under the chain
+        plate, or for one chain ``(D,)`` (a ``vmap``-ed execution): its sites, and the summed
+        log-Jacobian per chain ``(C,)`` (a scalar for one chain)."""
+        num_chains = u.shape[0] if u.dim() == 2 else None
 
         def choose(name: str, msg: dict) -> tuple[torch.Tensor, torch.Tensor]:
             info = self._latent[name]
             t = biject_to(msg["fn"].support)
             shape = t.inverse_shape(msg["fn"].shape())
-            free = u[:, info.start : info.start + info.unconstrained_numel].reshape(shape)
+            free = u[..., info.start : info.start + info.unconstrained_numel].reshape(shape)
             value = t(free)
             return value, _per_chain(t.log_abs_det_jacobian(free, value), num_chains)
 
         record, latents = _Record(), _SetLatents(choose)
         # blocked: the internal execution (and the plate's own subsample site, created with
         # the plate) never shows its sites to the caller's handlers
-        with poutine.block(), record, latents:
-            dim = -(self.max_plate_nesting + 1)
-            with pyro.plate(_CHAINS, num_chains, dim=dim, device=u.device):
-                self.model(*self.args, **self.kwargs)
+        with poutine.block(), record, latents, self._chain_plate(num_chains, u.device):
+            self.model(*self.args, **self.kwargs)
         missing = set(self._latent) - set(record.sites)
         if missing:
             raise ValueError(f"latent site(s) {sorted(missing)} did not appear: the model's "
                              "structure must be static")
-        log_det = sum(latents.log_det, u.new_zeros(num_chains))
+        log_det = sum(latents.log_det, u.new_zeros(num_chains or ()))
         return record.sites, log_det
+
+    def _chain_plate(self, num_chains: int | None, device: torch.device) -> Any:
+        """The plate over chains beyond the model's own (none for one chain's execution)."""
+        if num_chains is None:
+            return contextlib.nullcontext()
+        dim = -(self.max_plate_nesting + 1)
+        return pyro.plate(_CHAINS, num_chains, dim=dim, device=device)
+
+    def _over_chains(self, fn: Callable, *inputs: Any, randomness: str = "error") -> Any:
+        """``fn`` of every chain's inputs (leading dimension): one call under the chain plate,
+        or ``fn`` of one chain mapped by ``torch.func.vmap``."""
+        if self.vectorize == "plate":
+            return fn(*inputs)
+        return torch.func.vmap(fn, randomness=randomness)(*inputs)
 
     @staticmethod
     def _log_prob(site: dict) -> torch.Tensor:
@@ -402,28 +473,41 @@ class ModelPotential:
 
     def _execute(self, flat: torch.Tensor) -> torch.Tensor:
         """$U$ of ``(C, D)`` points by executing the model."""
+        return self._over_chains(self._energy, flat)
+
+    def _energy(self, u: torch.Tensor) -> torch.Tensor:
+        """$U$ of ``(C, D)`` points under the chain plate, or of one chain's ``(D,)``."""
+        num_chains = u.shape[0] if u.dim() == 2 else None
         with pyro.validation_enabled(False):  # support checks would cost a host sync per site
-            sites, log_det = self._run(flat)
-        log_p = log_det
-        for site in sites.values():
-            if site["type"] == "sample" and not site["infer"].get("_deterministic"):
-                log_p = log_p + _per_chain(self._log_prob(site), flat.shape[0])
+            sites, log_det = self._run(u)
+            log_p = log_det
+            for site in sites.values():
+                if site["type"] == "sample" and not site["infer"].get("_deterministic"):
+                    log_p = log_p + _per_chain(self._log_prob(site), num_chains)
         return -log_p
 
     __call__ = energy
 
     @staticmethod
-    def _own_shape(value: torch.Tensor, shape: torch.Size, num_chains: int) -> torch.Tensor:
-        """``(C, *shape)`` from a value with the chain plate's dims, or from a constant."""
+    def _own_shape(value: torch.Tensor, shape: torch.Size, num_chains: int | None) -> torch.Tensor:
+        """``(C, *shape)`` from a value with the chain plate's dims, or from a constant
+        (``shape`` itself for one chain's execution)."""
+        if num_chains is None:
+            return value.reshape(shape)
         if value.numel() == num_chains * shape.numel():
             return value.reshape(num_chains, *shape)
         return value.reshape(shape).expand(num_chains, *shape)
 
     def _constrained(self, u: torch.Tensor) -> tuple[dict, dict, dict]:
-        flat = self._flat(u)
-        num_chains = flat.shape[0]
-        with torch.no_grad(), pyro.validation_enabled(False):
-            sites, _ = self._run(flat)
+        with torch.no_grad():
+            return self._over_chains(self._site_values, self._flat(u))
+
+    def _site_values(self, u: torch.Tensor) -> tuple[dict, dict, dict]:
+        """Latent, deterministic and pointwise log-likelihood values at ``(C, D)`` points, or
+        at one chain's ``(D,)``."""
+        num_chains = u.shape[0] if u.dim() == 2 else None
+        with pyro.validation_enabled(False):
+            sites, _ = self._run(u)
             latent = {
                 name: self._own_shape(sites[name]["value"], info.shape, num_chains)
                 for name, info in self._latent.items()
@@ -551,39 +635,61 @@ class ModelPotential:
     def _init_chains(
         self, num_chains: int, strategy: InitStrategy, generator: torch.Generator
     ) -> torch.Tensor:
-        """One execution under the chain plate, each latent site initialised by ``strategy``."""
-        u = torch.empty((num_chains, self.dim), device=self._device, dtype=self._dtype)
-        values = strategy if isinstance(strategy, Mapping) else {}
+        """One execution for all chains, each latent site initialised by ``strategy``."""
+        values = {
+            name: torch.as_tensor(value, device=self._device, dtype=self._dtype)
+            .reshape(-1, *self._latent[name].shape)
+            .expand(num_chains, *self._latent[name].shape)
+            for name, value in (strategy.items() if isinstance(strategy, Mapping) else ())
+        }
         site_init = strategy if callable(strategy) else init_to_uniform
+        # Pyro's strategies draw from the global generator: fork it, seeded from ours
+        seed = int(torch.randint(2**62, (), generator=generator, device=generator.device))
+        devices = [self._device] if self._device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(seed)
+            chains = torch.empty(num_chains, device=self._device)  # what vmap maps over
+            try:
+                return self._over_chains(
+                    lambda _, given: self._initial_point(given, site_init, num_chains),
+                    chains, values, randomness="different",
+                )
+            except RuntimeError:
+                if self.vectorize == "plate":
+                    raise
+            # vmap cannot draw from some priors (samplers that fill a new tensor in place, as
+            # torch's Cauchy does): one chain at a time, once
+            return torch.stack([
+                self._initial_point({n: v[i] for n, v in values.items()}, site_init, num_chains)
+                for i in range(num_chains)
+            ])
+
+    def _initial_point(
+        self, values: dict[str, torch.Tensor], site_init: Callable, num_chains: int
+    ) -> torch.Tensor:
+        """Unconstrained starting points ``(C, D)`` from one execution under the chain plate
+        (or one chain's ``(D,)`` under ``vmap``): given ``values``, else ``site_init``."""
+        chains = num_chains if self.vectorize == "plate" else None
+        free_values: dict[str, torch.Tensor] = {}
 
         def choose(name: str, msg: dict) -> tuple[torch.Tensor, None]:
-            fn, info = msg["fn"], self._latent[name]
+            fn = msg["fn"]
             t = biject_to(fn.support)
             if name in values:
-                value = torch.as_tensor(values[name], device=self._device, dtype=self._dtype)
-                value = value.reshape(-1, *info.shape).expand(num_chains, *info.shape)
-                value = value.reshape(fn.shape())
+                value = values[name].reshape(fn.shape())
             else:
                 try:
                     value = site_init(msg).detach()
                 except NotImplementedError:  # a prior that cannot sample: Pyro's uniform rule
                     free = torch.rand(
-                        t.inverse_shape(fn.shape()), generator=generator,
-                        device=self._device, dtype=self._dtype,
+                        t.inverse_shape(fn.shape()), device=self._device, dtype=self._dtype
                     )
                     value = t(4 * free - 2)
                 value = value.expand(fn.shape())  # strategies may give the site's own shape
-            free = t.inv(value).reshape(num_chains, -1)
-            u[:, info.start : info.start + info.unconstrained_numel] = free
+            free_values[name] = t.inv(value).reshape(*([chains] if chains else []), -1)
             return value.to(self._dtype), None
 
-        seed = int(torch.randint(2**62, (), generator=generator, device=generator.device))
-        devices = [self._device] if self._device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            torch.manual_seed(seed)
-            with poutine.block(), _SetLatents(choose), pyro.plate(
-                _CHAINS, num_chains, dim=-(self.max_plate_nesting + 1)
-            ):
-                self.model(*self.args, **self.kwargs)
-        return u
+        with poutine.block(), _SetLatents(choose), self._chain_plate(chains, self._device):
+            self.model(*self.args, **self.kwargs)
+        return torch.cat([free_values[name] for name in self._latent], -1)
 

@@ -38,7 +38,7 @@ import torch.fx as fx
 from torch.func import functionalize, grad_and_value
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from pyroflows.mcmc.core import warn_fallback
+from pyroflows.mcmc.core import is_rejectable, warn_fallback
 
 __all__ = ["Replay"]
 
@@ -279,7 +279,10 @@ class Replay:
         self._seen[key] = self._seen.get(key, 0) + 1
         if self._seen[key] < 2:
             return None
-        graph = self._trace(x.detach(), with_grad)
+        try:
+            graph = self._trace(x.detach(), with_grad)
+        except (ValueError, RuntimeError):  # a point without a density: trace at a later call
+            return None
         self._graphs[key] = graph
         return None if graph is None else graph.module
 
@@ -311,6 +314,8 @@ class Replay:
                 if not torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True):
                     raise ValueError("the graph does not reproduce the eager result")
         except Exception as error:  # anything tracing cannot follow: evaluate eagerly
+            if is_rejectable(error):  # not the graph's fault: some input row has no density
+                raise
             self._warn(error)
             return None
         return _Graph(module, [t for t in captured if isinstance(t, torch.Tensor)])
