@@ -296,12 +296,21 @@ def test_points_without_a_cholesky_factor_are_rejected_chain_by_chain():
     u = torch.tensor([[0.5], [2.0], [-0.2], [-1.5]], dtype=F64)
     with pytest.raises(torch.linalg.LinAlgError):
         potential.energy(u)
-    for _ in range(3):  # the third call with this shape is replayed from a traced graph
+    for _ in range(3):  # the graph's trace meets the bad rows: put off, never given up
         value, grad = EnergyFunction(potential, 1).value_and_grad(u)
     ok = torch.tensor([True, False, True, False])
     assert torch.isfinite(value[ok]).all() and not torch.isfinite(value[~ok]).any()
     assert torch.allclose(value[ok], potential.energy(u[ok]))
     assert torch.isfinite(grad[ok]).all()
+    # init_to_uniform's points in (-2, 2) and steps of 1.5 reach |rho| >= 1: those chains are
+    # redrawn at init and their proposals rejected, in compiled trajectories too
+    kernel = mcmc.HMC(model=model, step_size=1.5, num_steps=3, adapt_step_size=False, compile=True)
+    idata = mcmc.sample(
+        kernel, num_chains=16, num_samples=20, warmup_steps=0, seed=0, progress=False,
+        model_args=(torch.tensor([0.3, -0.2], dtype=F64),), vectorize="vmap",
+    )
+    assert (abs(idata.posterior["rho"]) < 1).all()
+    assert int(idata.sample_stats["nonfinite"].sum()) > 0
 
 
 def funnel_with_data(y):

@@ -39,6 +39,7 @@ execution cannot be traced faithfully is executed every time, with a warning.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +54,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 
-from pyroflows.mcmc.core import is_rejectable
+from pyroflows.mcmc.core import EnergyFunction, is_rejectable
 from pyroflows.mcmc.replay import Replay
 from pyroflows.validation import check_choice, check_int, check_tensor
 
@@ -216,10 +217,7 @@ class ModelPotential:
             raise TypeError(f"model must be a callable Pyro model, got {type(model).__name__}")
         self.model, self.args, self.kwargs = model, args, kwargs
         self.vectorize = check_choice(vectorize, "vectorize", VECTORIZE)
-        record = _Record()
-        with poutine.block(), record, _SetLatents(self._discovery_value):
-            model(*args, **kwargs)
-        self._discover(record.sites)
+        self._discover(self._discovery_trace())
         if self.vectorize == "plate":
             self._check_broadcast()
         else:
@@ -229,6 +227,24 @@ class ModelPotential:
         self._replay = Replay(self._execute, name="model's log-density")
 
     # -- discovery -----------------------------------------------------------------------
+    def _discovery_trace(self, max_tries: int = 100) -> dict[str, dict]:
+        """The sites of one execution at a draw from the prior, redrawn (as Pyro's and Stan's
+        initialisation do) while the model has no density there (a matrix it factors is not
+        positive definite)."""
+        for _ in range(max_tries - 1):
+            try:
+                return self._record_execution()
+            except (ValueError, RuntimeError) as err:
+                if not is_rejectable(err):
+                    raise
+        return self._record_execution()
+
+    def _record_execution(self) -> dict[str, dict]:
+        record = _Record()
+        with poutine.block(), record, _SetLatents(self._discovery_value):
+            self.model(*self.args, **self.kwargs)
+        return record.sites
+
     def _discovery_value(self, name: str, msg: dict) -> tuple[torch.Tensor, None]:
         fn = msg["fn"]
         if fn.support.is_discrete:
@@ -612,8 +628,10 @@ class ModelPotential:
         if generator is None:
             generator = torch.Generator(device=self._device)
             generator.manual_seed(int(torch.randint(2**62, (), device="cpu")))
-        return finite_start(
-            self.energy, lambda: self._init_chains(num_chains, strategy, generator), generator,
+        return finite_start(  # guarded: a chain's point without a density has energy NaN
+            EnergyFunction(self.energy, 1),
+            lambda: self._init_chains(num_chains, strategy, generator),
+            generator,
             max_tries=max_tries,
         )
 
@@ -649,27 +667,39 @@ class ModelPotential:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             torch.manual_seed(seed)
             chains = torch.empty(num_chains, device=self._device)  # what vmap maps over
+            plate = num_chains if self.vectorize == "plate" else None
             try:
                 return self._over_chains(
-                    lambda _, given: self._initial_point(given, site_init, num_chains),
+                    lambda _, given: self._initial_point(given, site_init, plate),
                     chains, values, randomness="different",
                 )
-            except RuntimeError:
-                if self.vectorize == "plate":
+            except (ValueError, RuntimeError) as err:
+                if self.vectorize == "plate" and not is_rejectable(err):
                     raise
-            # vmap cannot draw from some priors (samplers that fill a new tensor in place, as
-            # torch's Cauchy does): one chain at a time, once
-            return torch.stack([
-                self._initial_point({n: v[i] for n, v in values.items()}, site_init, num_chains)
+            # One chain at a time, once: vmap cannot draw from some priors (samplers that fill a
+            # new tensor in place, as torch's Cauchy does), and a chain whose point has no
+            # density must not stop the others (its row is NaN: finite_start redraws it).
+            return torch.cat([
+                self._initial_row({n: v[i : i + 1] for n, v in values.items()}, site_init)
                 for i in range(num_chains)
             ])
 
+    def _initial_row(self, values: dict[str, torch.Tensor], site_init: Callable) -> torch.Tensor:
+        """One chain's starting point ``(1, D)``, NaN where the model has no density there."""
+        try:
+            point = self._initial_point(values, site_init, 1 if self.vectorize == "plate" else None)
+        except (ValueError, RuntimeError) as err:
+            if not is_rejectable(err):
+                raise
+            return torch.full((1, self.dim), math.nan, device=self._device, dtype=self._dtype)
+        return point.reshape(1, self.dim)
+
     def _initial_point(
-        self, values: dict[str, torch.Tensor], site_init: Callable, num_chains: int
+        self, values: dict[str, torch.Tensor], site_init: Callable, chains: int | None
     ) -> torch.Tensor:
-        """Unconstrained starting points ``(C, D)`` from one execution under the chain plate
-        (or one chain's ``(D,)`` under ``vmap``): given ``values``, else ``site_init``."""
-        chains = num_chains if self.vectorize == "plate" else None
+        """Unconstrained starting points ``(C, D)`` from one execution under a plate of
+        ``chains`` (or one chain's ``(D,)`` with ``None``): given ``values``, else
+        ``site_init``."""
         free_values: dict[str, torch.Tensor] = {}
 
         def choose(name: str, msg: dict) -> tuple[torch.Tensor, None]:

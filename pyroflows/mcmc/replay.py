@@ -265,6 +265,7 @@ class Replay:
         self.energy, self.name = energy, name
         self._graphs: dict[tuple, _Graph | None] = {}
         self._seen: dict[tuple, int] = {}
+        self._trace_at: dict[tuple, int] = {}  # the call at which to trace a shape
         self._warned = False
 
     def lookup(self, x: torch.Tensor, with_grad: bool) -> Callable | None:
@@ -276,12 +277,15 @@ class Replay:
             return graph.module
         if key in self._graphs and graph is None:
             return None  # this shape cannot be replayed
-        self._seen[key] = self._seen.get(key, 0) + 1
-        if self._seen[key] < 2:
+        seen = self._seen[key] = self._seen.get(key, 0) + 1
+        if seen < self._trace_at.get(key, 2):
             return None
         try:
             graph = self._trace(x.detach(), with_grad)
-        except (ValueError, RuntimeError):  # a point without a density: trace at a later call
+        except (ValueError, RuntimeError):
+            # some input row has no density: trace at a later call, backing off so that a run
+            # of such inputs does not pay a trace each
+            self._trace_at[key] = 2 * seen
             return None
         self._graphs[key] = graph
         return None if graph is None else graph.module
