@@ -13,7 +13,12 @@ points).
 estimate of ``benchmarks/vi.py`` (``pyroflows.commands.vi.fit_and_score``: ``--kl-samples``
 fresh draws of q, printed with its Monte-Carlo standard error, and an ``AutoFlow``'s PSIS
 k-hat from ``diagnose``), one row per ``--seeds`` entry
-(the seed also decides the warm start's jitter and every SVI draw).
+(the seed also decides the warm start's jitter and every SVI draw). ``--library-defaults``
+trains with ``fit_guide``'s own defaults instead of the script's (for a spline guide, what
+``AutoFlow.fit_defaults`` recommends): what a user gets from ``AutoFlow(model, flow="nsf")``
+and ``fit_guide(model, guide, num_steps=3000)``. A spline guide is built with ``AutoFlow``'s
+spline defaults (box 10, 16 bins, ``init_scale=1.0``) unless its spec says otherwise; the
+guide of the first four passes of ``docs/splines.md`` is ``nsf:bound=5.0,bins=8,init_scale=0.1``.
 
     OMP_NUM_THREADS=1 python benchmarks/nsf.py density --data 8gaussians --steps 2000
     OMP_NUM_THREADS=1 python benchmarks/nsf.py vi --targets u1 --guides nsf bnaf:parallel=forward \
@@ -24,6 +29,8 @@ k-hat from ``diagnose``), one row per ``--seeds`` entry
         --seeds 0 1 2 --vi-lr 3e-3
     OMP_NUM_THREADS=1 python benchmarks/nsf.py vi --guides nsf:bound=10.0,bins=16,init_scale=1.0 \
         --seeds 0 1 2 3 4 --vi-lr 3e-3 --particles 256 --anneal-from 0.3
+    OMP_NUM_THREADS=1 python benchmarks/nsf.py vi --guides nsf --seeds 5 6 7 8 9 \
+        --library-defaults
 
 Quality, not speed: run one task per process on a busy machine; the numbers do not depend on
 load.
@@ -131,6 +138,8 @@ def run_vi(args: argparse.Namespace) -> list[dict]:
         lr=args.vi_lr,
         anneal_from=args.anneal_from,
     )
+    if args.library_defaults:  # None: the guide's recommendation, else fit_guide's default
+        settings.update(num_particles=None, anneal_steps=None, lr=None, anneal_from=None)
     rows = []
     print("| target | guide | seed | KL (nats) | ± | k-hat | seconds |\n"
           "|---|---|---|---|---|---|---|")
@@ -243,6 +252,12 @@ def main() -> None:
     parser.add_argument("--anneal-from", type=float, default=0.01, help="vi: first beta")
     parser.add_argument("--particles", type=int, default=64, help="vi: ELBO particles")
     parser.add_argument("--vi-lr", type=float, default=1e-2, help="vi: initial learning rate")
+    parser.add_argument(
+        "--library-defaults",
+        action="store_true",
+        help="vi: fit_guide's defaults (the guide's recommendation) instead of --particles, "
+        "--anneal, --anneal-from and --vi-lr",
+    )
     parser.add_argument("--kl-samples", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="vi: several seeds")

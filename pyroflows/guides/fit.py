@@ -43,18 +43,23 @@ def default_particles(dim: int) -> int:
     return max(32, min(64, 2 * dim))
 
 
+# fit_guide's settings for a guide that recommends none (num_particles None: by dimension)
+GLOBAL_DEFAULTS: dict[str, Any] = dict(lr=1e-2, num_particles=None, anneal_steps=0,
+                                       anneal_from=0.01)
+
+
 def fit_guide(
     model: Callable,
     guide: Callable,
     *args: Any,
     num_steps: int = 5000,
-    lr: float = 1e-2,
+    lr: float | None = None,
     final_lr: float | None = None,
     num_particles: int | None = None,
     elbo: ELBO | None = None,
     max_grad_norm: float | None = 10.0,
-    anneal_steps: int = 0,
-    anneal_from: float = 0.01,
+    anneal_steps: int | None = None,
+    anneal_from: float | None = None,
     eval_every: int = 100,
     patience: int | None = 5,
     cooldown: int = 300,
@@ -77,14 +82,21 @@ def fit_guide(
     improvement beyond twice the window's standard error end the run, after ``cooldown`` more
     steps at a learning rate falling to 0.
 
+    ``lr``, ``num_particles``, ``anneal_steps`` and ``anneal_from`` left at ``None`` take the
+    guide's recommendation, ``guide.fit_defaults(num_steps)`` where the guide has one (a
+    spline [`AutoFlow`][pyroflows.guides.AutoFlow]: lr 3e-3, 256 particles, the first half of
+    the budget tempered from $\\beta = 0.3$; see
+    [`AutoFlow.fit_defaults`][pyroflows.guides.AutoFlow.fit_defaults]), else the global default
+    named below. An argument given always wins.
+
     Args:
         model: a Pyro model.
         guide: its guide (any autoguide, [`AutoFlow`][pyroflows.guides.AutoFlow] included).
         *args: the model's and guide's arguments.
         num_steps: the step budget.
-        lr: initial learning rate.
+        lr: initial learning rate (global default ``1e-2``).
         final_lr: learning rate at the end of the budget (default ``lr / 10``).
-        num_particles: vectorised particles per ELBO estimate (default from the latent
+        num_particles: vectorised particles per ELBO estimate (global default from the latent
             dimension, [`default_particles`][pyroflows.guides.fit.default_particles]; ignored
             when ``elbo`` is given).
         elbo: the objective; it needs ``differentiable_loss`` (``Trace_ELBO``,
@@ -94,10 +106,11 @@ def fit_guide(
         anneal_steps: temper the model's log-density by $\\beta$ rising linearly from
             ``anneal_from`` to 1 over the first ``anneal_steps`` steps (Rezende & Mohamed 2015):
             the guide then fits $p^\\beta$, broad at first, which keeps reverse-KL training from
-            dropping modes. No plateau stop happens while annealing.
-        anneal_from: the first $\\beta$, in $(0, 1]$. The default 0.01 spreads a guide very wide
-            first; 0.3 suited spline guides with a wide box on U1-U4 (``docs/splines.md``,
-            fourth pass).
+            dropping modes. No plateau stop happens while annealing. Global default 0 (no
+            tempering).
+        anneal_from: the first $\\beta$, in $(0, 1]$. The global default 0.01 spreads a guide
+            very wide first; spline guides recommend 0.3 (``docs/splines.md``, fourth and fifth
+            passes).
         eval_every: steps per plateau window.
         patience: windows without improvement before stopping (``None``: run the budget).
         cooldown: steps after the plateau with the learning rate falling linearly to 0 (the
@@ -129,6 +142,14 @@ def fit_guide(
         >>> guide = AutoFlow(target.model, flow="realnvp")
         >>> history = fit_guide(target.model, guide, num_steps=100, progress=False)
     """
+    check_int(num_steps, "num_steps")
+    recommend = getattr(guide, "fit_defaults", None)
+    given = dict(lr=lr, num_particles=num_particles, anneal_steps=anneal_steps,
+                 anneal_from=anneal_from)
+    settings = {**GLOBAL_DEFAULTS, **(recommend(num_steps) if callable(recommend) else {})}
+    settings.update({key: value for key, value in given.items() if value is not None})
+    lr, num_particles = settings["lr"], settings["num_particles"]
+    anneal_steps, anneal_from = settings["anneal_steps"], settings["anneal_from"]
     check_int(anneal_steps, "anneal_steps", minimum=0)
     check_number(anneal_from, "anneal_from", low=0.0, high=1.0, low_open=True)
     check_int(num_elbo_samples, "num_elbo_samples", minimum=0)
