@@ -82,6 +82,29 @@ def test_sample_and_vi_take_the_common_data_flag(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["target"] == "u1"
 
 
+def test_vi_trains_a_spline_guide_as_the_guide_recommends(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def fit_guide(model, guide, **kwargs):  # records the settings; "trains" by a no-op update
+        seen.update(kwargs)
+        guide()
+        with torch.no_grad():
+            next(guide.parameters()).add_(0.0)
+        return {"train_loss": [0.0]}
+
+    monkeypatch.setattr("pyroflows.guides.fit_guide", fit_guide)
+    argv = ["vi", "--data", "u1", "--steps", "10", "--kl-samples", "500", "--json", "--quiet",
+            "--out", str(tmp_path), "--overwrite"]
+    assert main([*argv, "--flow", "nsf", "--particles", "8"]) == 0
+    assert seen["lr"] == 3e-3 and seen["anneal_steps"] == 5 and seen["anneal_from"] == 0.3
+    assert seen["num_particles"] == 8  # a flag given wins
+    seen.clear()
+    assert main([*argv, "--flow", "planar"]) == 0  # no recommendation: the command's defaults
+    assert seen["lr"] == 1e-2 and seen["num_particles"] == 64 and seen["anneal_steps"] == 3
+    assert "anneal_from" not in seen
+    capsys.readouterr()
+
+
 def _help(command):
     sub = build_parser()._subparsers._group_actions[0].choices[command]
     return {a.dest: a for a in sub._actions}, sub.format_help()

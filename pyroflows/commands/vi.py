@@ -1,6 +1,7 @@
 r"""``pyroflows vi``: fit an [`AutoFlow`][pyroflows.guides.AutoFlow] guide to a 2-D target.
 
-Trains by SVI on the target's Pyro model (annealed over the first third of the steps), then
+Trains by SVI on the target's Pyro model (annealed over the first third of the steps, with 64
+particles at a learning rate of 0.01, unless the guide recommends its own training), then
 prints $\mathrm{KL}(q \,\|\, p) = \mathbb E_q[\log q + U] + \log Z$ estimated from ``--kl-samples``
 draws of $q$ (with its standard error) and writes a plot of the true density beside a histogram
 of $q$'s samples. The benchmark ``benchmarks/vi.py`` reuses `fit_and_score` and
@@ -49,12 +50,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="flow layers (family default)")
     parser.add_argument("--hidden", type=int_flag(1), nargs="+", default=None,
                         help="hidden widths (family default)")
-    parser.add_argument("--particles", type=int_flag(1), default=64,
-                        help="ELBO particles per step (default: 64)")
+    parser.add_argument("--particles", type=int_flag(1), default=None,
+                        help="ELBO particles per step (default: the guide's recommendation, "
+                        "else 64)")
     parser.add_argument("--anneal", type=int_flag(0), default=None,
-                        help="annealing steps (default: steps // 3)")
-    parser.add_argument("--lr", type=positive_float, default=1e-2,
-                        help="initial Adam learning rate, decayed to a tenth (default: 0.01)")
+                        help="annealing steps (default: the guide's recommendation, else "
+                        "steps // 3)")
+    parser.add_argument("--lr", type=positive_float, default=None,
+                        help="initial Adam learning rate, decayed to a tenth (default: the "
+                        "guide's recommendation, else 0.01)")
     parser.add_argument("--kl-samples", type=int_flag(1), default=20_000,
                         help="draws of q for the KL estimate (default: 20000)")
 
@@ -203,13 +207,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from pyroflows import energies
     from pyroflows.guides import AutoFlow
 
-    anneal = args.steps // 3 if args.anneal is None else args.anneal
-    if anneal > args.steps:
-        raise ValueError(f"--anneal must lie in [0, --steps], got {anneal}")
     device = resolve_device(args.device)
     out = output_dir(args.out)
     target = energies.get(args.target).to(device)
-    AutoFlow(target.model, args.flow)  # unknown family: a one-line error before training
+    # an unknown family fails here, before training; a spline guide recommends its training
+    recommended = AutoFlow(target.model, args.flow).fit_defaults(args.steps)
+    settings = {"lr": 1e-2, "num_particles": 64, "anneal_steps": args.steps // 3, **recommended}
+    given = {"lr": args.lr, "num_particles": args.particles, "anneal_steps": args.anneal}
+    settings.update({name: value for name, value in given.items() if value is not None})
+    if settings["anneal_steps"] > args.steps:
+        raise ValueError(f"--anneal must lie in [0, --steps], got {settings['anneal_steps']}")
 
     def make_guide(model: Callable) -> AutoFlow:
         return AutoFlow(model, args.flow, num_layers=args.num_layers, hidden_dims=args.hidden)
@@ -217,9 +224,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # a guide over a 2-D target is small work whatever the flow: one thread unless --threads
     threads = configure_threads(args.threads, 0)
     result = fit_and_score(
-        target, make_guide, num_steps=args.steps, anneal_steps=anneal,
-        num_particles=args.particles, kl_samples=args.kl_samples, lr=args.lr, seed=args.seed,
-        progress=not args.quiet,
+        target, make_guide, num_steps=args.steps, kl_samples=args.kl_samples, seed=args.seed,
+        progress=not args.quiet, **settings,
     )
     label = f"AutoFlow({args.flow})"
     (path,) = output_files(out, f"vi-{args.target}-{args.flow}", [".png"],

@@ -207,12 +207,10 @@ class AutoFlow(AutoContinuous):
 
         A spline guide (``nsf``, ``nsf_ar``) recommends ``lr=3e-3``, ``num_particles=256`` and
         tempering over the first half of the budget from $\\beta = 0.3$
-        (``anneal_steps=num_steps // 2``, ``anneal_from=0.3``). With the constructor's spline
-        defaults they put the guide under 0.05 nats KL on 18 of 20 held-out U1-U4 runs at 3000
-        steps (U3 misses on about one seed in five), against 4 of 20 with the previous defaults,
-        at 11-24 times the per-draw gradient evaluations on posteriordb models
-        (``docs/splines.md``, fifth pass). Other families recommend nothing: ``fit_guide``'s
-        global defaults apply.
+        (``anneal_steps=num_steps // 2``, ``anneal_from=0.3``): less gradient noise and a
+        gentler tempering than the global defaults, which the spline's bounded box needs (what
+        they buy and cost is measured in ``docs/splines.md``, fifth pass). Other families
+        recommend nothing: ``fit_guide``'s global defaults apply.
 
         Args:
             num_steps: ``fit_guide``'s step budget.
