@@ -70,12 +70,18 @@ def pyro_params(potential, transforms, u_row):
 def test_energy_and_gradient_equal_pyro_potential(case, vectorize):
     model, data = case()
     potential = ModelPotential(model, vectorize=vectorize, **data)
+    u = potential.init(5, generator=torch.Generator().manual_seed(0))
+    assert_equals_pyro_potential(potential, model, data, u)
+
+
+def assert_equals_pyro_potential(potential, model, data, u):
+    """Energy and gradient of every chain equal Pyro's own potential at that chain's point."""
     _, pyro_potential, transforms, _ = initialize_model(model, model_kwargs=data)
-    u = potential.init(5, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    u = u.clone().requires_grad_(True)
     energy = potential.energy(u)
     (grad,) = torch.autograd.grad(energy.sum(), u)
-    assert energy.shape == (5,) and energy.dtype == F64
-    for c in range(5):
+    assert energy.shape == u.shape[:1] and energy.dtype == F64
+    for c in range(len(u)):
         row = u[c].detach().clone().requires_grad_(True)
         expected = pyro_potential(pyro_params(potential, transforms, row))
         (expected_grad,) = torch.autograd.grad(expected, row)
@@ -224,19 +230,9 @@ def test_vmap_runs_a_model_written_for_one_chain():
     with pytest.raises(ValueError, match="vectorize='vmap'"):
         ModelPotential(one_chain_model, **data)
     potential = ModelPotential(one_chain_model, vectorize="vmap", **data)
-    _, pyro_potential, transforms, _ = initialize_model(one_chain_model, model_kwargs=data)
     u = potential.init(6, generator=torch.Generator().manual_seed(0))  # HalfCauchy: per chain
     assert u.shape == (6, 5) and u.std(0).min() > 0.05
-    u.requires_grad_(True)
-    energy = potential.energy(u)
-    (grad,) = torch.autograd.grad(energy.sum(), u)
-    for c in range(6):
-        row = u[c].detach().clone().requires_grad_(True)
-        expected = pyro_potential(pyro_params(potential, transforms, row))
-        (expected_grad,) = torch.autograd.grad(expected, row)
-        assert torch.allclose(energy[c], expected, rtol=1e-10, atol=1e-8)
-        assert torch.allclose(grad[c], expected_grad, rtol=1e-8, atol=1e-8)
-    u = u.detach()
+    assert_equals_pyro_potential(potential, one_chain_model, data, u)
     values = potential.unpack(u)
     assert values["beta"].shape == (6, 3) and values["rho"].shape == (6,)
     assert torch.allclose(potential.deterministic(u)["beta_norm"], values["beta"].norm(dim=1))
