@@ -316,7 +316,8 @@ class ModelPotential:
 
     def _check_points(self, check: Callable[[torch.Tensor], None]) -> None:
         """Run ``check`` at two points in $[-2, 2]^D$, or, where the model has no density there
-        (a matrix it factors is not positive definite), at two points near 0."""
+        (a matrix it factors is not positive definite), at two points near 0; a model with no
+        density there either is left to the sampler's rejections, unchecked."""
         gen = torch.Generator(device=self._device).manual_seed(0)
         for radius in (2.0, 0.1):
             u = torch.rand((2, self.dim), generator=gen, device=self._device, dtype=self._dtype)
