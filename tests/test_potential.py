@@ -277,6 +277,23 @@ def test_vmap_names_control_flow_on_a_latent_value():
         ModelPotential(branches, torch.zeros(3), vectorize="loop")
 
 
+def test_vmap_names_an_in_place_write_and_the_plate_runs_that_model():
+    # Pyro's OrderedLogistic fills a new tensor in place, which vmap cannot batch
+    data = {"x": torch.linspace(-2, 2, 6, dtype=F64), "y": torch.tensor([0, 0, 1, 1, 2, 2])}
+
+    def ordinal(x, y):
+        beta = pyro.sample("beta", dist.Normal(x.new_tensor(0.0), 2.0))
+        cut = pyro.sample("cut", dist.Normal(x.new_tensor([-1.0, 1.0]), 1.0).to_event(1))
+        with pyro.plate("obs", 6):
+            pyro.sample("y", dist.OrderedLogistic(beta * x, cut.sort(-1).values), obs=y)
+
+    with pytest.raises(ValueError, match="in-place write"):
+        ModelPotential(ordinal, vectorize="vmap", **data)
+    potential = ModelPotential(ordinal, **data)
+    u = torch.randn(5, potential.dim, dtype=F64, generator=torch.Generator().manual_seed(0))
+    assert_equals_pyro_potential(potential, ordinal, data, u)
+
+
 @pytest.mark.filterwarnings("error:.*cannot be replayed")  # such points do not stop replay
 def test_points_without_a_cholesky_factor_are_rejected_chain_by_chain():
     """A covariance that is not positive definite at some chains' points: those chains get a

@@ -367,10 +367,19 @@ class ModelPotential:
         except Exception as err:
             if is_rejectable(err):
                 raise
+            message = " ".join(str(err).split())
+            # vmap cannot write a chain's value into a tensor made without the chain dimension
+            # (Pyro's OrderedLogistic fills its probabilities so); branches on values fail too
+            hint = (
+                "an in-place write of a latent value into a new tensor (in the model or in a "
+                "distribution it uses) cannot be vectorized: write the model for the chain "
+                "plate (vectorize='plate') or build the tensor out of place"
+                if "inplace" in message
+                else "Python control flow on a latent value (if x > 0, .item(), float(x)) "
+                "cannot be vectorized: write it with torch.where"
+            )
             raise ValueError(
-                "the model cannot be mapped over chains by torch.func.vmap: "
-                f"{' '.join(str(err).split())}. Python control flow on a latent value "
-                "(if x > 0, .item(), float(x)) cannot be vectorized: write it with torch.where"
+                f"the model cannot be mapped over chains by torch.func.vmap: {message}. {hint}"
             ) from err
 
     # -- one execution for all chains --------------------------------------------------------
