@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from pyroflows import energies, mcmc
+from pyroflows.mcmc.adapt import ChEESAdaptation
+from pyroflows.mcmc.core import diagonal_metric
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # arviz's refactor notice
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,6 +94,28 @@ def test_chees_learns_a_quarter_period_on_a_standard_normal():
     assert 1.2 < length < 3.5 or 4.3 < length < 7.0
     assert kernel.inverse_mass_matrix.shape == (5, 5)  # dense by default at this size
     assert torch.allclose(kernel.inverse_mass_matrix, torch.eye(5), atol=0.25)
+
+
+@pytest.mark.parametrize("width, longest", [(3.0, 4 * math.pi * 3.0), (0.1, 4 * math.pi)])
+def test_chees_keeps_trajectories_within_two_periods_of_the_widest_coordinate(width, longest):
+    # past a few periods ChEES's gradient is mostly noise and T wanders without coming back
+    # (a regression posterior kept 365 steps per transition where 1.5 do): a T far too long
+    # is cut to two periods of a Gaussian as wide as the chains' widest whitened coordinate
+    adapter = ChEESAdaptation(1000, 0.651, 0.025, max_steps=10**6, adapt_mass_matrix=False)
+    g = torch.Generator().manual_seed(0)
+    chains = torch.randn(4096, 2, generator=g, dtype=torch.float64)
+    chains = chains * torch.tensor([width / 3, width], dtype=torch.float64)
+    step = torch.tensor(0.1, dtype=torch.float64)
+    state = adapter.init(step, diagonal_metric(torch.ones(2, dtype=torch.float64)), 4096)
+    state = adapter.restart(state, step)  # past the per-chain phase: one shared step size
+    state = state._replace(t=adapter.initial_steps + 10, log_trajectory=torch.tensor(
+        math.log(1e4), dtype=torch.float64))
+    ones = torch.ones(4096, dtype=torch.float64)
+    proposal = chains.flip(0)  # any end points: the cut does not depend on them
+    new, _ = adapter.update(state, chains, ones, proposal, proposal, ones, ones < 0,
+                            torch.tensor(1.0, dtype=torch.float64))
+    length = math.exp(float(new.log_trajectory))
+    assert abs(length / longest - 1) < 0.05, (length, longest)
 
 
 @pytest.mark.slow

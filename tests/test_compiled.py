@@ -51,8 +51,9 @@ def traced_energy(num_chains: int) -> tuple[EnergyFunction, torch.Tensor]:
 
 
 @needs_compiler
+@pytest.mark.parametrize("per_chain", [False, True], ids=["shared step", "per-chain steps"])
 @pytest.mark.parametrize("metric_form", ["diagonal", "dense", "dense_matmul"])
-def test_compiled_trajectory_equals_eager_steps(metric_form, monkeypatch):
+def test_compiled_trajectory_equals_eager_steps(metric_form, per_chain, monkeypatch):
     if metric_form == "dense_matmul":  # the form for many coordinates, on this small target
         monkeypatch.setattr(compiled_module, "_FUSED_DENSE_DIM", 0)
     dense = metric_form != "diagonal"
@@ -67,6 +68,8 @@ def test_compiled_trajectory_equals_eager_steps(metric_form, monkeypatch):
         else diagonal_metric(torch.linspace(0.5, 2.0, d, dtype=F64))
     )
     step = torch.tensor(0.05, dtype=F64)
+    if per_chain:  # the warm-up's per-chain phase: one step size per chain, (C, 1)
+        step = torch.linspace(0.01, 0.08, x.shape[0], dtype=F64).unsqueeze(-1)
     compiler = TrajectoryCompiler(True, unroll=4)
     calls = energy.num_calls
     integrate = compiler.integrator(energy, x, step)
@@ -78,6 +81,34 @@ def test_compiled_trajectory_equals_eager_steps(metric_form, monkeypatch):
             assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
     assert energy.num_calls - calls == 2 * (7 + 8 + 1)  # compiled steps are counted too
     assert len(compiler._compiled) == 1  # one compile serves every trajectory length
+
+
+@needs_compiler
+def test_remainders_go_through_a_one_step_trajectory_once_the_padding_has_cost_its_compile(
+    monkeypatch,
+):
+    energy, x = traced_energy(32)
+    p = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    _, grad = energy.value_and_grad(x)
+    metric = dense_metric(torch.eye(x.shape[1], dtype=F64) + 0.3)
+    step = torch.tensor(0.05, dtype=F64)
+    compiler = TrajectoryCompiler(True, unroll=4)
+    integrate = compiler.integrator(energy, x, step)
+    cost = {"seconds": 3600.0}  # what compiling the one-step trajectory is expected to cost
+    monkeypatch.setattr(compiled_module, "expected_compile_seconds", lambda *_: cost["seconds"])
+    integrate(energy, x, p, grad, step, metric, 7)  # padded: 1 no-op step, far below a compile
+    ((key, (_, variants)),) = compiler._compiled.items()
+    assert list(variants) == [4] and 0 < compiler._padding_seconds[key]
+    cost["seconds"] = 0.0  # a compile that costs nothing is paid for by the next padding step
+    integrate(energy, x, p, grad, step, metric, 7)
+    assert sorted(variants) == [1, 4]
+    calls = energy.num_calls
+    for num_steps in (7, 1, 4, 6):  # one call and three single steps, single steps only, ...
+        compiled = integrate(energy, x, p, grad, step, metric, num_steps)
+        eager = leapfrog(energy, x, p, grad, step, metric, num_steps)
+        for a, b in zip(compiled, eager, strict=True):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
+    assert energy.num_calls - calls == 2 * (7 + 1 + 4 + 6)
 
 
 @needs_compiler
@@ -116,8 +147,8 @@ def test_auto_compiles_only_after_its_eager_budget():
     out = integrate(energy, x, p, grad, step, diagonal_metric(torch.ones(x.shape[1], dtype=F64)), 3)
     assert compiler.eager_seconds > 0 and not compiler._compiled
     assert torch.isfinite(out[2]).all()
-    # ineligible: per-chain step sizes, or an energy without a replayed graph
-    assert compiler.integrator(energy, x, step.expand(8, 1)) is leapfrog
+    # ineligible: per-coordinate step sizes, or an energy without a replayed graph
+    assert compiler.integrator(energy, x, step.expand(8, x.shape[1])) is leapfrog
     plain = EnergyFunction(lambda y: (y**2).sum(-1), 1)
     assert TrajectoryCompiler(True).integrator(plain, x, step) is leapfrog
     assert TrajectoryCompiler(False).integrator(energy, x, step) is leapfrog
@@ -216,9 +247,9 @@ def test_a_build_failing_with_the_trusted_vector_isa_is_retried_with_inductors_p
     compiler = TrajectoryCompiler(True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # the retry succeeds: no warning
-        out = compiler.integrator(energy, x, step)(energy, x, p, grad, step, metric, 5)
+        out = compiler.integrator(energy, x, step)(energy, x, p, grad, step, metric, 8)
     assert tried == [True, False] and not compiler.failed
-    expected = leapfrog(energy, x, p, grad, step, metric, 5)
+    expected = leapfrog(energy, x, p, grad, step, metric, 8)
     assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-10) for a, b in zip(out, expected))
 
 

@@ -38,7 +38,12 @@ $hT\,\partial_t\mathrm{ChEES} / \mathrm{ChEES} - \tfrac12$, is formed from runni
 averages (decay 0.9) of numerator and denominator, a ratio far less noisy with few chains than
 per-step ratios; steps are RMSProp-normalised (squared-gradient decay 0.95,
 as in TFP's implementation), clipped to $\pm 0.35$ in $\log T$, and $T$ stays within one and
-``max_steps`` leapfrog steps. The step size follows dual averaging on the **harmonic mean** of the
+``max_steps`` leapfrog steps, and within ``max_periods`` periods of a Gaussian as wide as the
+chains' widest whitened coordinate ($2\pi \cdot$ ``max_periods`` $\cdot \max(1, \max_i
+\mathrm{sd}\, z_i)$). Past a few periods ChEES oscillates in $T$, the gradient is mostly noise
+and $T$ wanders without coming back: $T$ grown long while the mass matrix was still poor stayed
+long on a regression posterior (kidiq) once the matrix was good, 365 leapfrog steps per
+transition where 1.5 do. The step size follows dual averaging on the **harmonic mean** of the
 acceptance probabilities (a few chains stuck at low acceptance pull it down, unlike the
 arithmetic mean), and the (diagonal or dense) mass matrix comes from the chains' pooled variance
 or covariance in the same windows as above; at each new mass matrix only dual averaging
@@ -413,6 +418,8 @@ class ChEESAdaptation:
     moment_decay = 0.9
     #: the objective is log ChEES - cost_exponent * log(hT) (1: ChEES per gradient; see the docs)
     cost_exponent = 0.5
+    #: the longest trajectory, in periods of a Gaussian as wide as the widest whitened coordinate
+    max_periods = 2.0
     #: the share of warm-up in which every chain tunes its own step size on fixed-length
     #: trajectories, aiming at ``initial_accept_prob``
     initial_fraction, initial_accept_prob = 0.2, 0.8
@@ -518,6 +525,7 @@ class ChEESAdaptation:
         log_t = torch.where(finite, state.log_trajectory + step, state.log_trajectory)
         log_step = dual.log_step  # keep T within one and max_steps leapfrog steps
         log_t = torch.minimum(torch.maximum(log_t, log_step), log_step + math.log(self.max_steps))
+        log_t = torch.minimum(log_t, self._log_longest(state, initial))
         mean_square = torch.where(finite, mean_square, state.mean_square)
         weight = t**-self.decay
         log_t_avg = weight * log_t + (1 - weight) * state.log_trajectory_avg
@@ -530,6 +538,13 @@ class ChEESAdaptation:
             metric, welford = estimate_metric(welford, self.dense), empty_window(self.dense)
         new = ChEESState(dual, log_t, log_t_avg, mean_square, moments, metric, welford, t)
         return new, ended
+
+    def _log_longest(self, state: ChEESState, position: torch.Tensor) -> torch.Tensor:
+        """The log of the longest trajectory: ``max_periods`` periods of a Gaussian as wide as
+        the chains' widest whitened coordinate (at least unit width)."""
+        z = state.metric.whiten(position).flatten(1)
+        widest = z.var(0).max().clamp_min(1.0) if z.shape[0] > 1 else z.new_tensor(1.0)
+        return math.log(2 * math.pi * self.max_periods) + 0.5 * widest.log()
 
     def _initial_update(
         self,

@@ -10,7 +10,11 @@ costs far more than the arithmetic.
 consecutive leapfrog steps, energy graph included, to ``torch.compile`` (inductor), which
 fuses them into a few loops. A trajectory of $L$ steps then runs as
 $\lceil L / \text{unroll} \rceil$ calls; the steps past $L$ in the last call have step size 0,
-which leaves position and momentum exactly where they are.
+which leaves position and momentum exactly where they are. Those padding steps cost as much as
+real ones, and short trajectories (one to three steps, common on regression posteriors under a
+dense mass matrix) are then mostly padding. So the kernel keeps account of the time the padding
+takes, and once it reaches what compiling a one-step trajectory is expected to cost (the same
+ski rental as below), it compiles one and runs the remainder of each trajectory through it.
 
 **When.** Compiling costs seconds, so it pays only on long runs: on a 2-core CPU about 4 s to load
 inductor at a process's first compile (inductor's probe builds of the CPU's vector instruction
@@ -28,9 +32,10 @@ recent pace: a long run compiles early instead of spending a compile's worth of 
 A short run never compiles. The account is per run (a kernel's later runs start it at 0; one that
 has compiled runs compiled from their start). ``compile=True`` compiles at the first eligible
 trajectory. Eligible: the energy offers a replayed graph for the chains' shape (a
-[`ModelPotential`][pyroflows.mcmc.ModelPotential] does), one step size is shared by all chains, and
-the chains' state is flat ``(C, D)``. Should compiling fail (no C++ compiler, an op inductor cannot
-lower), one warning says so and the kernel stays eager.
+[`ModelPotential`][pyroflows.mcmc.ModelPotential] does), the step size is one for all chains or
+one per chain (``(C, 1)``, as in the ChEES warm-up's per-chain phase; each form compiles its own
+trajectory), and the chains' state is flat ``(C, D)``. Should compiling fail (no C++ compiler,
+an op inductor cannot lower), one warning says so and the kernel stays eager.
 
 **Reproducibility.** Fused arithmetic rounds differently from eager arithmetic, and chaotic
 dynamics amplify the difference, so the draws change (not their distribution) from the
@@ -54,6 +59,8 @@ __all__ = ["TrajectoryCompiler", "expected_compile_seconds"]
 #: the cost model of a compile: seconds to load inductor (paid by a process's first compile),
 #: then seconds per graph op and unrolled step (a first guess, then the last compile's)
 _compile_cost = {"first": 4.0, "per_op": 0.03, "compiled_before": False}
+#: the least a compile is expected to cost per graph op and unrolled step
+_MIN_SECONDS_PER_OP = 1e-3
 #: the most graph ops times unrolled steps to compile as one call (compile time grows faster
 #: than linearly with graph size, and a large graph's ops gain little from fusion)
 _MAX_UNROLLED_OPS = 800
@@ -120,6 +127,16 @@ def _trajectory(graph: Callable, dense: bool, dim: int, unroll: int) -> Callable
     return types.FunctionType(run.__code__.replace(), run.__globals__, "run", None, run.__closure__)
 
 
+def _step_sizes(
+    num_steps: int, calls: int, unroll: int, step_size: torch.Tensor
+) -> torch.Tensor:
+    """The step sizes of ``calls`` calls of ``unroll`` steps, ``(calls, unroll,
+    *step_size.shape)``: step ``k`` of the trajectory has size $\\epsilon$ for ``k < num_steps``
+    and 0 past the end (a no-op step)."""
+    steps = torch.arange(calls * unroll, device=step_size.device) < num_steps
+    return steps.to(step_size.dtype).reshape(calls, unroll, *[1] * step_size.dim()) * step_size
+
+
 class TrajectoryCompiler:
     """When and how an HMC kernel runs its leapfrog trajectories compiled (module docs).
 
@@ -149,8 +166,11 @@ class TrajectoryCompiler:
         self.failed = False
         self._planned: int | None = None
         self.new_run()
-        # key -> (graph, (compiled trajectory or None after a failure, its unroll))
-        self._compiled: dict[tuple, tuple[Callable, tuple[Callable | None, int]]] = {}
+        # key -> (graph, {unroll: compiled trajectory, or None after a failure}); the largest
+        # unroll runs whole calls, a one-step trajectory (once it pays) the remainders
+        self._compiled: dict[tuple, tuple[Callable, dict[int, Callable | None]]] = {}
+        # seconds spent on padding steps, per key, towards compiling a one-step trajectory
+        self._padding_seconds: dict[tuple, float] = {}
 
     def plan(self, num_transitions: int) -> None:
         """The next run's length in transitions (the driver knows it; Pyro's ``MCMC`` does
@@ -180,7 +200,9 @@ class TrajectoryCompiler:
         """The leapfrog integrator for a transition from ``x`` with ``step_size``: compiled when
         eligible and due, else eager (timed, under ``"auto"``); same signature as
         [`leapfrog`][pyroflows.mcmc.core.leapfrog]."""
-        if not self.mode or self.failed or step_size.dim() != 0 or x.dim() != 2:
+        # one step size for all chains, or one per chain (the warm-up's per-chain phase)
+        shared_or_per_chain = step_size.dim() == 0 or step_size.shape == (x.shape[0], 1)
+        if not self.mode or self.failed or not shared_or_per_chain or x.dim() != 2:
             return leapfrog
         graph = energy.traced(x)
         if graph is None:
@@ -222,44 +244,54 @@ class TrajectoryCompiler:
         metric: Metric,
         num_steps: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        key = (id(graph), metric.dense, tuple(x.shape), x.dtype, x.device)
+        key = (id(graph), metric.dense, tuple(x.shape), step_size.dim(), x.dtype, x.device)
         entry = self._compiled.get(key)
         if entry is None or entry[0] is not graph:
-            entry = (graph, self._compile(graph, metric.dense, x, p, grad, step_size, metric))
-            self._compiled[key] = entry
-        run, unroll = entry[1]
+            num_ops = _num_ops(graph)
+            unroll = self._unroll_for(num_ops)
+            entry = (graph, {unroll: self._compile(graph, metric, x, p, grad, step_size, unroll)})
+            self._compiled[key], self._padding_seconds[key] = entry, 0.0
+        variants = entry[1]
+        unroll = max(variants)
+        run = variants[unroll]
         if run is None:
             return leapfrog(energy, x, p, grad, step_size, metric, num_steps)
-        calls = -(-num_steps // unroll)
-        # step k of the trajectory has size eps for k < L and 0 past the end (a no-op step)
-        sizes = (torch.arange(calls * unroll, device=x.device) < num_steps).to(x.dtype)
-        sizes = (sizes * step_size).reshape(calls, unroll)
-        start = (x, p, grad)
+        full, rest = divmod(num_steps, unroll)
+        single = variants.get(1)
+        padded = rest > 0 and single is None  # the last call also runs unroll - rest no-ops
+        calls = full + padded
+        sizes = _step_sizes(num_steps, max(calls, 1), unroll, step_size)
+        start, began = (x, p, grad), time.perf_counter()
         try:
             for c in range(calls):
                 x, p, u, grad = run(x, p, grad, sizes[c], metric.inverse_mass)
+            for _ in range(0 if padded else rest):
+                x, p, u, grad = single(x, p, grad, sizes[0, :1], metric.inverse_mass)
         except torch.linalg.LinAlgError:
             # some chain's point has no finite density (a matrix the model factors is not
             # positive definite there): the eager trajectory finds and rejects those chains
             return leapfrog(energy, *start, step_size, metric, num_steps)
+        if padded:
+            seconds = time.perf_counter() - began
+            self._padding_seconds[key] += seconds * (unroll - rest) / (calls * unroll)
+            if self._padding_seconds[key] >= expected_compile_seconds(_num_ops(graph), 1):
+                variants[1] = self._compile(graph, metric, x, p, grad, step_size, 1)
         energy.count(x, num_steps)
         return x, p, u, grad
 
     def _compile(
         self,
         graph: Callable,
-        dense: bool,
+        metric: Metric,
         x: torch.Tensor,
         p: torch.Tensor,
         grad: torch.Tensor,
         step_size: torch.Tensor,
-        metric: Metric,
-    ) -> tuple[Callable | None, int]:
-        """Compile (and run once, which is when inductor compiles) a trajectory of as many
-        unrolled steps as the graph's size allows; ``(None, 1)`` after a warning if that
-        fails."""
+        unroll: int,
+    ) -> Callable | None:
+        """Compile (and run once, which is when inductor compiles) a trajectory of ``unroll``
+        steps; ``None`` after a warning if that fails."""
         num_ops = _num_ops(graph)
-        unroll = self._unroll_for(num_ops)
         first = 0.0 if _compile_cost["compiled_before"] else _compile_cost["first"]
         start = time.perf_counter()
         # first trusting the CPU's reported vector ISA, which skips inductor's probe builds
@@ -267,9 +299,11 @@ class TrajectoryCompiler:
         for trust_isa in (x.device.type == "cpu", False):
             try:
                 run = torch.compile(
-                    _trajectory(graph, dense, x.shape[-1], unroll), fullgraph=True, dynamic=False
+                    _trajectory(graph, metric.dense, x.shape[-1], unroll),
+                    fullgraph=True,
+                    dynamic=False,
                 )
-                sizes = torch.zeros(unroll, dtype=x.dtype, device=x.device) + 0 * step_size
+                sizes = _step_sizes(0, 1, unroll, step_size)[0]
                 with _inductor_options(trust_isa):
                     run(x, p, grad, sizes, metric.inverse_mass)
                 break
@@ -283,8 +317,10 @@ class TrajectoryCompiler:
                     "the sampler continues with eager steps",
                     stacklevel=5,
                 )
-                return None, 1
+                return None
         seconds = time.perf_counter() - start
-        _compile_cost["per_op"] = max(seconds - first, 0.0) / (num_ops * unroll)
+        # a compile from warm caches can beat the first-compile guess: never expect it free
+        per_op = (seconds - first) / (num_ops * unroll)
+        _compile_cost["per_op"] = max(per_op, _MIN_SECONDS_PER_OP)
         _compile_cost["compiled_before"] = True
-        return run, unroll
+        return run
