@@ -187,6 +187,23 @@ def test_auto_compiles_early_when_the_run_is_known_to_be_long(horizon, due):
     assert compiler.horizon is None
 
 
+def test_per_chain_steps_compile_only_if_their_phase_can_pay():
+    """The warm-up's per-chain phase is short: its own transitions left, at the recent pace,
+    must take twice the compile eagerly (a cheap model's phase stays eager)."""
+    energy, x = traced_energy(8)
+    per_chain = torch.full((8, 1), 0.1, dtype=F64)
+    compiler = TrajectoryCompiler("auto", compile_after=1.0)
+    compiler.eager_transitions, compiler.recent_seconds = 2 * compiler.min_probe, 0.01
+    compiler.plan_phase(100)  # 1 s eagerly: less than twice the compile
+    assert compiler.integrator(energy, x, per_chain) == compiler._timed
+    compiler.plan_phase(1000)  # 10 s eagerly
+    assert compiler.integrator(energy, x, per_chain) not in (leapfrog, compiler._timed)
+    # the shared step's rule is the run's (no horizon here, 0 s spent): still eager
+    assert compiler.integrator(energy, x, torch.tensor(0.1, dtype=F64)) == compiler._timed
+    compiler.new_run()  # the phase was this run's
+    assert compiler._phase_left is None
+
+
 @needs_compiler
 def test_auto_compiles_once_the_budget_is_spent_and_per_run():
     energy, x = traced_energy(8)

@@ -29,8 +29,11 @@ cost (or ``compile_after`` seconds): the ski-rental rule, under which a run is n
 twice as slow as it would be had it known its length in advance; or (b) the run's length is known
 (the driver tells it) and the transitions left would take more than twice that long eagerly at the
 recent pace: a long run compiles early instead of spending a compile's worth of time eagerly first.
-A short run never compiles. The account is per run (a kernel's later runs start it at 0; one that
-has compiled runs compiled from their start). ``compile=True`` compiles at the first eligible
+A short run never compiles. Per-chain step sizes (the ChEES warm-up's per-chain phase, a fifth
+of warm-up) compile only if that phase's own transitions left would take more than twice the
+compile's time eagerly, so a cheap model's phase stays eager. The account is per run (a
+kernel's later runs start it at 0; one that has compiled a form, shared or per-chain step sizes,
+runs that form compiled from their start). ``compile=True`` compiles at the first eligible
 trajectory. Eligible: the energy offers a replayed graph for the chains' shape (a
 [`ModelPotential`][pyroflows.mcmc.ModelPotential] does), the step size is one for all chains or
 one per chain (``(C, 1)``, as in the ChEES warm-up's per-chain phase; each form compiles its own
@@ -57,8 +60,9 @@ from pyroflows.mcmc.core import EnergyFunction, Metric, leapfrog, warn_fallback
 __all__ = ["TrajectoryCompiler", "expected_compile_seconds"]
 
 #: the cost model of a compile: seconds to load inductor (paid by a process's first compile),
-#: then seconds per graph op and unrolled step (a first guess, then the last compile's)
-_compile_cost = {"first": 4.0, "per_op": 0.03, "compiled_before": False}
+#: seconds every compile takes however small its graph (tracing, the C++ build), then seconds per
+#: graph op and unrolled step (a first guess, then the last compile's)
+_compile_cost = {"first": 4.0, "each": 0.8, "per_op": 0.03, "compiled_before": False}
 #: the least a compile is expected to cost per graph op and unrolled step
 _MIN_SECONDS_PER_OP = 1e-3
 #: the most graph ops times unrolled steps to compile as one call (compile time grows faster
@@ -85,7 +89,7 @@ def _num_ops(graph: Callable) -> int:
 def expected_compile_seconds(num_ops: int, unroll: int) -> float:
     """What compiling ``unroll`` steps of a graph of ``num_ops`` ops is expected to cost."""
     first = 0.0 if _compile_cost["compiled_before"] else _compile_cost["first"]
-    return first + _compile_cost["per_op"] * num_ops * unroll
+    return first + _compile_cost["each"] + _compile_cost["per_op"] * num_ops * unroll
 
 
 #: the most coordinates for which a dense mass matrix is applied as a fused product-sum
@@ -165,6 +169,7 @@ class TrajectoryCompiler:
         self.mode, self.compile_after, self.unroll = mode, compile_after, unroll
         self.failed = False
         self._planned: int | None = None
+        self._phase_left: int | None = None
         self.new_run()
         # key -> (graph, {unroll: compiled trajectory, or None after a failure}); the largest
         # unroll runs whole calls, a one-step trajectory (once it pays) the remainders
@@ -177,16 +182,25 @@ class TrajectoryCompiler:
         not tell, and then the rule is plain ski rental)."""
         self._planned = num_transitions
 
+    def plan_phase(self, num_transitions: int | None) -> None:
+        """How many more transitions use one step size per chain (the ChEES warm-up's per-chain
+        phase tells); ``None``: as many as the run has left."""
+        self._phase_left = num_transitions
+
     def new_run(self) -> None:
         """Start the run's account over (a kernel calls this when it initialises chains)."""
         self.eager_seconds, self.eager_transitions, self.recent_seconds = 0.0, 0, 0.0
-        self.horizon, self._planned = self._planned, None
+        self.horizon, self._planned, self._phase_left = self._planned, None, None
 
-    def _due(self, threshold: float) -> bool:
+    def _due(self, threshold: float, per_chain: bool) -> bool:
         """Whether to compile now, under ``"auto"``: the eager time spent has reached the
         expected compile time (ski rental), or, with a known horizon, the transitions left would
         take more than twice that eagerly at the recent pace (compiling then pays for a speed-up
-        of 2x or more: 2.6–7x measured on small graphs, 1.5x on GARCH's large one)."""
+        of 2x or more: 2.6–7x measured on small graphs, 1.5x on GARCH's large one). Per-chain
+        step sizes in a phase of known length: only that phase's transitions can pay."""
+        if per_chain and self._phase_left is not None:
+            probed = self.eager_transitions >= 2 * self.min_probe
+            return probed and self.recent_seconds * self._phase_left >= 2 * threshold
         if self.eager_seconds >= threshold:
             return True
         if self.horizon is None or self.eager_transitions < 2 * self.min_probe:
@@ -211,8 +225,11 @@ class TrajectoryCompiler:
         threshold = self.compile_after
         if threshold is None:
             threshold = expected_compile_seconds(num_ops, self._unroll_for(num_ops))
-        # once this kernel has compiled, the cost is paid: later runs go compiled at once
-        if self.mode == "auto" and not self._compiled and not self._due(threshold):
+        # once this kernel has compiled this form (shared or per-chain step sizes), the cost is
+        # paid: later runs go compiled at once
+        form = step_size.dim()
+        paid = any(key[3] == form for key in self._compiled)
+        if self.mode == "auto" and not paid and not self._due(threshold, per_chain=form > 0):
             return self._timed
         return lambda *args: self._compiled_leapfrog(graph, *args)
 
@@ -319,8 +336,8 @@ class TrajectoryCompiler:
                 )
                 return None
         seconds = time.perf_counter() - start
-        # a compile from warm caches can beat the first-compile guess: never expect it free
-        per_op = (seconds - first) / (num_ops * unroll)
+        # a compile from warm caches can beat the guess: never expect one to be free
+        per_op = (seconds - first - _compile_cost["each"]) / (num_ops * unroll)
         _compile_cost["per_op"] = max(per_op, _MIN_SECONDS_PER_OP)
         _compile_cost["compiled_before"] = True
         return run

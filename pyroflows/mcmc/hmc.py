@@ -293,6 +293,7 @@ class HMC(BatchedKernel):
                 dense=dense,
             )
             adapt_state = adapter.init(step, params.metric, state.position.shape[0])
+            self.compiler.plan_phase(adapter.initial_steps)
             if self.num_steps is not None:
                 adapt_state = adapt_state._replace(
                     log_trajectory=(step * self.num_steps).log(),
@@ -333,6 +334,9 @@ class HMC(BatchedKernel):
             )
             step = adapter.step_size(state)
             metric = state.metric
+            # the trajectory compiler weighs compiling per-chain steps against this phase only
+            left = adapter.initial_steps - state.t
+            self.compiler.plan_phase(left if left > 0 else None)
         else:
             state, ended = adapter.update(
                 warmup.state, after.position, info.accept_prob, after.energy
