@@ -178,6 +178,22 @@ def test_iwae_bound_increases_with_k_towards_the_evidence(data):
     assert evidence - bounds[3] < evidence - bounds[0]
 
 
+def test_importance_weights_of_a_model_written_for_one_draw_run_draw_by_draw(data):
+    # W @ z does not broadcast over a plate of draws: the weights come from one run per draw;
+    # with the exact posterior as the guide every weight is the evidence itself
+    def one_draw(y):
+        z = pyro.sample("z", dist.Normal(y.new_zeros(2), 1.0).to_event(1))
+        mean = (W.to(y) @ z).expand(len(y), 3)
+        pyro.sample("y", dist.Normal(mean, NOISE).to_event(2), obs=y)
+
+    def exact_guide(y):
+        pyro.sample("z", dist.MultivariateNormal(*exact_posterior(y)))
+
+    log_w = log_importance_weights(one_draw, exact_guide, data, num_samples=50)
+    assert log_w.shape == (50,)
+    assert torch.allclose(log_w, torch.tensor(exact_log_evidence(data)), atol=1e-3)
+
+
 def test_neutra_reparam_runs_hmc_in_the_whitened_space(data):
     guide = AutoFlow(linear_gaussian, flow="iaf", num_layers=2, hidden_dims=(8,))
     fit_guide(

@@ -48,7 +48,8 @@ def log_importance_weights(
     **kwargs: Any,
 ) -> torch.Tensor:
     """$\\log p(x, z_k) - \\log q(z_k)$ for ``num_samples`` draws of ``guide``, in one
-    vectorised run.
+    vectorised run, or one run per draw when model and guide do not broadcast over a plate of
+    draws (a model written for one draw, as ``X @ beta``).
 
     Args:
         model: a Pyro model.
@@ -64,16 +65,29 @@ def log_importance_weights(
     check_int(num_samples, "num_samples")
     if max_plate_nesting is None:
         max_plate_nesting = _plate_nesting(model, guide, args, kwargs)
-    log_w, _, _ = vectorized_importance_weights(
-        model,
-        guide,
-        *args,
-        num_samples=num_samples,
-        max_plate_nesting=max_plate_nesting,
-        normalized=False,
-        **kwargs,
-    )
+    try:
+        log_w, _, _ = vectorized_importance_weights(
+            model,
+            guide,
+            *args,
+            num_samples=num_samples,
+            max_plate_nesting=max_plate_nesting,
+            normalized=False,
+            **kwargs,
+        )
+    except (RuntimeError, ValueError, IndexError):
+        # a model that does not broadcast over the draws' plate; a genuine error in the model
+        # or guide raises again from the one-draw runs
+        draws = range(num_samples)
+        return torch.stack([_one_log_weight(model, guide, args, kwargs) for _ in draws])
     return log_w
+
+
+def _one_log_weight(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
+    """$\\log p(x, z) - \\log q(z)$ for one draw $z \\sim q$."""
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    return model_trace.log_prob_sum() - guide_trace.log_prob_sum()
 
 
 def _plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
