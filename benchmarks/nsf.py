@@ -137,9 +137,11 @@ def run_vi(args: argparse.Namespace) -> list[dict]:
         num_plot_samples=1,
         lr=args.vi_lr,
         anneal_from=args.anneal_from,
+        anneal_shape=args.anneal_shape or "linear",
     )
     if args.library_defaults:  # None: the guide's recommendation, else fit_guide's default
-        settings.update(num_particles=None, anneal_steps=None, lr=None, anneal_from=None)
+        settings.update(num_particles=None, anneal_steps=None, lr=None, anneal_from=None,
+                        anneal_shape=args.anneal_shape)
     rows = []
     print("| target | guide | seed | KL (nats) | ± | k-hat | seconds |\n"
           "|---|---|---|---|---|---|---|")
@@ -250,13 +252,18 @@ def main() -> None:
     )
     parser.add_argument("--anneal", type=int, default=1500, help="vi: annealed steps")
     parser.add_argument("--anneal-from", type=float, default=0.01, help="vi: first beta")
+    parser.add_argument(
+        "--anneal-shape", default=None, choices=("linear", "cosine", "geometric"),
+        help="vi: how beta rises (default linear; with --library-defaults the guide's "
+        "recommendation)",
+    )
     parser.add_argument("--particles", type=int, default=64, help="vi: ELBO particles")
     parser.add_argument("--vi-lr", type=float, default=1e-2, help="vi: initial learning rate")
     parser.add_argument(
         "--library-defaults",
         action="store_true",
         help="vi: fit_guide's defaults (the guide's recommendation) instead of --particles, "
-        "--anneal, --anneal-from and --vi-lr",
+        "--anneal, --anneal-from, --anneal-shape (unless given) and --vi-lr",
     )
     parser.add_argument("--kl-samples", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=0)

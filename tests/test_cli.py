@@ -96,12 +96,13 @@ def test_vi_trains_a_spline_guide_as_the_guide_recommends(tmp_path, monkeypatch,
     argv = ["vi", "--data", "u1", "--steps", "10", "--kl-samples", "500", "--json", "--quiet",
             "--out", str(tmp_path), "--overwrite"]
     assert main([*argv, "--flow", "nsf", "--particles", "8"]) == 0
-    assert seen["lr"] == 3e-3 and seen["anneal_steps"] == 5 and seen["anneal_from"] == 0.3
+    assert seen["lr"] == 3e-3 and seen["anneal_steps"] == 8 and seen["anneal_from"] == 0.5
+    assert seen["anneal_shape"] == "cosine"
     assert seen["num_particles"] == 8  # a flag given wins
     seen.clear()
     assert main([*argv, "--flow", "planar"]) == 0  # no recommendation: the command's defaults
     assert seen["lr"] == 1e-2 and seen["num_particles"] == 64 and seen["anneal_steps"] == 3
-    assert "anneal_from" not in seen
+    assert "anneal_from" not in seen and "anneal_shape" not in seen
     capsys.readouterr()
 
 

@@ -80,12 +80,13 @@ def test_other_families_keep_their_init_scale_and_recommend_no_training():
     assert guide.fit_defaults(3000) == {}
 
 
-def test_spline_guide_recommends_its_training_with_tempering_for_half_the_budget():
+def test_spline_guide_recommends_its_training_with_a_cosine_tempering_of_most_of_the_budget():
     guide = AutoFlow(energies.get("u2").model, "nsf")
     assert guide.fit_defaults(3000) == dict(
-        lr=3e-3, num_particles=256, anneal_steps=1500, anneal_from=0.3
+        lr=3e-3, num_particles=256, anneal_steps=2400, anneal_from=0.5, anneal_shape="cosine"
     )
-    assert guide.fit_defaults(1001)["anneal_steps"] == 500
+    assert guide.fit_defaults(1001)["anneal_steps"] == 800
+    assert guide.fit_defaults(5000)["anneal_steps"] == 4000
 
 
 class _Recommending(pyro.infer.autoguide.AutoDelta):
@@ -95,13 +96,18 @@ class _Recommending(pyro.infer.autoguide.AutoDelta):
         return dict(lr=1e-9, num_particles=3, anneal_steps=num_steps - 1, anneal_from=0.25)
 
 
-def _point_mass_fit(**options):
+class _RecommendingAShape(_Recommending):
+    def fit_defaults(self, num_steps):
+        return {**super().fit_defaults(num_steps), "anneal_shape": "geometric"}
+
+
+def _point_mass_fit(guide_class=_Recommending, **options):
     # log q = 0 at the point, so each step's loss is exactly beta * 0.5 log(2 pi)
     def model():
         pyro.sample("z", dist.Normal(0.0, 1.0))
 
     pyro.clear_param_store()
-    guide = _Recommending(model, init_loc_fn=init_to_value(values={"z": torch.tensor(0.0)}))
+    guide = guide_class(model, init_loc_fn=init_to_value(values={"z": torch.tensor(0.0)}))
     history = fit_guide(
         model, guide, num_steps=5, patience=None, cooldown=0, num_elbo_samples=0,
         progress=False, seed=0, **options,
@@ -124,6 +130,31 @@ def test_fit_guide_arguments_given_win_over_the_recommendation():
     assert betas == pytest.approx([0.5, 0.75, 1.0, 1.0, 1.0], rel=1e-5)
 
 
+@pytest.mark.parametrize(
+    "shape, expected",
+    [
+        ("linear", [0.25, 0.4375, 0.625, 0.8125, 1.0]),
+        ("cosine", [0.25 + 0.75 * (1 - math.cos(math.pi * k / 4)) / 2 for k in range(4)] + [1.0]),
+        ("geometric", [0.25 ** (1 - k / 4) for k in range(4)] + [1.0]),
+    ],
+)
+def test_fit_guide_tempers_with_the_shape_given(shape, expected):
+    _, betas = _point_mass_fit(anneal_shape=shape)  # 4 tempered steps from 0.25
+    assert betas == pytest.approx(expected, rel=1e-5)
+
+
+def test_fit_guide_takes_a_recommended_shape_and_a_given_one_wins():
+    _, betas = _point_mass_fit(_RecommendingAShape)
+    assert betas == pytest.approx([0.25 ** (1 - k / 4) for k in range(4)] + [1.0], rel=1e-5)
+    _, betas = _point_mass_fit(_RecommendingAShape, anneal_shape="linear")
+    assert betas == pytest.approx([0.25, 0.4375, 0.625, 0.8125, 1.0], rel=1e-5)
+
+
+def test_fit_guide_rejects_an_unknown_anneal_shape():
+    with pytest.raises(ValueError, match="anneal_shape"):
+        _point_mass_fit(anneal_shape="sigmoid")
+
+
 def test_fit_guide_uses_a_spline_guides_particles():
     model = energies.get("u2").model
     pyro.clear_param_store()
@@ -134,7 +165,7 @@ def test_fit_guide_uses_a_spline_guides_particles():
 
 @pytest.mark.slow
 def test_default_spline_guide_fits_u2_within_the_goal():
-    # U2 with the plain defaults: 0.007-0.013 nats on seeds 0-9 (docs/splines.md, fifth pass)
+    # U2 with the plain defaults: 0.0085-0.014 nats on seeds 25-34 (docs/splines.md, sixth pass)
     from pyroflows.infer.importance import reverse_kl
 
     target = energies.get("u2")

@@ -85,8 +85,10 @@ AUTO_TAIL_DF = 7.0  # tail_df="auto"'s start; docs/guides.md has the measurement
 # the multimodal start cover both modes at the slower rate of SPLINE_FIT.
 SPLINE_OPTIONS: dict[str, Any] = {"direction": "sample", "bound": 10.0, "bins": 16}
 SPLINE_INIT_SCALE = 1.0
-# fit_guide's settings for a spline guide; "anneal" is the tempered share of the step budget
-SPLINE_FIT: dict[str, Any] = {"lr": 3e-3, "num_particles": 256, "anneal": 0.5, "anneal_from": 0.3}
+# fit_guide's settings for a spline guide (docs/splines.md, sixth pass); "anneal" is the
+# tempered share of the step budget
+SPLINE_FIT: dict[str, Any] = {"lr": 3e-3, "num_particles": 256, "anneal": 0.8,
+                              "anneal_from": 0.5, "anneal_shape": "cosine"}
 
 
 def _is_bounded(support: constraints.Constraint) -> bool:
@@ -206,11 +208,12 @@ class AutoFlow(AutoContinuous):
         caller leaves unset (``None``).
 
         A spline guide (``nsf``, ``nsf_ar``) recommends ``lr=3e-3``, ``num_particles=256`` and
-        tempering over the first half of the budget from $\\beta = 0.3$
-        (``anneal_steps=num_steps // 2``, ``anneal_from=0.3``): less gradient noise and a
-        gentler tempering than the global defaults, which the spline's bounded box needs (what
-        they buy and cost is measured in ``docs/splines.md``, fifth pass). Other families
-        recommend nothing: ``fit_guide``'s global defaults apply.
+        tempering over the first 80% of the budget, $\\beta$ rising from 0.5 to 1 along a
+        half cosine (``anneal_steps=int(0.8 * num_steps)``, ``anneal_from=0.5``,
+        ``anneal_shape="cosine"``): less gradient noise and a gentler tempering than the global
+        defaults, which the spline's bounded box needs (what they buy and cost is measured in
+        ``docs/splines.md``, fifth and sixth passes). Other families recommend nothing:
+        ``fit_guide``'s global defaults apply.
 
         Args:
             num_steps: ``fit_guide``'s step budget.

@@ -45,7 +45,25 @@ def default_particles(dim: int) -> int:
 
 # fit_guide's settings for a guide that recommends none (num_particles None: by dimension)
 GLOBAL_DEFAULTS: dict[str, Any] = dict(lr=1e-2, num_particles=None, anneal_steps=0,
-                                       anneal_from=0.01)
+                                       anneal_from=0.01, anneal_shape="linear")
+ANNEAL_SHAPES = ("linear", "cosine", "geometric")
+
+
+def anneal_beta(step: int, anneal_steps: int, anneal_from: float, shape: str = "linear") -> float:
+    """The tempering's $\\beta$ at ``step`` (counted from 1): it rises from ``anneal_from`` at
+    step 1 towards 1 over ``anneal_steps`` steps, and is 1 from step ``anneal_steps + 1`` on.
+    With $t = (\\text{step} - 1) / \\text{anneal\\_steps}$ and $\\beta_0$ = ``anneal_from``:
+    ``"linear"`` $\\beta_0 + (1 - \\beta_0) t$, ``"cosine"``
+    $\\beta_0 + (1 - \\beta_0)(1 - \\cos \\pi t) / 2$ (slow at both ends),
+    ``"geometric"`` $\\beta_0^{1 - t}$ (equal ratios per step: longest near $\\beta_0$)."""
+    if step > anneal_steps:
+        return 1.0
+    if shape == "linear":  # the expression of before, to the last bit
+        return anneal_from + (1.0 - anneal_from) * (step - 1) / anneal_steps
+    t = (step - 1) / anneal_steps
+    if shape == "cosine":
+        return anneal_from + (1.0 - anneal_from) * (1.0 - math.cos(math.pi * t)) / 2
+    return anneal_from ** (1.0 - t)  # geometric
 
 
 def fit_guide(
@@ -60,6 +78,7 @@ def fit_guide(
     max_grad_norm: float | None = 10.0,
     anneal_steps: int | None = None,
     anneal_from: float | None = None,
+    anneal_shape: str | None = None,
     eval_every: int = 100,
     patience: int | None = 5,
     cooldown: int = 300,
@@ -82,10 +101,10 @@ def fit_guide(
     improvement beyond twice the window's standard error end the run, after ``cooldown`` more
     steps at a learning rate falling to 0.
 
-    ``lr``, ``num_particles``, ``anneal_steps`` and ``anneal_from`` left at ``None`` take the
-    guide's recommendation, ``guide.fit_defaults(num_steps)`` where the guide has one (a
-    spline [`AutoFlow`][pyroflows.guides.AutoFlow]: lr 3e-3, 256 particles, the first half of
-    the budget tempered from $\\beta = 0.3$; see
+    ``lr``, ``num_particles``, ``anneal_steps``, ``anneal_from`` and ``anneal_shape`` left at
+    ``None`` take the guide's recommendation, ``guide.fit_defaults(num_steps)`` where the guide
+    has one (a spline [`AutoFlow`][pyroflows.guides.AutoFlow]: lr 3e-3, 256 particles, the first
+    80% of the budget tempered from $\\beta = 0.5$ along a half cosine; see
     [`AutoFlow.fit_defaults`][pyroflows.guides.AutoFlow.fit_defaults]), else the global default
     named below. An argument given always wins.
 
@@ -103,14 +122,16 @@ def fit_guide(
             ``TraceMeanField_ELBO``, ``TraceEnum_ELBO``). Default ``Trace_ELBO`` with
             vectorised particles.
         max_grad_norm: gradient-norm clip (``None``: no clipping).
-        anneal_steps: temper the model's log-density by $\\beta$ rising linearly from
-            ``anneal_from`` to 1 over the first ``anneal_steps`` steps (Rezende & Mohamed 2015):
+        anneal_steps: temper the model's log-density by $\\beta$ rising from ``anneal_from``
+            to 1 over the first ``anneal_steps`` steps (Rezende & Mohamed 2015):
             the guide then fits $p^\\beta$, broad at first, which keeps reverse-KL training from
             dropping modes. No plateau stop happens while annealing. Global default 0 (no
             tempering).
         anneal_from: the first $\\beta$, in $(0, 1]$. The global default 0.01 spreads a guide
-            very wide first; spline guides recommend 0.3 (``docs/splines.md``, fourth and fifth
+            very wide first; spline guides recommend 0.5 (``docs/splines.md``, fourth to sixth
             passes).
+        anneal_shape: how $\\beta$ rises, one of ``"linear"`` (the global default),
+            ``"cosine"`` and ``"geometric"``: [`anneal_beta`][pyroflows.guides.fit.anneal_beta].
         eval_every: steps per plateau window.
         patience: windows without improvement before stopping (``None``: run the budget).
         cooldown: steps after the plateau with the learning rate falling linearly to 0 (the
@@ -145,11 +166,14 @@ def fit_guide(
     check_int(num_steps, "num_steps")
     recommend = getattr(guide, "fit_defaults", None)
     given = dict(lr=lr, num_particles=num_particles, anneal_steps=anneal_steps,
-                 anneal_from=anneal_from)
+                 anneal_from=anneal_from, anneal_shape=anneal_shape)
     settings = {**GLOBAL_DEFAULTS, **(recommend(num_steps) if callable(recommend) else {})}
     settings.update({key: value for key, value in given.items() if value is not None})
     lr, num_particles = settings["lr"], settings["num_particles"]
     anneal_steps, anneal_from = settings["anneal_steps"], settings["anneal_from"]
+    anneal_shape = settings["anneal_shape"]
+    if anneal_shape not in ANNEAL_SHAPES:
+        raise ValueError(f"anneal_shape must be one of {ANNEAL_SHAPES}, got {anneal_shape!r}")
     check_int(anneal_steps, "anneal_steps", minimum=0)
     check_number(anneal_from, "anneal_from", low=0.0, high=1.0, low_open=True)
     check_int(num_elbo_samples, "num_elbo_samples", minimum=0)
@@ -189,10 +213,7 @@ def fit_guide(
 
         def loss_fn(step: int) -> torch.Tensor:
             nonlocal beta
-            if step <= anneal_steps:
-                beta = anneal_from + (1.0 - anneal_from) * (step - 1) / anneal_steps
-            else:
-                beta = 1.0
+            beta = anneal_beta(step, anneal_steps, anneal_from, anneal_shape)
             return loss.differentiable_loss(tempered, guide, *args, **kwargs)
 
         history = train_loop(
