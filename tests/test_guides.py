@@ -30,6 +30,13 @@ def linear_gaussian(y):
         pyro.sample("y", dist.Normal(z @ W.to(y).T, NOISE).to_event(1), obs=y)
 
 
+def one_draw_linear_gaussian(y):
+    """``linear_gaussian`` written for one draw: ``W @ z`` does not broadcast over a plate of
+    draws or particles."""
+    z = pyro.sample("z", dist.Normal(y.new_zeros(2), 1.0).to_event(1))
+    pyro.sample("y", dist.Normal((W.to(y) @ z).expand(len(y), 3), NOISE).to_event(2), obs=y)
+
+
 def exact_posterior(y):
     precision = torch.eye(2, dtype=y.dtype) + len(y) * W.to(y).T @ W.to(y) / NOISE**2
     cov = torch.linalg.inv(precision)
@@ -179,19 +186,30 @@ def test_iwae_bound_increases_with_k_towards_the_evidence(data):
 
 
 def test_importance_weights_of_a_model_written_for_one_draw_run_draw_by_draw(data):
-    # W @ z does not broadcast over a plate of draws: the weights come from one run per draw;
-    # with the exact posterior as the guide every weight is the evidence itself
-    def one_draw(y):
-        z = pyro.sample("z", dist.Normal(y.new_zeros(2), 1.0).to_event(1))
-        mean = (W.to(y) @ z).expand(len(y), 3)
-        pyro.sample("y", dist.Normal(mean, NOISE).to_event(2), obs=y)
-
+    # the weights come from one run per draw; with the exact posterior as the guide every
+    # weight is the evidence itself
     def exact_guide(y):
         pyro.sample("z", dist.MultivariateNormal(*exact_posterior(y)))
 
-    log_w = log_importance_weights(one_draw, exact_guide, data, num_samples=50)
+    log_w = log_importance_weights(one_draw_linear_gaussian, exact_guide, data, num_samples=50)
     assert log_w.shape == (50,)
     assert torch.allclose(log_w, torch.tensor(exact_log_evidence(data)), atol=1e-3)
+
+
+def test_fit_guide_runs_the_particles_one_at_a_time_for_a_model_written_for_one_draw(data):
+    guide = AutoFlow(one_draw_linear_gaussian, flow="realnvp", num_layers=2, hidden_dims=(16,))
+    options = dict(num_steps=200, num_particles=4, lr=1e-2, final_lr=1e-4, progress=False, seed=0)
+    with pytest.warns(RuntimeWarning, match="one at a time"):
+        history = fit_guide(one_draw_linear_gaussian, guide, data, num_elbo_samples=200, **options)
+    mean, _ = exact_posterior(data)
+    z = guide.get_posterior().sample((20_000,))
+    torch.testing.assert_close(z.mean(0), mean, atol=0.03, rtol=0)  # posterior sd ~0.13
+    evidence = exact_log_evidence(data)
+    assert evidence - 0.5 < history["elbo"] < evidence + 4 * history["elbo_stderr"]
+    # an objective the caller chose is not replaced
+    with pytest.raises(RuntimeError):
+        fit_guide(one_draw_linear_gaussian, AutoFlow(one_draw_linear_gaussian, flow="realnvp"),
+                  data, elbo=Trace_ELBO(num_particles=4, vectorize_particles=True), **options)
 
 
 def test_neutra_reparam_runs_hmc_in_the_whitened_space(data):

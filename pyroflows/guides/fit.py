@@ -4,6 +4,7 @@ training loop ([`train_loop`][pyroflows.infer.loop.train_loop])."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,8 @@ def fit_guide(
             when ``elbo`` is given).
         elbo: the objective; it needs ``differentiable_loss`` (``Trace_ELBO``,
             ``TraceMeanField_ELBO``, ``TraceEnum_ELBO``). Default ``Trace_ELBO`` with
-            vectorised particles.
+            vectorised particles, or, with a warning, one particle at a time for a model that
+            does not broadcast over their plate (written for one draw, as ``X @ beta``).
         max_grad_norm: gradient-norm clip (``None``: no clipping).
         anneal_steps: temper the model's log-density by $\\beta$ rising from ``anneal_from``
             to 1 over the first ``anneal_steps`` steps (Rezende & Mohamed 2015):
@@ -202,8 +204,25 @@ def fit_guide(
             with poutine.scale(scale=beta):
                 return model(*args, **kwargs)
 
-        with poutine.trace(param_only=True) as params:
-            loss.differentiable_loss(tempered, guide, *args, **kwargs)
+        try:
+            with poutine.trace(param_only=True) as params:
+                loss.differentiable_loss(tempered, guide, *args, **kwargs)
+        except (RuntimeError, ValueError, IndexError) as error:
+            if elbo is not None:
+                raise
+            # a model written for one draw (X @ beta) does not broadcast over the particles'
+            # plate: the particles run one at a time; a genuine error raises again from there
+            reason = " ".join(str(error).split())[:200]
+            warnings.warn(
+                f"the model does not run over a plate of ELBO particles ({reason}); fit_guide "
+                f"runs its {num_particles} particles one at a time, as many model runs per "
+                "step: write the model's sites to broadcast, or pass elbo= to choose",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            loss = Trace_ELBO(num_particles=num_particles, vectorize_particles=False)
+            with poutine.trace(param_only=True) as params:
+                loss.differentiable_loss(tempered, guide, *args, **kwargs)
         parameters = list(
             {
                 id(p): p
