@@ -511,7 +511,8 @@ class ChEESAdaptation:
         inverse = torch.where(ok, 1 / accept_prob.clamp_min(1e-20), 0.0)
         harmonic = torch.nan_to_num(ok.sum() / inverse.sum(), nan=0.0)
         dual = dual_averaging_update(state.dual, self.target_accept_prob - harmonic)
-        moments = self._moments(state, initial, proposal, velocity, accept_prob, ok, length)
+        z0 = state.metric.whiten(initial).flatten(1)  # the chains before, whitened
+        moments = self._moments(state, z0, proposal, velocity, accept_prob, ok, length)
         moments = torch.where(torch.isfinite(moments), moments, state.chees_moments)
         moments = self.moment_decay * state.chees_moments + (1 - self.moment_decay) * moments
         # d objective / d log T from the averaged numerator and denominator
@@ -525,7 +526,7 @@ class ChEESAdaptation:
         log_t = torch.where(finite, state.log_trajectory + step, state.log_trajectory)
         log_step = dual.log_step  # keep T within one and max_steps leapfrog steps
         log_t = torch.minimum(torch.maximum(log_t, log_step), log_step + math.log(self.max_steps))
-        log_t = torch.minimum(log_t, self._log_longest(state, initial))
+        log_t = torch.minimum(log_t, self._log_longest(z0))
         mean_square = torch.where(finite, mean_square, state.mean_square)
         weight = t**-self.decay
         log_t_avg = weight * log_t + (1 - weight) * state.log_trajectory_avg
@@ -539,10 +540,9 @@ class ChEESAdaptation:
         new = ChEESState(dual, log_t, log_t_avg, mean_square, moments, metric, welford, t)
         return new, ended
 
-    def _log_longest(self, state: ChEESState, position: torch.Tensor) -> torch.Tensor:
+    def _log_longest(self, z: torch.Tensor) -> torch.Tensor:
         """The log of the longest trajectory: ``max_periods`` periods of a Gaussian as wide as
-        the chains' widest whitened coordinate (at least unit width)."""
-        z = state.metric.whiten(position).flatten(1)
+        the widest of the whitened chains ``z`` ``(C, D)`` (at least unit width)."""
         widest = z.var(0).max().clamp_min(1.0) if z.shape[0] > 1 else z.new_tensor(1.0)
         return math.log(2 * math.pi * self.max_periods) + 0.5 * widest.log()
 
@@ -585,7 +585,7 @@ class ChEESAdaptation:
     def _moments(
         self,
         state: ChEESState,
-        initial: torch.Tensor,
+        z0: torch.Tensor,
         proposal: torch.Tensor,
         velocity: torch.Tensor,
         accept_prob: torch.Tensor,
@@ -593,10 +593,10 @@ class ChEESAdaptation:
         length: torch.Tensor,
     ) -> torch.Tensor:
         """This transition's acceptance-weighted $hT\\,\\partial_t \\mathrm{ChEES}$ and
-        $\\mathrm{ChEES}$, stacked (their ratio minus one is the gradient)."""
+        $\\mathrm{ChEES}$, stacked (their ratio minus one is the gradient), from the whitened
+        chains before it, ``z0`` ``(C, D)``."""
         whiten = state.metric.whiten
         weight = torch.where(ok, accept_prob, 0.0)
-        z0 = whiten(initial).flatten(1)
         z1 = torch.where(expand_as(ok, proposal), whiten(proposal), 0.0).flatten(1)
         dz = torch.where(expand_as(ok, velocity), whiten(velocity), 0.0).flatten(1)
         c0 = z0 - z0.mean(0)
