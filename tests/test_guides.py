@@ -335,12 +335,80 @@ def test_warm_start_is_the_exact_posterior_of_a_gaussian_model(data):
     assert guide.warm_start.kind == "full"
     torch.testing.assert_close(guide.warm_start.loc, mean, atol=1e-4, rtol=0)
     torch.testing.assert_close(guide.warm_start.covariance(), cov, atol=1e-5, rtol=1e-4)
+    tril = guide.warm_start.scale_tril  # no flat direction: the secant check leaves it alone
+    torch.testing.assert_close(tril @ tril.T, cov, atol=1e-5, rtol=1e-4)
     z = guide.get_posterior().sample((20_000,))  # untrained: the Laplace approximation itself
     torch.testing.assert_close(z.mean(0), mean, atol=0.01, rtol=0)
     # get_transform is the whole map, for NeuTra: its last stage is the warm start's
     last = guide.get_transform().parts[-1]
     assert torch.equal(last.loc, guide.warm_start.loc)
     assert torch.equal(last.scale_tril, guide.warm_start.scale_tril)
+
+
+def quartic_mode():
+    """``a ~ N(0, 1)`` beside ``b`` with $\\log p(b) = -b^4$ (and a N(0, 10^2) prior): at
+    the mode, ``b``'s curvature is almost 0 and its Laplace sd enormous, while the log-density
+    falls by 1/2 at $|b| = 2^{-1/4}$."""
+    pyro.sample("a", dist.Normal(0.0, 1.0))
+    b = pyro.sample("b", dist.Normal(0.0, 10.0))
+    pyro.factor("quartic", -(b**4))
+
+
+def test_warm_start_narrows_a_flat_direction_to_the_secant_scale():
+    near_mode = init_to_value(values={"a": torch.tensor(0.0), "b": torch.tensor(0.3)})
+    guide = AutoFlow(quartic_mode, flow="iaf", num_layers=1, hidden_dims=(8,),
+                     init_loc_fn=near_mode)
+    guide()
+    start = guide.warm_start
+    assert start.kind == "full" and start.cost["secant_evaluations"] > 5
+    laplace_sd = start.covariance().diagonal().sqrt()
+    secant_sd = (start.scale_tril @ start.scale_tril.T).diagonal().sqrt()
+    assert laplace_sd[1] > 5  # the curvature's answer (the MAP's b is not exactly 0)
+    # a's direction is Gaussian and kept; b's is where the fall is 1/2 (the MAP's residual
+    # offset adds 6 b0^2 c^2 to the quartic's c^4, hence the tolerance)
+    torch.testing.assert_close(secant_sd[0], laplace_sd[0], rtol=1e-4, atol=0)
+    assert secant_sd[1] == pytest.approx(0.5**0.25, rel=0.05)
+
+
+class SabotagedELBO(Trace_ELBO):
+    """The ELBO for ``good_calls`` calls, then its negative: a run that falls apart late."""
+
+    def __init__(self, good_calls: int, **kwargs):
+        super().__init__(**kwargs)
+        self.good_calls, self.calls = good_calls, 0
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        loss = super().differentiable_loss(model, guide, *args, **kwargs)
+        self.calls += 1
+        return loss if self.calls <= self.good_calls else -loss
+
+
+def test_fit_guide_restores_the_best_guide_when_the_run_falls_apart(data):
+    guide = pyro.infer.autoguide.AutoNormal(linear_gaussian)
+    elbo = SabotagedELBO(good_calls=151, num_particles=16, vectorize_particles=True)
+    with pytest.warns(RuntimeWarning, match="restored"):
+        history = fit_guide(
+            linear_gaussian, guide, data, num_steps=300, lr=0.05, elbo=elbo, eval_every=25,
+            patience=None, num_elbo_samples=2000, progress=False, seed=0,
+        )
+    assert 25 <= history["restored_step"] <= 150  # a step of the good phase
+    # the restored guide is the good phase's: near the evidence, as a fitted Gaussian is
+    assert history["elbo"] > exact_log_evidence(data) - 0.5
+    # the sabotage did bite: the last step's (negated) loss is far above -log evidence
+    assert -history["train_loss"][-1] > -exact_log_evidence(data) + 5
+
+
+def test_fit_guide_checks_do_not_change_a_healthy_run(data):
+    histories = []
+    for keep_best in (True, False):
+        pyro.clear_param_store()
+        guide = pyro.infer.autoguide.AutoNormal(linear_gaussian)
+        histories.append(fit_guide(
+            linear_gaussian, guide, data, num_steps=200, lr=0.05, num_particles=8,
+            eval_every=25, keep_best=keep_best, num_elbo_samples=0, progress=False, seed=3,
+        ))
+    assert histories[0]["restored_step"] is None
+    assert histories[0]["train_loss"] == histories[1]["train_loss"]  # the same draws
 
 
 def test_diagnose_needs_training_then_reports_khat_ess_and_reweighted_draws(data):

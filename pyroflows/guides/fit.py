@@ -36,6 +36,17 @@ def _latent_dim(guide: Callable, args: tuple, kwargs: dict) -> int:
     )
 
 
+def _subsamples(model: Callable, args: tuple, kwargs: dict) -> bool:
+    """Whether a run of ``model`` subsamples a plate (draws a minibatch)."""
+    with poutine.block():
+        trace = poutine.trace(model).get_trace(*args, **kwargs)
+    return any(
+        site_is_subsample(site) and site["fn"].subsample_size not in (None, site["fn"].size)
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+    )
+
+
 def default_particles(dim: int) -> int:
     """ELBO particles per step for a ``dim``-dimensional posterior: ``2 * dim``, within
     ``[32, 64]`` (the gradient's variance grows with the dimension; vectorised particles are
@@ -83,6 +94,7 @@ def fit_guide(
     eval_every: int = 100,
     patience: int | None = 5,
     cooldown: int = 300,
+    keep_best: bool = True,
     num_elbo_samples: int = 2000,
     progress: bool = True,
     seed: int | None = None,
@@ -138,6 +150,16 @@ def fit_guide(
         patience: windows without improvement before stopping (``None``: run the budget).
         cooldown: steps after the plateau with the learning rate falling linearly to 0 (the
             optimiser's noise at a constant rate is what is left of the error there).
+        keep_best: a guard against a run that falls apart late (a reverse-KL fit can slide off
+            one branch of a multimodal posterior after it had it: ``docs/splines.md``, seventh
+            pass). Every ``eval_every`` steps the untempered ELBO is estimated from
+            ``max(256, num_particles)`` fresh draws and the parameters of the best estimate
+            are kept; if the final ELBO falls short of that best by more than three standard
+            errors of the difference, those parameters are restored, with a
+            ``RuntimeWarning``. The checks draw inside a forked random state, so the training
+            draws what it would without them; they are skipped for ``distributed`` runs and
+            for models that subsample a plate (a minibatch's ELBO is not comparable across
+            checks).
         num_elbo_samples: guide draws for the final ELBO estimate (0: skip it; the model must
             be vectorisable over a particle plate for it).
         progress: show a tqdm progress bar.
@@ -154,7 +176,8 @@ def fit_guide(
     Returns:
         The history of [`train_loop`][pyroflows.infer.loop.train_loop] (``train_loss`` is the
         negative ELBO estimate per step, of the tempered model while annealing;
-        ``window_loss`` at ``eval_step``), plus ``num_particles`` and, unless
+        ``window_loss`` at ``eval_step``), plus ``num_particles``, ``restored_step`` (the step
+        whose parameters ``keep_best`` restored, else ``None``) and, unless
         ``num_elbo_samples=0``, ``elbo`` and ``elbo_stderr``: the final ELBO from
         ``num_elbo_samples`` independent draws, and its Monte-Carlo standard error.
 
@@ -230,8 +253,27 @@ def fit_guide(
             }.values()
         )
 
+        device = parameters[0].device
+        forked = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=forked):  # the model's prior draws: not the run's
+            guard = keep_best and not distributed and not _subsamples(model, args, kwargs)
+        check_draws = max(256, num_particles)
+        best: dict[str, Any] = dict(elbo=-math.inf, stderr=0.0, step=None, values=None)
+
+        def estimate(num_draws: int) -> tuple[float, float]:
+            """ELBO and its standard error from fresh draws, leaving the random state as it
+            was (the training's stream does not depend on the checks)."""
+            with torch.random.fork_rng(devices=forked), torch.no_grad():
+                log_w = log_importance_weights(model, guide, *args, num_samples=num_draws, **kwargs)
+            return log_w.mean().item(), log_w.std().item() / math.sqrt(num_draws)
+
         def loss_fn(step: int) -> torch.Tensor:
             nonlocal beta
+            if guard and step > 1 and (step - 1) % eval_every == 0:
+                elbo_now, stderr = estimate(check_draws)
+                if math.isfinite(elbo_now) and elbo_now > best["elbo"]:
+                    values = [p.detach().clone() for p in parameters]
+                    best.update(elbo=elbo_now, stderr=stderr, step=step - 1, values=values)
             beta = anneal_beta(step, anneal_steps, anneal_from, anneal_shape)
             return loss.differentiable_loss(tempered, guide, *args, **kwargs)
 
@@ -256,6 +298,22 @@ def fit_guide(
             cooldown=cooldown,
         )
         history["num_particles"] = num_particles
+        history["restored_step"] = None
+        if best["values"] is not None:
+            final, stderr = estimate(4 * check_draws)
+            gap = best["elbo"] - final
+            if not math.isfinite(final) or gap > 3 * math.hypot(best["stderr"], stderr):
+                with torch.no_grad():
+                    torch._foreach_copy_(parameters, best["values"])
+                history["restored_step"] = best["step"]
+                warnings.warn(
+                    f"fit_guide: the final ELBO ({final:.4g} ± {stderr:.2g}) fell below the "
+                    f"best seen ({best['elbo']:.4g} ± {best['stderr']:.2g}, step "
+                    f"{best['step']}); the guide of that step is restored. The run was "
+                    "unstable late: a lower lr or more particles may help",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         if num_elbo_samples:
             with torch.no_grad():
                 log_w = log_importance_weights(

@@ -9,7 +9,9 @@ target of the guide is $\log p(u) = \log p(x, T(u)) + \log|\det J_T(u)|$. The wa
    particles of one model run) and, with $s = \operatorname{diag}(H)^{-1/2}$, the
    eigen-decomposition of $\operatorname{diag}(s) H \operatorname{diag}(s)$: all of it up to
    ``max_dense_dim`` dimensions, so $\mathcal N(\hat u, H^{-1})$ is the Laplace approximation
-   (used through the Cholesky factor of $H^{-1}$);
+   (used through the Cholesky factor of $H^{-1}$, after narrowing any eigen-direction along
+   which the log-density falls by over 50 nats at one Laplace sd, a quartic or flatter mode,
+   to the distance at which it falls by 1/2);
    above, the diagonal plus the ``rank`` eigen-directions (by Lanczos iteration) that matter
    most, a low-rank-plus-diagonal Laplace approximation. Directions of non-positive curvature
    keep the diagonal scale (or the guide's ``init_scale`` where $H_{ii} \le 0$);
@@ -113,12 +115,15 @@ class WarmStart:
             MAP: the init point with the guide's ``init_scale``).
         log_density: $\\log p(\\hat u)$ (unnormalised).
         cost: what the search took: ``"starts"``, ``"lbfgs_evaluations"`` (vectorised
-            log-density and gradient evaluations, each of every start at once) and
-            ``"hessian_vector_products"``.
-        scale_tril: up to ``max_dense_dim`` dimensions, the Cholesky factor of $A A^\\top$,
-            which is then the map used (a triangular factor keeps the whitened coordinates
-            aligned with the model's sites, where flows find non-Gaussianity most easily);
-            ``None`` above.
+            log-density and gradient evaluations, each of every start at once),
+            ``"hessian_vector_products"`` and, in the dense case, ``"secant_evaluations"``
+            (log-densities of the flat-direction check).
+        scale_tril: up to ``max_dense_dim`` dimensions, the Cholesky factor of $A A^\\top$
+            with its flat directions narrowed to the secant scale (where the log-density
+            falls by over 50 nats at one Laplace sd; see ``_secant_covariance``), which is
+            then the map used (a triangular factor keeps the whitened coordinates aligned
+            with the model's sites, where flows find non-Gaussianity most easily); ``None``
+            above.
     """
 
     loc: torch.Tensor
@@ -412,7 +417,15 @@ def laplace_warm_start(
     start = WarmStart(loc, scale, directions, direction_scales, kind, float(final[best]), cost)
     if dim <= max_dense_dim:
         covariance = start.covariance()
-        start.scale_tril = torch.linalg.cholesky(0.5 * (covariance + covariance.T))
+
+        def log_density(points: torch.Tensor) -> torch.Tensor:
+            cost["secant_evaluations"] = cost.get("secant_evaluations", 0) + len(points)
+            return unconstrained_log_density(guide, model, points, args, kwargs)[0]
+
+        forked = [loc.device] if loc.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=forked):  # the run's draws as before
+            covariance = _secant_covariance(log_density, loc, 0.5 * (covariance + covariance.T))
+        start.scale_tril = torch.linalg.cholesky(covariance)
     stationary = _stationary(guide, model, u, ok, start, args, kwargs)
     if _other_modes(u.detach(), final, stationary, best, start.transform()):
         # several optima of similar height: a Gaussian around one of them is a poor start
@@ -421,6 +434,62 @@ def laplace_warm_start(
             init.detach(), init_scale, "multimodal", fallback.log_density, cost
         )
     return start
+
+
+def _secant_covariance(
+    log_density: Callable[[torch.Tensor], torch.Tensor],
+    loc: torch.Tensor,
+    covariance: torch.Tensor,
+    *,
+    limit: float = 50.0,
+    halvings: int = 30,
+) -> torch.Tensor:
+    """The Laplace covariance with its flat directions narrowed to the posterior's real width.
+
+    Along an eigen-direction $v_j$ of the covariance with sd $\\sigma_j$, a Gaussian's
+    log-density falls by $\\tfrac12$ at $\\hat u \\pm \\sigma_j v_j$ (the mean of the two sides,
+    so a MAP that is not quite converged does not count). Where it falls by more than
+    ``limit`` nats (or leaves the support), the curvature at the mode understates the width's
+    inverse by over an order of magnitude: a quartic or flatter mode (a ring's tangent, as in
+    $U_1$), whose Laplace sd can be a hundred times the posterior's. There $\\sigma_j$ becomes
+    the secant scale, the distance at which the log-density has fallen by $\\tfrac12$, found by
+    halving $\\sigma_j$ (one vectorised evaluation of every halving of every such direction)
+    and interpolating the fall as a power of the distance between the last two halvings.
+    Directions within ``limit`` are untouched, so a near-Gaussian posterior keeps its Laplace
+    approximation exactly.
+    """
+    variances, vectors = torch.linalg.eigh(covariance)
+    sds = variances.clamp(min=0).sqrt()
+    axes = (vectors * sds).T  # row j: sigma_j v_j
+    dim = len(loc)
+
+    def symmetric_fall(steps: torch.Tensor) -> torch.Tensor:
+        """Mean fall of the log-density at loc +- each row of ``steps``, +inf off the support."""
+        values = log_density(torch.cat([loc[None], loc + steps, loc - steps]))
+        fall = values[0] - 0.5 * (values[1 : len(steps) + 1] + values[len(steps) + 1 :])
+        return torch.where(torch.isfinite(fall), fall, fall.new_full((), math.inf))
+
+    flat = (symmetric_fall(axes) > limit).nonzero().flatten()
+    if len(flat) == 0:
+        return covariance
+    factors = 0.5 ** torch.arange(halvings + 1, dtype=loc.dtype, device=loc.device)
+    steps = (factors[:, None, None] * axes[flat][None]).reshape(-1, dim)
+    falls = symmetric_fall(steps).reshape(len(factors), len(flat))  # (halving, direction)
+    for column, j in enumerate(flat.tolist()):
+        fall = falls[:, column]
+        within = (fall <= 0.5).nonzero().flatten()
+        if len(within) == 0:  # narrower than 2^-halvings of the Laplace sd: keep the last
+            sds[j] = sds[j] * factors[-1]
+            continue
+        k = int(within[0])  # the widest halving where the fall is at most 1/2
+        factor = factors[k]
+        if k > 0 and bool(torch.isfinite(fall[k - 1])) and float(fall[k]) > 0:
+            power = math.log2(float(fall[k - 1] / fall[k]))  # fall ~ distance^power locally
+            if power > 0:
+                factor = factor * min(2.0, (0.5 / float(fall[k])) ** (1 / power))
+        sds[j] = sds[j] * factor
+    covariance = (vectors * sds**2) @ vectors.T
+    return 0.5 * (covariance + covariance.T)
 
 
 def _hvp(
