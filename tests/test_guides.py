@@ -10,7 +10,16 @@ import pytest
 import torch
 from conftest import default_device_trap
 from pyro import poutine
-from pyro.infer import MCMC, NUTS, SVI, Predictive, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import (
+    MCMC,
+    NUTS,
+    SVI,
+    Predictive,
+    RenyiELBO,
+    Trace_ELBO,
+    TraceEnum_ELBO,
+    TraceMeanField_ELBO,
+)
 from pyro.infer.autoguide.initialization import init_to_value
 from pyro.infer.reparam import NeuTraReparam
 
@@ -396,6 +405,30 @@ def test_fit_guide_restores_the_best_guide_when_the_run_falls_apart(data):
     assert history["elbo"] > exact_log_evidence(data) - 0.5
     # the sabotage did bite: the last step's (negated) loss is far above -log evidence
     assert -history["train_loss"][-1] > -exact_log_evidence(data) + 5
+
+
+def test_fit_guide_leaves_an_enumerated_objective_alone():
+    # fresh draws would sample z, whose bound prefers both locations near 0: no checks here
+    noise = torch.randn(40, generator=torch.Generator().manual_seed(0))
+    data = noise + torch.tensor([-2.0, 2.0]).repeat_interleave(20)
+
+    @pyro.infer.config_enumerate
+    def mixture(data):
+        locs = pyro.sample("locs", dist.Normal(0.0, 5.0).expand([2]).to_event(1))
+        with pyro.plate("data", len(data)):
+            z = pyro.sample("z", dist.Categorical(torch.ones(2) / 2))
+            pyro.sample("obs", dist.Normal(locs[z], 1.0), obs=data)
+
+    init = init_to_value(values={"locs": torch.tensor([-0.5, 0.5])})
+    guide = pyro.infer.autoguide.AutoNormal(poutine.block(mixture, hide=["z"]), init_loc_fn=init)
+    history = fit_guide(
+        mixture, guide, data, num_steps=300, lr=0.02, elbo=TraceEnum_ELBO(max_plate_nesting=1),
+        eval_every=25, patience=None, num_elbo_samples=0, progress=False, seed=0,
+    )
+    assert history["restored_step"] is None
+    locs = guide.median(data)["locs"].sort().values
+    # (checked on this seed: with the checks, step 25's guide came back, locations +-0.96)
+    torch.testing.assert_close(locs, torch.tensor([-2.0, 2.0]), atol=0.4, rtol=0)  # sd 0.22
 
 
 def test_fit_guide_checks_do_not_change_a_healthy_run(data):

@@ -157,9 +157,11 @@ def fit_guide(
             are kept; if the final ELBO falls short of that best by more than three standard
             errors of the difference, those parameters are restored, with a
             ``RuntimeWarning``. The checks draw inside a forked random state, so the training
-            draws what it would without them; they are skipped for ``distributed`` runs and
-            for models that subsample a plate (a minibatch's ELBO is not comparable across
-            checks).
+            draws what it would without them. They are skipped for an ``elbo`` other than a
+            ``Trace_ELBO`` (or subclass, as ``TraceMeanField_ELBO``): a ``TraceEnum_ELBO``
+            sums out sites that fresh draws would sample, a different bound with a different
+            optimum; for ``distributed`` runs; and for models that subsample a plate (a
+            minibatch's ELBO is not comparable across checks).
         num_elbo_samples: guide draws for the final ELBO estimate (0: skip it; the model must
             be vectorisable over a particle plate for it).
         progress: show a tqdm progress bar.
@@ -256,7 +258,14 @@ def fit_guide(
         device = parameters[0].device
         forked = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=forked):  # the model's prior draws: not the run's
-            guard = keep_best and not distributed and not _subsamples(model, args, kwargs)
+            guard = (
+                keep_best
+                and not distributed
+                # the checks' importance weights estimate Trace_ELBO's bound, not an enumerated
+                # or Renyi one, whose optimum can differ
+                and (elbo is None or isinstance(elbo, Trace_ELBO))
+                and not _subsamples(model, args, kwargs)
+            )
         check_draws = max(256, num_particles)
         best: dict[str, Any] = dict(elbo=-math.inf, stderr=0.0, step=None, values=None)
 
