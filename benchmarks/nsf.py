@@ -12,8 +12,8 @@ points).
 ``AutoNormalizingFlow`` with two BNAF layers, trained with the budget and scored by the KL
 estimate of ``benchmarks/vi.py`` (``pyroflows.commands.vi.fit_and_score``: ``--kl-samples``
 fresh draws of q, printed with its Monte-Carlo standard error, and an ``AutoFlow``'s PSIS
-k-hat from ``diagnose``), one row per ``--seeds`` entry
-(the seed also decides the warm start's jitter and every SVI draw). ``--library-defaults``
+k-hat from ``diagnose``, and the step ``fit_guide``'s ``keep_best`` restored, if it did), one
+row per ``--seeds`` entry (the seed also decides the warm start's jitter and every SVI draw). ``--library-defaults``
 trains with ``fit_guide``'s own defaults instead of the script's (for a spline guide, what
 ``AutoFlow.fit_defaults`` recommends): what a user gets from ``AutoFlow(model, flow="nsf")``
 and ``fit_guide(model, guide, num_steps=3000)``. A spline guide is built with ``AutoFlow``'s
@@ -143,8 +143,8 @@ def run_vi(args: argparse.Namespace) -> list[dict]:
         settings.update(num_particles=None, anneal_steps=None, lr=None, anneal_from=None,
                         anneal_shape=args.anneal_shape)
     rows = []
-    print("| target | guide | seed | KL (nats) | ± | k-hat | seconds |\n"
-          "|---|---|---|---|---|---|---|")
+    print("| target | guide | seed | KL (nats) | ± | k-hat | restored | seconds |\n"
+          "|---|---|---|---|---|---|---|---|")
     for target in args.targets:
         for spec in args.guides:
             name, options = parse_guide(spec)
@@ -160,7 +160,8 @@ def run_vi(args: argparse.Namespace) -> list[dict]:
                 khat = f"{result['khat']:.2f}" if "khat" in result else "-"
                 print(
                     f"| {target} | {spec} | {seed} | {result['kl']:.4f} | {result['kl_se']:.4f} "
-                    f"| {khat} | {result['train_seconds']:.0f} |",
+                    f"| {khat} | {result['restored_step'] or '-'} "
+                    f"| {result['train_seconds']:.0f} |",
                     flush=True,
                 )
     return rows

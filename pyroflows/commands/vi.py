@@ -94,7 +94,9 @@ def fit_and_score(
         **fit_options: further options of ``fit_guide`` (e.g. ``anneal_from``).
 
     Returns:
-        ``kl``, ``kl_se`` (nats), ``train_seconds``, ``final_loss`` and ``samples``
+        ``kl``, ``kl_se`` (nats), ``train_seconds``, ``final_loss``, ``restored_step``
+        (``fit_guide``'s ``keep_best``: the step whose guide was restored, else ``None``) and
+        ``samples``
         (``(num_plot_samples, 2)`` on the CPU).
     """
     import pyro
@@ -119,7 +121,8 @@ def fit_and_score(
                                 parallel=True)
         samples = predictive()["x"].reshape(-1, 2).cpu()
     result = dict(kl=kl, kl_se=kl_se, train_seconds=seconds,
-                  final_loss=history["train_loss"][-1], samples=samples)
+                  final_loss=history["train_loss"][-1], samples=samples,
+                  restored_step=history["restored_step"])
     if hasattr(guide, "diagnose"):  # AutoFlow: PSIS k-hat of the trained guide, and its verdict
         report = guide.diagnose(num_samples=min(kl_samples, 4000))
         result.update(khat=report["khat"], verdict=report["verdict"])
