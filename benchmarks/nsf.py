@@ -10,15 +10,16 @@ points).
 
 ``vi``: KL(q || p) of ``AutoFlow`` guides (``flow[:option=value,...]``) and Pyro's
 ``AutoNormalizingFlow`` with two BNAF layers, trained with the budget and scored by the KL
-estimate of ``benchmarks/vi.py`` (``pyroflows.commands.vi.fit_and_score``: ``--kl-samples``
-fresh draws of q, printed with its Monte-Carlo standard error, and an ``AutoFlow``'s PSIS
-k-hat from ``diagnose``, and the step ``fit_guide``'s ``keep_best`` restored, if it did), one
-row per ``--seeds`` entry (the seed also decides the warm start's jitter and every SVI draw). ``--library-defaults``
-trains with ``fit_guide``'s own defaults instead of the script's (for a spline guide, what
-``AutoFlow.fit_defaults`` recommends): what a user gets from ``AutoFlow(model, flow="nsf")``
-and ``fit_guide(model, guide, num_steps=3000)``. A spline guide is built with ``AutoFlow``'s
-spline defaults (box 10, 16 bins, ``init_scale=1.0``) unless its spec says otherwise; the
-guide of the first four passes of ``docs/splines.md`` is ``nsf:bound=5.0,bins=8,init_scale=0.1``.
+estimate of ``benchmarks/vi.py`` (``pyroflows.commands.vi.fit_and_score``: ``--kl-samples`` fresh
+draws of q, printed with its Monte-Carlo standard error, and an ``AutoFlow``'s PSIS k-hat from
+``diagnose``, and the step ``fit_guide``'s ``keep_best`` restored, if it did), one row per
+``--seeds`` entry (the seed also decides the warm start's jitter and every SVI draw).
+``--library-defaults`` trains with ``fit_guide``'s own defaults instead of the script's (for a
+spline guide, what ``AutoFlow.fit_defaults`` recommends): what a user gets from ``AutoFlow(model,
+flow="nsf")`` and ``fit_guide(model, guide, num_steps=3000)``. A spline guide is built with
+``AutoFlow``'s spline defaults (box 10, 16 bins, ``init_scale=1.0``) unless its spec says
+otherwise; the guide of the first four passes of ``docs/splines.md`` is
+``nsf:bound=5.0,bins=8,init_scale=0.1``.
 
     OMP_NUM_THREADS=1 python benchmarks/nsf.py density --data 8gaussians --steps 2000
     OMP_NUM_THREADS=1 python benchmarks/nsf.py vi --targets u1 --guides nsf bnaf:parallel=forward \
