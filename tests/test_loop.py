@@ -284,10 +284,34 @@ def test_every_trainer_reports_the_same_history_keys():
         assert common <= set(history), sorted(common - set(history))
 
 
+@pytest.mark.parametrize("clip_to_median", [None, 2.0])
+def test_a_gradient_spike_is_clipped_to_the_median_norm(clip_to_median):
+    # loss = w (gradient 1) except one step with gradient 1000. Adam's second moment remembers
+    # the spike for ~1000 steps and shrinks every later step; clipped to twice the median
+    # norm, the spike leaves the steps at their size (lr each: Adam's steps are normalised).
+    module = nn.Linear(1, 1, bias=False)
+    seen = []
+
+    def loss_fn(step):
+        seen.append(module.weight.item())
+        return module.weight.sum() * (1000.0 if step == 60 else 1.0)
+
+    lr = 1e-3
+    with run_generator(0, module) as g:
+        train_loop(module, loss_fn, num_steps=100, lr=lr, generator=g, schedule="constant",
+                   max_grad_norm=None, clip_to_median=clip_to_median, progress=False)
+    moved = (seen[60] - seen[-1]) / lr  # steps 61..100, in units of lr
+    if clip_to_median is None:
+        assert moved < 15
+    else:
+        assert 35 < moved < 41
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
         (dict(num_steps=0), "num_steps"),
+        (dict(clip_to_median=0.0), "clip_to_median"),
         (dict(lr=-1.0), "lr"),
         (dict(schedule="linear"), "schedule"),
         (dict(backoff=1.0), "backoff"),

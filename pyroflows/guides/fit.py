@@ -57,7 +57,8 @@ def default_particles(dim: int) -> int:
 
 # fit_guide's settings for a guide that recommends none (num_particles None: by dimension)
 GLOBAL_DEFAULTS: dict[str, Any] = dict(lr=1e-2, num_particles=None, anneal_steps=0,
-                                       anneal_from=0.01, anneal_shape="linear")
+                                       anneal_from=0.01, anneal_shape="linear",
+                                       clip_to_median=None)
 ANNEAL_SHAPES = ("linear", "cosine", "geometric")
 
 
@@ -88,6 +89,7 @@ def fit_guide(
     num_particles: int | None = None,
     elbo: ELBO | None = None,
     max_grad_norm: float | None = 10.0,
+    clip_to_median: float | None = None,
     anneal_steps: int | None = None,
     anneal_from: float | None = None,
     anneal_shape: str | None = None,
@@ -114,10 +116,11 @@ def fit_guide(
     improvement beyond twice the window's standard error end the run, after ``cooldown`` more
     steps at a learning rate falling to 0.
 
-    ``lr``, ``num_particles``, ``anneal_steps``, ``anneal_from`` and ``anneal_shape`` left at
-    ``None`` take the guide's recommendation, ``guide.fit_defaults(num_steps)`` where the guide
-    has one (a spline [`AutoFlow`][pyroflows.guides.AutoFlow]: lr 3e-3, 256 particles, the first
-    80% of the budget tempered from $\\beta = 0.5$ along a half cosine; see
+    ``lr``, ``num_particles``, ``anneal_steps``, ``anneal_from``, ``anneal_shape`` and
+    ``clip_to_median`` left at ``None`` take the guide's recommendation,
+    ``guide.fit_defaults(num_steps)`` where the guide has one (a spline
+    [`AutoFlow`][pyroflows.guides.AutoFlow]: lr 3e-3, 256 particles, the first 80% of the
+    budget tempered from $\\beta = 0.5$ along a half cosine; see
     [`AutoFlow.fit_defaults`][pyroflows.guides.AutoFlow.fit_defaults]), else the global default
     named below. An argument given always wins.
 
@@ -136,6 +139,9 @@ def fit_guide(
             vectorised particles, or, with a warning, one particle at a time for a model that
             does not broadcast over their plate (written for one draw, as ``X @ beta``).
         max_grad_norm: gradient-norm clip (``None``: no clipping).
+        clip_to_median: also clip each step's gradient norm to this multiple of the median
+            norm of the last 200 steps ([`train_loop`][pyroflows.infer.loop.train_loop]);
+            global default off (``math.inf`` turns off a guide's recommendation).
         anneal_steps: temper the model's log-density by $\\beta$ rising from ``anneal_from``
             to 1 over the first ``anneal_steps`` steps (Rezende & Mohamed 2015):
             the guide then fits $p^\\beta$, broad at first, which keeps reverse-KL training from
@@ -193,12 +199,13 @@ def fit_guide(
     check_int(num_steps, "num_steps")
     recommend = getattr(guide, "fit_defaults", None)
     given = dict(lr=lr, num_particles=num_particles, anneal_steps=anneal_steps,
-                 anneal_from=anneal_from, anneal_shape=anneal_shape)
+                 anneal_from=anneal_from, anneal_shape=anneal_shape,
+                 clip_to_median=clip_to_median)
     settings = {**GLOBAL_DEFAULTS, **(recommend(num_steps) if callable(recommend) else {})}
     settings.update({key: value for key, value in given.items() if value is not None})
     lr, num_particles = settings["lr"], settings["num_particles"]
     anneal_steps, anneal_from = settings["anneal_steps"], settings["anneal_from"]
-    anneal_shape = settings["anneal_shape"]
+    anneal_shape, clip_to_median = settings["anneal_shape"], settings["clip_to_median"]
     if anneal_shape not in ANNEAL_SHAPES:
         raise ValueError(f"anneal_shape must be one of {ANNEAL_SHAPES}, got {anneal_shape!r}")
     check_int(anneal_steps, "anneal_steps", minimum=0)
@@ -296,6 +303,7 @@ def fit_guide(
             schedule="exponential",
             final_lr=final_lr,
             max_grad_norm=max_grad_norm,
+            clip_to_median=clip_to_median,
             eval_every=eval_every,
             patience=patience,
             progress=progress,

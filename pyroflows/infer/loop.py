@@ -17,6 +17,12 @@ consecutive such steps (or as soon as the parameters themselves are non-finite) 
 of the last finite step are restored and [`TrainingDiverged`][pyroflows.infer.loop.TrainingDiverged]
 is raised, naming the step, the loss and the learning rate.
 
+**Gradient spikes.** Besides the fixed ``max_grad_norm``, ``clip_to_median`` clips each
+step's gradient norm to that multiple of the median norm of the last 200 steps (from the 50th
+step on; AutoClip, Seetharaman et al. 2020, which takes a percentile of the whole history): a
+step whose gradient is an outlier, as when a few particles land where the model's
+log-density is steep, moves the parameters no further than a typical step does.
+
 **Randomness.** ``seed`` seeds a ``torch.Generator`` owned by the run (mini-batches, noise the
 caller draws itself) *and*, because Pyro's sample statements and stochastic layers draw from
 torch's global generator, the global generator inside ``torch.random.fork_rng``: the caller's
@@ -28,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import statistics
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -139,6 +146,7 @@ def train_loop(
     final_lr: float = 0.0,
     weight_decay: float = 0.0,
     max_grad_norm: float | None = 10.0,
+    clip_to_median: float | None = None,
     validate: Callable[[], float] | None = None,
     eval_every: int | None = None,
     patience: int | None = None,
@@ -172,6 +180,8 @@ def train_loop(
         final_lr: learning rate at the last step (``> 0`` for ``"exponential"``).
         weight_decay: Adam weight decay.
         max_grad_norm: gradient-norm clip (``None``: no clipping).
+        clip_to_median: also clip the gradient norm to this multiple of the median norm of
+            the last 200 steps, from the 50th step on (``None``: no such clip).
         validate: ``() -> float`` evaluated every ``eval_every`` steps and at the end (in eval
             mode, without gradients); the parameters with the lowest value are restored at the
             end. Without it and with ``patience``, the mean training loss of each window of
@@ -215,6 +225,8 @@ def train_loop(
     check_number(weight_decay, "weight_decay", low=0.0)
     if max_grad_norm is not None:
         check_positive(max_grad_norm, "max_grad_norm")
+    if clip_to_median is not None:
+        check_positive(clip_to_median, "clip_to_median")
     if eval_every is not None:
         check_int(eval_every, "eval_every")
     if patience is not None:
@@ -255,7 +267,7 @@ def train_loop(
     )
     state = dict(
         scale=1.0, failures=0, since_best=0, best=math.inf, best_state=None, window=0,
-        cooldown_from=None,
+        cooldown_from=None, norms=[],
     )
     first_step = 1
     if resume and Path(checkpoint).is_file():
@@ -354,8 +366,14 @@ def train_loop(
                     dist.all_reduce(grad)
                     p.grad = grad / world
             limit = max_grad_norm if max_grad_norm is not None else math.inf
+            norms = state.setdefault("norms", [])  # (absent from older checkpoints)
+            if clip_to_median is not None and len(norms) >= 50:
+                limit = min(limit, clip_to_median * statistics.median(norms))
             norm = torch.nn.utils.clip_grad_norm_(params, limit)
             finite = bool(torch.isfinite(norm))
+            if finite and clip_to_median is not None:
+                norms.append(float(norm))  # the norm before clipping
+                del norms[:-200]
         history["steps"] = step
         if finite:
             with torch.no_grad():
