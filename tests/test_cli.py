@@ -90,7 +90,7 @@ def test_vi_trains_a_spline_guide_as_the_guide_recommends(tmp_path, monkeypatch,
         guide()
         with torch.no_grad():
             next(guide.parameters()).add_(0.0)
-        return {"train_loss": [0.0]}
+        return {"train_loss": [0.0], "restored_step": None}
 
     monkeypatch.setattr("pyroflows.guides.fit_guide", fit_guide)
     argv = ["vi", "--data", "u1", "--steps", "10", "--kl-samples", "500", "--json", "--quiet",
