@@ -137,6 +137,7 @@ def sample(
     model_args: tuple = (),
     model_kwargs: dict[str, Any] | None = None,
     vectorize: str = "plate",
+    reparam: str | None = "auto",
 ) -> az.InferenceData:
     """Run ``kernel`` on its energy or its Pyro model; collect ``num_samples`` draws per chain.
 
@@ -158,6 +159,12 @@ def sample(
         vectorize: how the model evaluates every chain at once: ``"plate"`` (it broadcasts over
             an outer chain plate) or ``"vmap"`` (a model written for one chain, mapped by
             ``torch.func.vmap``); see [`ModelPotential`][pyroflows.mcmc.ModelPotential].
+        reparam: for a model, ``"auto"`` (default) non-centres the elements of hierarchical
+            loc-scale sites (a scale that depends on other latent sites) that the data say
+            little about, chosen after a short pilot of warm-up
+            ([`reparam`][pyroflows.mcmc.reparam]); the draws are still the model's own sites.
+            ``None`` samples the model as written. Not for ``vectorize="vmap"`` or a flow
+            proposal, which keep the model as written.
 
     Returns:
         For an energy, ``InferenceData`` with ``posterior["x"]`` of dims ``(chain, draw, x_dim_0,
@@ -191,6 +198,7 @@ def sample(
             model_args=model_args,
             model_kwargs=model_kwargs or {},
             vectorize=vectorize,
+            reparam=reparam,
         )
     if model_args or model_kwargs or vectorize != "plate":
         raise ValueError(

@@ -23,7 +23,8 @@ import torch
 
 from pyroflows._optional import require
 from pyroflows.mcmc.potential import InitStrategy, ModelPotential
-from pyroflows.validation import check_int
+from pyroflows.mcmc.reparam import carry_over, decentre, plan
+from pyroflows.validation import check_choice, check_int
 
 az = require("arviz")  # the mcmc extra: an ImportError that names it
 
@@ -33,6 +34,10 @@ __all__ = ["sample_model", "to_inference_data"]
 CHUNK = 4096
 #: largest pointwise log-likelihood (entries over all draws) stored without being asked
 MAX_LOG_LIKELIHOOD = 50_000_000
+#: most warm-up steps spent in the pilot that decides ``reparam="auto"`` (at most a fifth)
+PILOT = 100
+#: fewest pilot steps worth running (fewer warm-up steps: decide at the initial points)
+MIN_PILOT = 10
 
 
 def sample_model(
@@ -49,6 +54,7 @@ def sample_model(
     model_kwargs: dict[str, Any] | None = None,
     log_likelihood: bool | None = None,
     vectorize: str = "plate",
+    reparam: str | None = "auto",
 ) -> az.InferenceData:
     """Run ``kernel`` (built with ``model=``) on its model; users call
     [`sample`][pyroflows.mcmc.sample], which lands here.
@@ -70,6 +76,9 @@ def sample_model(
             ``MAX_LOG_LIKELIHOOD`` entries; many chains times large data can need gigabytes).
         vectorize: ``"plate"`` or ``"vmap"``, as in
             [`ModelPotential`][pyroflows.mcmc.ModelPotential].
+        reparam: ``"auto"``: non-centre the hierarchical sites' elements that the data say
+            little about, decided after a pilot of at most ``PILOT`` warm-up steps (see
+            `pyroflows.mcmc.reparam`); ``None``: sample the model as written.
 
     Returns:
         ``InferenceData`` (see [`to_inference_data`][pyroflows.mcmc.models.to_inference_data]).
@@ -84,14 +93,69 @@ def sample_model(
     potential = ModelPotential(
         kernel.model, *model_args, vectorize=vectorize, **(model_kwargs or {})
     )
+    check_choice(reparam, "reparam", ("auto", None))
     generator = make_generator(seed, potential._device)
     start = potential.init(num_chains, init, generator)
+    pilot: dict[str, Any] = {}
+    hide: set[str] = set()
+    if reparam == "auto" and vectorize == "plate" and getattr(kernel, "proposal", None) is None:
+        potential, start, pilot, hide = _auto_reparam(
+            kernel, potential, start, warmup_steps, generator, progress, model_args,
+            model_kwargs or {},
+        )
     kernel.bind(potential)
     draws, stats, attrs = run_chains(
-        kernel, start, num_samples, warmup_steps=warmup_steps, thinning=thinning,
-        progress=progress, generator=generator,
+        kernel, start, num_samples, warmup_steps=warmup_steps - pilot.get("warmup_steps", 0),
+        thinning=thinning, progress=progress, generator=generator,
     )
-    return to_inference_data(potential, draws, stats, attrs, log_likelihood=log_likelihood)
+    for key in ("sampling_time", "num_energy_calls", "num_energy_evals", "warmup_nonfinite",
+                "warmup_divergences", "warmup_steps"):
+        if key in pilot:
+            attrs[key] += pilot[key]
+    if "reparam" in pilot:
+        attrs["reparam"] = pilot["reparam"]
+    return to_inference_data(
+        potential, draws, stats, attrs, log_likelihood=log_likelihood, hide=hide
+    )
+
+
+def _auto_reparam(
+    kernel: Any,
+    potential: ModelPotential,
+    start: torch.Tensor,
+    warmup_steps: int,
+    generator: torch.Generator,
+    progress: bool,
+    model_args: tuple,
+    model_kwargs: dict[str, Any],
+) -> tuple[ModelPotential, torch.Tensor, dict[str, Any], set[str]]:
+    """Non-centre what `pyroflows.mcmc.reparam.plan` chooses: the potential to sample, the
+    chains' points in it, what the pilot cost (added to the run's ``attrs``) and the latent
+    sites the reparameterisation added."""
+    from pyroflows.mcmc.driver import run_chains
+
+    choice, informed = plan(potential, start, generator)
+    if not choice:
+        return potential, start, {}, set()
+    pilot: dict[str, Any] = {}
+    if informed and warmup_steps >= 5 * MIN_PILOT:
+        steps = min(PILOT, warmup_steps // 5)
+        kernel.bind(potential)
+        draws, _, pilot = run_chains(
+            kernel, start, 1, warmup_steps=steps - 1, progress=progress, generator=generator
+        )
+        pilot["warmup_steps"] = steps
+        start = draws[0]
+        choice, _ = plan(potential, start, generator)
+    pilot["reparam"] = ", ".join(
+        f"{name}: {int((c == 0).sum())} of {c.numel()} non-centred" for name, c in choice.items()
+    )
+    model = decentre(potential.model, choice)
+    if model is potential.model:
+        return potential, start, pilot, set()
+    new = ModelPotential(model, *model_args, vectorize="plate", **model_kwargs)
+    added = set(new._latent) - set(potential._latent)
+    return new, carry_over(potential, new, start, choice), pilot, added
 
 
 def _numpy(x: torch.Tensor) -> np.ndarray:
@@ -105,6 +169,7 @@ def to_inference_data(
     attrs: dict[str, Any] | None = None,
     *,
     log_likelihood: bool | None = None,
+    hide: set[str] | frozenset[str] = frozenset(),
 ) -> az.InferenceData:
     """Map unconstrained draws of a model back to its sites, as ``arviz.InferenceData``.
 
@@ -115,6 +180,8 @@ def to_inference_data(
         attrs: run attributes stored on the result.
         log_likelihood: store the pointwise log-likelihood (``None``: when it has at most
             ``MAX_LOG_LIKELIHOOD`` entries).
+        hide: latent sites left out of ``posterior`` (those an automatic reparameterisation
+            added).
 
     Returns:
         ``posterior``: every latent and deterministic site by name, constrained, dims
@@ -149,7 +216,7 @@ def to_inference_data(
     # the event dims of observed_data "<site>_dim_<i>", as dims() does
     for name, site in potential._observed.items():
         dims[name] = dims[name][: len(site["fn"].batch_shape)]
-    posterior = {name: chains_first(name) for name in potential.shapes()}
+    posterior = {name: chains_first(name) for name in potential.shapes() if name not in hide}
     groups: dict[str, Any] = {"posterior": posterior}
     if log_likelihood and potential._observed:
         groups["log_likelihood"] = {name: chains_first(name) for name in potential._observed}
