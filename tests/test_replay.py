@@ -130,6 +130,38 @@ def test_graph_is_simplified():
     assert "zeros_like" not in graph.code
 
 
+def funnel():
+    v = pyro.sample("v", dist.Normal(torch.tensor(0.0, dtype=F64), 3.0))
+    with pyro.plate("i", 9):
+        pyro.sample("x", dist.Normal(torch.tensor(0.0, dtype=F64), torch.exp(v / 2)))
+
+
+def test_peepholes_log_of_exp_and_the_gradient_as_one_concatenation():
+    """The funnel's log(exp(v / 2)) is gone, and so are the gradient's zero-padded slices and
+    the no-ops whose readers are pointwise (x - 0 on a slice of the input, s ** 1 on an
+    expanded scale); energy and gradient are still the executed ones, on new points."""
+    potential = ModelPotential(funnel)
+    u = 2 * torch.randn(32, 10, generator=torch.Generator().manual_seed(0), dtype=F64)
+    (via_energy, fused), (value, grad) = replayed_and_executed(potential, u)
+    for replayed_value, replayed_grad in (via_energy, fused):
+        assert torch.allclose(replayed_value, value, rtol=1e-10, atol=1e-10)
+        assert torch.allclose(replayed_grad, grad, rtol=1e-10, atol=1e-10)
+    (graph,) = [g.module for key, g in potential._replay._graphs.items() if key[-1]]
+    targets = [n.target for n in graph.graph.nodes if n.op == "call_function"]
+    aten = torch.ops.aten
+    assert aten.log.default not in targets and aten.slice_backward.default not in targets
+    assert aten.cat.default in targets
+    assert not any(
+        n.target is aten.pow.Tensor_Scalar and n.args[1] == 1 for n in graph.graph.nodes
+    )
+    other = 2 * torch.randn(32, 10, generator=torch.Generator().manual_seed(1), dtype=F64)
+    replayed = graph(other)
+    potential.replay = False
+    executed = potential.value_and_grad(other)
+    for a, b in zip(replayed, executed, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
 def correlated_gaussian(loc, scale_tril):
     pyro.sample("z", dist.MultivariateNormal(loc, scale_tril=scale_tril))
 

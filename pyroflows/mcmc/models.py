@@ -153,7 +153,11 @@ def _auto_reparam(
     model = decentre(potential.model, choice)
     if model is potential.model:
         return potential, start, pilot, set()
-    new = ModelPotential(model, *model_args, vectorize="plate", **model_kwargs)
+    try:
+        new = ModelPotential(model, *model_args, vectorize="plate", **model_kwargs)
+    except ValueError as err:  # kept as written rather than failed: the choice is ours
+        warnings.warn(f"reparam='auto' kept the model as written: {err}", stacklevel=4)
+        return potential, start, {**pilot, "reparam": "none (failed)"}, set()
     added = set(new._latent) - set(potential._latent)
     return new, carry_over(potential, new, start, choice), pilot, added
 

@@ -17,7 +17,10 @@ mutates its input), simplifies the graph and runs it on later inputs of the same
    constant (a ``MultivariateNormal``'s fixed Cholesky factor, in the log-density and again,
    transposed, in its gradient) becomes a product with the factor's inverse, computed once: a
    matrix product costs a fraction of a solve over thousands of right-hand sides;
-4. **common subexpressions** are computed once; dead ops are dropped.
+4. **common subexpressions** are computed once; dead ops are dropped;
+5. **two peepholes**: ``log(exp(y))`` is ``y`` (a scale written ``exp(y)`` puts it in every
+   log-density), and the gradient of the packed vector, a sum of one zero-padded
+   ``slice_backward`` per site, becomes one concatenation.
 
 **When a graph is used.** Only for an input shape, dtype and device seen twice (one-off shapes,
 such as subsets of chains, are not worth a trace); only if tracing succeeds; only if the graph
@@ -100,7 +103,8 @@ def _equals(operand: Any, identity: float, values: dict) -> bool:
 def _identity_source(node: fx.Node, values: dict) -> fx.Node | None:
     """The operand ``node`` returns unchanged, if any: a view, copy or clone with its input's
     layout; ``x * 1``, ``x / 1``, ``x + 0``, ``x - 0``, ``x ** 1`` (also by an all-0 or all-1
-    folded constant) whose result has ``x``'s shape and dtype and ``x`` is contiguous."""
+    folded constant) whose result has ``x``'s shape and dtype, where ``x`` is contiguous or
+    only pointwise ops read the result."""
     if not node.args or not isinstance(node.args[0], fx.Node):
         return None
     if node.target in _NO_OP_WHEN_SAME:
@@ -120,9 +124,16 @@ def _identity_source(node: fx.Node, values: dict) -> fx.Node | None:
     same = _same_layout(out, value) or (
         isinstance(value, torch.Tensor)
         and (out.shape, out.dtype, out.device) == (value.shape, value.dtype, value.device)
-        and value.is_contiguous()
+        # pointwise users read any layout alike (a slice of the input, an expanded scale)
+        and (value.is_contiguous() or all(_pointwise(user) for user in node.users))
     )
     return source if same else None
+
+
+def _pointwise(node: fx.Node) -> bool:
+    return isinstance(node.target, torch._ops.OpOverload) and (
+        torch.Tag.pointwise in node.target.tags
+    )
 
 
 def _same_layout(a: Any, b: Any) -> bool:
@@ -171,6 +182,54 @@ def _solves_as_products(module: fx.GraphModule, values: dict) -> None:
         module.graph.erase_node(node)
         values[attr] = inverse
         values[product] = torch.matmul(*(values.get(n, n) for n in operands))
+
+
+def _log_of_exp(graph: fx.Graph) -> None:
+    """``log(exp(y))`` as ``y``, also through an ``expand`` between them: a scale written as
+    ``exp(y)`` has ``log(scale)`` in its log-density."""
+    for node in list(graph.nodes):
+        if node.target is not aten.log.default or not isinstance(node.args[0], fx.Node):
+            continue
+        inner, expand = node.args[0], None
+        if inner.target is aten.expand.default and isinstance(inner.args[0], fx.Node):
+            inner, expand = inner.args[0], inner.args[1]
+        if inner.target is not aten.exp.default:
+            continue
+        source = inner.args[0]
+        if expand is not None:
+            with graph.inserting_before(node):
+                source = graph.call_function(aten.expand.default, (source, expand))
+        node.replace_all_uses_with(source)
+        graph.erase_node(node)
+
+
+def _gradient_as_concatenation(graph: fx.Graph, values: dict) -> None:
+    """A sum of ``slice_backward`` pieces that tile one dimension (the gradient of a packed
+    vector, one piece per site) as one ``cat``: no zero-filled copies, no additions."""
+
+    def pieces(node: fx.Node) -> list[fx.Node]:
+        if node.target is aten.add.Tensor and len(node.args) == 2 and not node.kwargs and all(
+            isinstance(a, fx.Node) and len(a.users) == 1 for a in node.args
+        ):
+            return [p for a in node.args for p in pieces(a)]
+        return [node]
+
+    for node in reversed(list(graph.nodes)):
+        if node.target is not aten.add.Tensor or node not in graph.nodes:
+            continue
+        parts = pieces(node)
+        if len(parts) < 2 or any(p.target is not aten.slice_backward.default for p in parts):
+            continue
+        shape, dim = parts[0].args[1], parts[0].args[2]
+        spans = sorted((p.args[3], p.args[4], p) for p in parts)
+        tiles = all(p.args[1] == shape and p.args[2] == dim and p.args[5] == 1 for p in parts)
+        ends = [0] + [end for _, end, _ in spans]
+        if not tiles or [start for start, _, _ in spans] != ends[:-1] or ends[-1] != shape[dim]:
+            continue
+        with graph.inserting_before(node):
+            cat = graph.call_function(aten.cat.default, ([p.args[0] for _, _, p in spans], dim))
+        values[cat] = values[node]
+        node.replace_all_uses_with(cat)
 
 
 def simplify(module: fx.GraphModule, *example: torch.Tensor) -> fx.GraphModule:
@@ -227,6 +286,8 @@ def simplify(module: fx.GraphModule, *example: torch.Tensor) -> fx.GraphModule:
             graph.erase_node(node)
         else:
             seen[key] = node
+    _log_of_exp(graph)
+    _gradient_as_concatenation(graph, values)
     graph.eliminate_dead_code()
     module.recompile()
     return module
