@@ -4,7 +4,8 @@ For a model with latent vector $u \in \mathbb R^D$ (ADVI's unconstrained coordin
 target of the guide is $\log p(u) = \log p(x, T(u)) + \log|\det J_T(u)|$. The warm start
 
 1. maximises $\log p(u)$ by L-BFGS from several starts at once (one vectorised model run per
-   evaluation, the starts in a particle plate): the init strategy's point and jittered copies;
+   evaluation, the starts in a particle plate): the init strategy's point and jittered copies,
+   in antithetic pairs (so that two modes on either side of the init point are both reached);
 2. takes the curvature $H = -\nabla^2 \log p(\hat u)$ by Hessian-vector products (batched as
    particles of one model run) and, with $s = \operatorname{diag}(H)^{-1/2}$, the
    eigen-decomposition of $\operatorname{diag}(s) H \operatorname{diag}(s)$: all of it up to
@@ -317,7 +318,8 @@ def laplace_warm_start(
         init: the init strategy's point (the first start).
         init_scale: the diagonal scale used when no curvature is usable.
         num_starts: starts optimised together (the init point and ``num_starts - 1`` copies
-            jittered by uniform noise of half-width ``jitter``).
+            jittered by uniform noise of half-width ``jitter``, the last half of them the
+            mirror images of the first half through the init point).
         jitter: half-width of that noise.
         max_iter: L-BFGS iterations.
         laplace: take the Hessian (else only the MAP, with ``init_scale``).
@@ -345,6 +347,10 @@ def laplace_warm_start(
     if not _vectorizes(guide, model, init, args, kwargs):
         num_starts = 1  # one model run per start and per evaluation: the init point only
     noise = 2 * torch.rand((num_starts - 1, dim), dtype=init.dtype, device=init.device) - 1
+    # antithetic pairs: the last starts mirror the first ones through the init point, so a
+    # basin boundary through it (two modes either side of it) is crossed whatever the draws
+    pairs = (num_starts - 1) // 2
+    noise[num_starts - 1 - pairs :] = -noise[:pairs]
     starts = torch.cat([init[None], init + jitter * noise])
     u = starts.clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS(
