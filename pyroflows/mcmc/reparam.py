@@ -152,7 +152,8 @@ def carry_over(
     choice: dict[str, torch.Tensor],
 ) -> torch.Tensor:
     """The chains' points ``u`` of ``potential`` as points of its reparameterisation ``new``
-    (the same constrained values: $z = (x - c\\mu)\\,\\sigma^{c - 1}$ + $c\\mu$ per element).
+    (the same constrained values: $z = (x - \\mu)\\,\\sigma^{c - 1} + c\\mu$ per element, Pyro's
+    ``LocScaleReparam`` inverted).
 
     Args:
         potential: the original model's potential.
