@@ -140,6 +140,7 @@ def run_vi(args: argparse.Namespace) -> list[dict]:
         anneal_from=args.anneal_from,
         anneal_shape=args.anneal_shape or "linear",
         clip_to_median=args.clip_to_median,
+        forward_kl=args.forward_kl,
     )
     if args.library_defaults:  # None: the guide's recommendation, else fit_guide's default
         settings.update(num_particles=None, anneal_steps=None, lr=None, anneal_from=None,
@@ -264,6 +265,11 @@ def main() -> None:
         "--clip-to-median", type=float, default=None,
         help="vi: clip gradient norms to this multiple of the recent median (default: off; "
         "with --library-defaults the guide's recommendation; inf turns that off)",
+    )
+    parser.add_argument(
+        "--forward-kl", type=float, default=None,
+        help="vi: weight of fit_guide's forward-KL term (default: fit_guide's, the guide's "
+        "recommendation; 0 turns it off)",
     )
     parser.add_argument("--particles", type=int, default=64, help="vi: ELBO particles")
     parser.add_argument("--vi-lr", type=float, default=1e-2, help="vi: initial learning rate")

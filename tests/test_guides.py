@@ -581,3 +581,56 @@ def test_quantiles_take_dependent_supports_at_each_draw():
     beta = (1 - alpha) * torch.sigmoid(latent[:, 1])  # the bound at each draw's alpha
     torch.testing.assert_close(quantiles["alpha"], torch.quantile(alpha, levels))
     torch.testing.assert_close(quantiles["beta"], torch.quantile(beta, levels))
+
+
+def _narrow_gaussian():
+    """x ~ N(mu, 0.5^2 I_2): q = N(delta, I) at AutoFlow's start (an identity spline flow), wider
+    than p, so the importance weights p / q are bounded."""
+    mu = torch.tensor([0.5, -0.5])
+    pyro.clear_param_store()
+
+    def model():
+        pyro.sample("x", dist.Normal(mu, 0.5).to_event(1))
+
+    start = init_to_value(values={"x": torch.zeros(2)})
+    guide = AutoFlow(model, flow="nsf", num_layers=2, warm_start=None, init_scale=1.0,
+                     tail_df=None, init_loc_fn=start)
+    guide()
+    return model, guide, mu
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0, 3.0])
+def test_forward_kl_surrogate_is_the_negative_elbo_with_both_divergences_gradients(weight):
+    # at q = N(0, I), p = N(mu, I / 4): d/d delta KL(q || p) = -4 mu and d/d delta KL(p || q)
+    # = -mu; the surrogate's value is the negative ELBO, KL(q || p) here (p is normalised)
+    model, guide, mu = _narrow_gaussian()
+    torch.manual_seed(0)
+    loss = guide.forward_kl_surrogate(model, num_samples=50_000, weight=weight)
+    (grad,) = torch.autograd.grad(loss, guide.loc)
+    torch.testing.assert_close(grad, -(4 + weight) * mu, atol=0.05, rtol=0)
+    exact_kl = 0.5 * (2 * 4 + 4 * (mu**2).sum() - 2 + 2 * math.log(0.25))
+    assert loss.item() == pytest.approx(exact_kl.item(), abs=0.03)
+
+
+def test_fit_guide_with_forward_kl_fits_the_posterior_and_records_the_elbo():
+    model, guide, mu = _narrow_gaussian()
+    history = fit_guide(model, guide, num_steps=400, forward_kl=1.0, num_particles=64,
+                        progress=False, seed=0, num_elbo_samples=4000)
+    z = guide.get_posterior().sample((20_000,))
+    torch.testing.assert_close(z.mean(0), mu, atol=0.1, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.full((2,), 0.5), atol=0.05, rtol=0)
+    # the loss recorded is the negative ELBO: near KL(q || p) = 0 at the end, not shifted by
+    # the forward term's value (about the entropy of p, 0.45 nats)
+    assert abs(sum(history["train_loss"][-50:]) / 50) < 0.1
+    assert abs(history["elbo"]) < 0.02
+
+
+def test_forward_kl_bad_input():
+    model, guide, _ = _narrow_gaussian()
+    with pytest.raises(ValueError, match="forward_kl"):
+        fit_guide(model, guide, num_steps=2, forward_kl=-1.0, progress=False)
+    with pytest.raises(ValueError, match="forward_kl"):
+        fit_guide(model, guide, num_steps=2, forward_kl=1.0, elbo=Trace_ELBO(), progress=False)
+    normal = pyro.infer.autoguide.AutoNormal(model)
+    with pytest.raises(TypeError, match="AutoFlow"):
+        fit_guide(model, normal, num_steps=2, forward_kl=1.0, progress=False)

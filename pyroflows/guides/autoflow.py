@@ -85,10 +85,10 @@ AUTO_TAIL_DF = 7.0  # tail_df="auto"'s start; docs/guides.md has the measurement
 # the multimodal start cover both modes at the slower rate of SPLINE_FIT.
 SPLINE_OPTIONS: dict[str, Any] = {"direction": "sample", "bound": 10.0, "bins": 16}
 SPLINE_INIT_SCALE = 1.0
-# fit_guide's settings for a spline guide (docs/splines.md, sixth pass); "anneal" is the
-# tempered share of the step budget
+# fit_guide's settings for a spline guide (docs/splines.md, sixth and ninth passes); "anneal"
+# is the tempered share of the step budget
 SPLINE_FIT: dict[str, Any] = {"lr": 3e-3, "num_particles": 256, "anneal": 0.8,
-                              "anneal_from": 0.5, "anneal_shape": "cosine"}
+                              "anneal_from": 0.5, "anneal_shape": "cosine", "forward_kl": 1.0}
 
 
 def _is_bounded(support: constraints.Constraint) -> bool:
@@ -207,13 +207,15 @@ class AutoFlow(AutoContinuous):
         [`fit_guide`][pyroflows.guides.fit_guide], which uses each of them for an argument its
         caller leaves unset (``None``).
 
-        A spline guide (``nsf``, ``nsf_ar``) recommends ``lr=3e-3``, ``num_particles=256`` and
+        A spline guide (``nsf``, ``nsf_ar``) recommends ``lr=3e-3``, ``num_particles=256``,
         tempering over the first 80% of the budget, $\\beta$ rising from 0.5 to 1 along a
         half cosine (``anneal_steps=int(0.8 * num_steps)``, ``anneal_from=0.5``,
-        ``anneal_shape="cosine"``): less gradient noise and a gentler tempering than the global
-        defaults, which the spline's bounded box needs (what they buy and cost is measured in
-        ``docs/splines.md``, fifth and sixth passes). Other families recommend nothing:
-        ``fit_guide``'s global defaults apply.
+        ``anneal_shape="cosine"``), and the forward-KL term at weight 1 (``forward_kl=1.0``;
+        not with ``parallel="forward"``, whose density at fixed points is sequential): less
+        gradient noise and a gentler tempering than the global defaults, which the
+        spline's bounded box needs, and a direct push on mass misplaced along a thin ridge
+        (what they buy and cost is measured in ``docs/splines.md``, fifth, sixth and ninth
+        passes). Other families recommend nothing: ``fit_guide``'s global defaults apply.
 
         Args:
             num_steps: ``fit_guide``'s step budget.
@@ -225,6 +227,8 @@ class AutoFlow(AutoContinuous):
             return {}
         fit = dict(SPLINE_FIT)
         fit["anneal_steps"] = int(num_steps * fit.pop("anneal"))
+        if self._flow_args.get("parallel") == "forward":  # log q at fixed points: D passes
+            del fit["forward_kl"]
         return fit
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
@@ -385,6 +389,46 @@ class AutoFlow(AutoContinuous):
         """$q(u)$ as a [`FlowPosterior`][pyroflows.guides.FlowPosterior] (free ``log_prob`` at
         its own samples)."""
         return FlowPosterior(self.get_base_dist(), self._transforms())
+
+    def forward_kl_surrogate(
+        self, model: Callable, *args: Any, num_samples: int, weight: float, **kwargs: Any
+    ) -> torch.Tensor:
+        """The negative ELBO from ``num_samples`` reparameterised draws, plus ``weight`` times
+        a term of value zero whose gradient in the guide's parameters estimates that of
+        $\\mathrm{KL}(p \\,\\|\\, q)$ by self-normalised importance sampling from the same
+        draws: the wake-phase update of reweighted wake-sleep (Bornschein & Bengio 2015),
+
+        $$
+        -\\mathbb E_q[\\log w] \\;-\\; \\lambda \\sum_{k=1}^K \\bar w_k
+        \\log q_\\theta(\\bar u_k),
+        \\qquad \\log w_k = \\log p(u_k) - \\log q_\\theta(u_k), \\qquad
+        \\bar w_k \\propto w_k,
+        $$
+
+        with $\\bar u_k$ and $\\bar w_k$ held fixed in the second term. Where the guide holds
+        too little mass the weights are large and $\\log q$ is pushed up there: a direct signal
+        for mass misplaced along a thin ridge, which the ELBO's gradient moves only slowly.
+        ``fit_guide`` uses it with ``forward_kl`` (``docs/splines.md``, ninth pass).
+
+        Args:
+            model: the model ($p$; ``fit_guide`` passes its tempered model while annealing).
+            *args: the model's arguments.
+            num_samples: draws $K$ of the guide.
+            weight: $\\lambda \\ge 0$.
+            **kwargs: the model's keyword arguments.
+
+        Returns:
+            A scalar: the negative ELBO's value, with both gradients.
+        """
+        posterior = self.get_posterior()
+        latent = posterior.rsample((num_samples,))
+        log_w = unconstrained_log_density(self, model, latent, args, kwargs)[0]
+        log_w = log_w - posterior.log_prob(latent)  # the forward pass's density
+        # a fresh posterior evaluates log q at the fixed draws by the inverse pass
+        fixed_log_q = self.get_posterior().log_prob(latent.detach())
+        weights = torch.softmax(torch.nan_to_num(log_w.detach(), nan=-math.inf), 0)
+        cover = -(weights.nan_to_num(0.0) * fixed_log_q).sum()  # no finite weight: no signal
+        return -log_w.mean() + weight * (cover - cover.detach())
 
     # -- trust -----------------------------------------------------------------------------
     @torch.no_grad()

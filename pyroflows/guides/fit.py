@@ -58,7 +58,7 @@ def default_particles(dim: int) -> int:
 # fit_guide's settings for a guide that recommends none (num_particles None: by dimension)
 GLOBAL_DEFAULTS: dict[str, Any] = dict(lr=1e-2, num_particles=None, anneal_steps=0,
                                        anneal_from=0.01, anneal_shape="linear",
-                                       clip_to_median=None)
+                                       clip_to_median=None, forward_kl=0.0)
 ANNEAL_SHAPES = ("linear", "cosine", "geometric")
 
 
@@ -90,6 +90,7 @@ def fit_guide(
     elbo: ELBO | None = None,
     max_grad_norm: float | None = 10.0,
     clip_to_median: float | None = None,
+    forward_kl: float | None = None,
     anneal_steps: int | None = None,
     anneal_from: float | None = None,
     anneal_shape: str | None = None,
@@ -116,11 +117,11 @@ def fit_guide(
     improvement beyond twice the window's standard error end the run, after ``cooldown`` more
     steps at a learning rate falling to 0.
 
-    ``lr``, ``num_particles``, ``anneal_steps``, ``anneal_from``, ``anneal_shape`` and
-    ``clip_to_median`` left at ``None`` take the guide's recommendation,
+    ``lr``, ``num_particles``, ``anneal_steps``, ``anneal_from``, ``anneal_shape``,
+    ``clip_to_median`` and ``forward_kl`` left at ``None`` take the guide's recommendation,
     ``guide.fit_defaults(num_steps)`` where the guide has one (a spline
     [`AutoFlow`][pyroflows.guides.AutoFlow]: lr 3e-3, 256 particles, the first 80% of the
-    budget tempered from $\\beta = 0.5$ along a half cosine; see
+    budget tempered from $\\beta = 0.5$ along a half cosine, ``forward_kl=1``; see
     [`AutoFlow.fit_defaults`][pyroflows.guides.AutoFlow.fit_defaults]), else the global default
     named below. An argument given always wins.
 
@@ -142,6 +143,15 @@ def fit_guide(
         clip_to_median: also clip each step's gradient norm to this multiple of the median
             norm of the last 200 steps ([`train_loop`][pyroflows.infer.loop.train_loop]);
             global default off (``math.inf`` turns off a guide's recommendation).
+        forward_kl: weight $\\lambda \\ge 0$ of a mass-covering term: each step's negative
+            ELBO gets $\\lambda$ times the self-normalised importance-sampled gradient of
+            $\\mathrm{KL}(p \\,\\|\\, q)$ from the same draws
+            ([`AutoFlow.forward_kl_surrogate`][pyroflows.guides.AutoFlow.forward_kl_surrogate];
+            $p$ is the tempered model while annealing). Both divergences are zero only at
+            $q = p$; the added term moves mass that the ELBO's gradient leaves misplaced. It
+            needs an [`AutoFlow`][pyroflows.guides.AutoFlow] guide and no ``elbo`` (a
+            recommended weight yields to a given ``elbo``), and costs an inverse pass of the
+            flow per step. The recorded loss stays the negative ELBO. Global default 0 (off).
         anneal_steps: temper the model's log-density by $\\beta$ rising from ``anneal_from``
             to 1 over the first ``anneal_steps`` steps (Rezende & Mohamed 2015):
             the guide then fits $p^\\beta$, broad at first, which keeps reverse-KL training from
@@ -200,12 +210,22 @@ def fit_guide(
     recommend = getattr(guide, "fit_defaults", None)
     given = dict(lr=lr, num_particles=num_particles, anneal_steps=anneal_steps,
                  anneal_from=anneal_from, anneal_shape=anneal_shape,
-                 clip_to_median=clip_to_median)
+                 clip_to_median=clip_to_median, forward_kl=forward_kl)
     settings = {**GLOBAL_DEFAULTS, **(recommend(num_steps) if callable(recommend) else {})}
     settings.update({key: value for key, value in given.items() if value is not None})
     lr, num_particles = settings["lr"], settings["num_particles"]
     anneal_steps, anneal_from = settings["anneal_steps"], settings["anneal_from"]
     anneal_shape, clip_to_median = settings["anneal_shape"], settings["clip_to_median"]
+    forward_kl = check_number(settings["forward_kl"], "forward_kl", low=0.0)
+    if forward_kl and elbo is not None:
+        if given["forward_kl"] is not None:
+            raise ValueError("forward_kl replaces the ELBO's estimator: pass it or elbo, not both")
+        forward_kl = 0.0  # the caller's objective wins over the guide's recommendation
+    if forward_kl and not hasattr(guide, "forward_kl_surrogate"):
+        raise TypeError(
+            f"forward_kl needs an AutoFlow guide (it draws from the guide's flow and evaluates "
+            f"its density at fixed points), got {type(guide).__name__}"
+        )
     if anneal_shape not in ANNEAL_SHAPES:
         raise ValueError(f"anneal_shape must be one of {ANNEAL_SHAPES}, got {anneal_shape!r}")
     check_int(anneal_steps, "anneal_steps", minimum=0)
@@ -291,6 +311,10 @@ def fit_guide(
                     values = [p.detach().clone() for p in parameters]
                     best.update(elbo=elbo_now, stderr=stderr, step=step - 1, values=values)
             beta = anneal_beta(step, anneal_steps, anneal_from, anneal_shape)
+            if forward_kl:
+                return guide.forward_kl_surrogate(
+                    tempered, *args, num_samples=num_particles, weight=forward_kl, **kwargs
+                )
             return loss.differentiable_loss(tempered, guide, *args, **kwargs)
 
         history = train_loop(
