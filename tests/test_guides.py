@@ -583,14 +583,13 @@ def test_quantiles_take_dependent_supports_at_each_draw():
     torch.testing.assert_close(quantiles["beta"], torch.quantile(beta, levels))
 
 
-def _narrow_gaussian():
-    """x ~ N(mu, 0.5^2 I_2): q = N(delta, I) at AutoFlow's start (an identity spline flow), wider
-    than p, so the importance weights p / q are bounded."""
-    mu = torch.tensor([0.5, -0.5])
+def _narrow_gaussian(sd=0.5, mu=(0.5, -0.5)):
+    """x ~ N(mu, sd^2 I_2): q = N(delta, I) at AutoFlow's start (an identity spline flow)."""
+    mu = torch.tensor(mu)
     pyro.clear_param_store()
 
     def model():
-        pyro.sample("x", dist.Normal(mu, 0.5).to_event(1))
+        pyro.sample("x", dist.Normal(mu, sd).to_event(1))
 
     start = init_to_value(values={"x": torch.zeros(2)})
     guide = AutoFlow(model, flow="nsf", num_layers=2, warm_start=None, init_scale=1.0,
@@ -610,6 +609,18 @@ def test_forward_kl_surrogate_is_the_negative_elbo_with_both_divergences_gradien
     torch.testing.assert_close(grad, -(4 + weight) * mu, atol=0.05, rtol=0)
     exact_kl = 0.5 * (2 * 4 + 4 * (mu**2).sum() - 2 + 2 * math.log(0.25))
     assert loss.item() == pytest.approx(exact_kl.item(), abs=0.03)
+
+
+@pytest.mark.parametrize("weight", [1.0, 3.0])
+def test_forward_kl_surrogate_sees_a_posterior_wider_than_the_guide(weight):
+    # p = N(mu, 4 I) is wider than q = N(0, I): draws of q alone give heavy-tailed weights
+    # that miss p's outskirts; the term's wide draws (base widened 3 times) cover them, so the
+    # gradient is still -(1/4 + weight) mu
+    model, guide, mu = _narrow_gaussian(sd=2.0, mu=(1.0, -1.0))
+    torch.manual_seed(0)
+    loss = guide.forward_kl_surrogate(model, num_samples=50_000, weight=weight)
+    (grad,) = torch.autograd.grad(loss, guide.loc)
+    torch.testing.assert_close(grad, -(0.25 + weight) * mu, atol=0.05 * weight, rtol=0)
 
 
 def test_fit_guide_with_forward_kl_fits_the_posterior_and_records_the_elbo():

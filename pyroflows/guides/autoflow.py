@@ -89,6 +89,9 @@ SPLINE_INIT_SCALE = 1.0
 # tempered share of the step budget
 SPLINE_FIT: dict[str, Any] = {"lr": 3e-3, "num_particles": 256, "anneal": 0.8,
                               "anneal_from": 0.5, "anneal_shape": "cosine"}
+# forward_kl_surrogate's defensive draws: one per WIDE_FRACTION draws of the guide, from its
+# base widened WIDE_SCALE times (docs/splines.md, ninth pass)
+WIDE_SCALE, WIDE_FRACTION = 3.0, 4
 
 
 def _is_bounded(support: constraints.Constraint) -> bool:
@@ -391,20 +394,24 @@ class AutoFlow(AutoContinuous):
     ) -> torch.Tensor:
         """The negative ELBO from ``num_samples`` reparameterised draws, plus ``weight`` times
         a term of value zero whose gradient in the guide's parameters estimates that of
-        $\\mathrm{KL}(p \\,\\|\\, q)$ by self-normalised importance sampling from the same
-        draws: the wake-phase update of reweighted wake-sleep (Bornschein & Bengio 2015),
+        $\\mathrm{KL}(p \\,\\|\\, q)$ by self-normalised importance sampling: the wake-phase
+        update of reweighted wake-sleep (Bornschein & Bengio 2015) with a defensive proposal
+        (Hesterberg 1995),
 
         $$
-        -\\mathbb E_q[\\log w] \\;-\\; \\lambda \\sum_{k=1}^K \\bar w_k
-        \\log q_\\theta(\\bar u_k),
-        \\qquad \\log w_k = \\log p(u_k) - \\log q_\\theta(u_k), \\qquad
-        \\bar w_k \\propto w_k,
+        -\\mathbb E_q[\\log w] \\;-\\; \\lambda \\sum_k \\bar w_k \\log q_\\theta(\\bar u_k),
+        \\qquad \\bar w_k \\propto \\frac{p(\\bar u_k)}{r(\\bar u_k)}, \\qquad
+        r = (1 - \\alpha)\\, q + \\alpha\\, q_s,
         $$
 
-        with $\\bar u_k$ and $\\bar w_k$ held fixed in the second term. Where the guide holds
-        too little mass the weights are large and $\\log q$ is pushed up there: a direct signal
-        for mass misplaced along a thin ridge, which the ELBO's gradient moves only slowly.
-        ``fit_guide`` uses it with ``forward_kl`` (``docs/splines.md``, ninth pass).
+        with the draws $\\bar u_k$ and the weights held fixed in the second term. The draws are
+        the ELBO's own $K$ draws of $q$ and $K/4$ draws of $q_s$, the guide's flow pushed from
+        its base widened $s = 3$ times ($\\alpha = 1/5$). Where the guide holds too little
+        mass the weights are large and $\\log q$ is pushed up there: a direct signal for mass
+        misplaced along a thin ridge, which the ELBO's gradient moves only slowly. The wide
+        draws let the weights see mass beyond the guide's own draws; without them the term
+        only sees where $q$ draws and cut off the ends of U2's and U4's waves. ``fit_guide``
+        uses it with ``forward_kl`` (``docs/splines.md``, ninth pass).
 
         Args:
             model: the model ($p$; ``fit_guide`` passes its tempered model while annealing).
@@ -417,12 +424,31 @@ class AutoFlow(AutoContinuous):
             A scalar: the negative ELBO's value, with both gradients.
         """
         posterior = self.get_posterior()
-        latent = posterior.rsample((num_samples,))
-        log_w = unconstrained_log_density(self, model, latent, args, kwargs)[0]
-        log_w = log_w - posterior.log_prob(latent)  # the forward pass's density
+        base = posterior.base_dist
+        noise = base.rsample((num_samples,))
+        latent, log_q = posterior.push(noise)
+        log_p = unconstrained_log_density(self, model, latent, args, kwargs)[0]
+        log_w = log_p - log_q
+        with torch.no_grad():
+            wide_noise = WIDE_SCALE * base.sample((max(1, num_samples // WIDE_FRACTION),))
+            wide, _ = posterior.push(wide_noise)
+            wide_log_p = unconstrained_log_density(self, model, wide, args, kwargs)[0]
+        fixed = torch.cat([latent.detach(), wide])
+        noise = torch.cat([noise.detach(), wide_noise])
         # a fresh posterior evaluates log q at the fixed draws by the inverse pass
-        fixed_log_q = self.get_posterior().log_prob(latent.detach())
-        weights = torch.softmax(torch.nan_to_num(log_w.detach(), nan=-math.inf), 0)
+        fixed_log_q = self.get_posterior().log_prob(fixed)
+        # q_s / q = base(z / s) / (s^D base(z)) at the draw's base point z: same Jacobian
+        log_ratio = (
+            base.log_prob(noise / WIDE_SCALE)
+            - noise.shape[-1] * math.log(WIDE_SCALE)
+            - base.log_prob(noise)
+        )
+        share = len(wide_noise) / len(noise)
+        log_r = fixed_log_q.detach() + torch.logaddexp(
+            torch.full_like(log_ratio, math.log1p(-share)), math.log(share) + log_ratio
+        )
+        log_weights = torch.cat([log_p.detach(), wide_log_p]) - log_r
+        weights = torch.softmax(torch.nan_to_num(log_weights, nan=-math.inf), 0)
         cover = -(weights.nan_to_num(0.0) * fixed_log_q).sum()  # no finite weight: no signal
         return -log_w.mean() + weight * (cover - cover.detach())
 

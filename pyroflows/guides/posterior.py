@@ -49,15 +49,24 @@ class FlowPosterior(dist.TransformedDistribution):
     ) -> None:
         super().__init__(base_distribution, transforms, validate_args=validate_args)
 
-    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
-        x = self.base_dist.rsample(sample_shape)
-        log_q = self.base_dist.log_prob(x)
+    def push(self, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Base draws through the transforms: ``(samples, log q at them)``, in the forward
+        pass (with gradients where ``noise`` or the transforms have them).
+
+        Args:
+            noise: draws of the base distribution's event shape (any batch shape).
+        """
+        x, log_q = noise, self.base_dist.log_prob(noise)
         event_dim = len(self.event_shape)
         for t in self.transforms:
             y = t(x)
             ladj = t.log_abs_det_jacobian(x, y)  # pyroflows layers reuse the pass just made
             log_q = log_q - sum_rightmost(ladj, event_dim - t.codomain.event_dim)
             x = y
+        return x, log_q
+
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
+        x, log_q = self.push(self.base_dist.rsample(sample_shape))
         self._memo = (x, log_q)
         return x
 
