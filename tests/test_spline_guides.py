@@ -83,9 +83,13 @@ def test_other_families_keep_their_init_scale_and_recommend_no_training():
 def test_spline_guide_recommends_its_training_with_a_cosine_tempering_of_most_of_the_budget():
     guide = AutoFlow(energies.get("u2").model, "nsf")
     assert guide.fit_defaults(3000) == dict(
-        lr=3e-3, num_particles=256, anneal_steps=2400, anneal_from=0.5, anneal_shape="cosine"
+        lr=3e-3, num_particles=256, anneal_steps=2400, anneal_from=0.5, anneal_shape="cosine",
+        forward_kl=1.0,
     )
     assert guide.fit_defaults(1001)["anneal_steps"] == 800
+    # an IAF-direction spline evaluates log q at fixed points sequentially: no forward KL
+    iaf_like = AutoFlow(energies.get("u2").model, "nsf_ar", parallel="forward")
+    assert "forward_kl" not in iaf_like.fit_defaults(3000)
     assert guide.fit_defaults(5000)["anneal_steps"] == 4000
 
 

@@ -85,10 +85,10 @@ AUTO_TAIL_DF = 7.0  # tail_df="auto"'s start; docs/guides.md has the measurement
 # the multimodal start cover both modes at the slower rate of SPLINE_FIT.
 SPLINE_OPTIONS: dict[str, Any] = {"direction": "sample", "bound": 10.0, "bins": 16}
 SPLINE_INIT_SCALE = 1.0
-# fit_guide's settings for a spline guide (docs/splines.md, sixth pass); "anneal" is the
-# tempered share of the step budget
+# fit_guide's settings for a spline guide (docs/splines.md, sixth and ninth passes); "anneal"
+# is the tempered share of the step budget
 SPLINE_FIT: dict[str, Any] = {"lr": 3e-3, "num_particles": 256, "anneal": 0.8,
-                              "anneal_from": 0.5, "anneal_shape": "cosine"}
+                              "anneal_from": 0.5, "anneal_shape": "cosine", "forward_kl": 1.0}
 # forward_kl_surrogate's defensive draws: one per WIDE_FRACTION draws of the guide, from its
 # base widened WIDE_SCALE times (docs/splines.md, ninth pass)
 WIDE_SCALE, WIDE_FRACTION = 3.0, 4
@@ -210,13 +210,15 @@ class AutoFlow(AutoContinuous):
         [`fit_guide`][pyroflows.guides.fit_guide], which uses each of them for an argument its
         caller leaves unset (``None``).
 
-        A spline guide (``nsf``, ``nsf_ar``) recommends ``lr=3e-3``, ``num_particles=256`` and
+        A spline guide (``nsf``, ``nsf_ar``) recommends ``lr=3e-3``, ``num_particles=256``,
         tempering over the first 80% of the budget, $\\beta$ rising from 0.5 to 1 along a
         half cosine (``anneal_steps=int(0.8 * num_steps)``, ``anneal_from=0.5``,
-        ``anneal_shape="cosine"``): less gradient noise and a gentler tempering than the global
-        defaults, which the spline's bounded box needs (what they buy and cost is measured in
-        ``docs/splines.md``, fifth and sixth passes). Other families recommend nothing:
-        ``fit_guide``'s global defaults apply.
+        ``anneal_shape="cosine"``), and the forward-KL term at weight 1 (``forward_kl=1.0``;
+        not with ``parallel="forward"``, whose density at fixed points is sequential): less
+        gradient noise and a gentler tempering than the global defaults, which the spline's
+        bounded box needs, and a direct push on mass misplaced along a thin ridge (what they
+        buy and cost is measured in ``docs/splines.md``, fifth, sixth and ninth passes).
+        Other families recommend nothing: ``fit_guide``'s global defaults apply.
 
         Args:
             num_steps: ``fit_guide``'s step budget.
@@ -228,6 +230,8 @@ class AutoFlow(AutoContinuous):
             return {}
         fit = dict(SPLINE_FIT)
         fit["anneal_steps"] = int(num_steps * fit.pop("anneal"))
+        if self._flow_args.get("parallel") == "forward":  # log q at fixed points: D passes
+            del fit["forward_kl"]
         return fit
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:

@@ -121,7 +121,7 @@ def fit_guide(
     ``clip_to_median`` and ``forward_kl`` left at ``None`` take the guide's recommendation,
     ``guide.fit_defaults(num_steps)`` where the guide has one (a spline
     [`AutoFlow`][pyroflows.guides.AutoFlow]: lr 3e-3, 256 particles, the first 80% of the
-    budget tempered from $\\beta = 0.5$ along a half cosine; see
+    budget tempered from $\\beta = 0.5$ along a half cosine, ``forward_kl=1``; see
     [`AutoFlow.fit_defaults`][pyroflows.guides.AutoFlow.fit_defaults]), else the global default
     named below. An argument given always wins.
 
@@ -148,14 +148,13 @@ def fit_guide(
             $\\mathrm{KL}(p \\,\\|\\, q)$ from the same draws
             ([`AutoFlow.forward_kl_surrogate`][pyroflows.guides.AutoFlow.forward_kl_surrogate];
             $p$ is the tempered model while annealing). Both divergences are zero only at
-            $q = p$; the added term moves mass that the ELBO's gradient leaves misplaced
-            among the regions the guide draws from, but it cannot see mass the guide never
-            draws, and where the guide misses part of $p$ it pulls the guide's mass away from
-            there (``docs/splines.md``, ninth pass: better on U1, U3 and two posteriordb
-            posteriors, worse on U2 and U4). It needs an
+            $q = p$; the added term moves mass that the ELBO's gradient leaves misplaced, and
+            its wide draws let it see mass beyond the guide's own draws
+            (``docs/splines.md``, ninth pass). It needs an
             [`AutoFlow`][pyroflows.guides.AutoFlow] guide and no ``elbo`` (a recommended
-            weight yields to a given ``elbo``), and costs an inverse pass of the flow per step.
-            The recorded loss stays the negative ELBO. Default 0 (off): no guide recommends it.
+            weight yields to a given ``elbo``), and costs the flow's inverse pass and a quarter
+            more model evaluations per step. The recorded loss stays the negative ELBO.
+            Global default 0 (off); spline guides recommend 1.
         anneal_steps: temper the model's log-density by $\\beta$ rising from ``anneal_from``
             to 1 over the first ``anneal_steps`` steps (Rezende & Mohamed 2015):
             the guide then fits $p^\\beta$, broad at first, which keeps reverse-KL training from
