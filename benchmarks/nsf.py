@@ -17,9 +17,10 @@ draws of q, printed with its Monte-Carlo standard error, and an ``AutoFlow``'s P
 ``--library-defaults`` trains with ``fit_guide``'s own defaults instead of the script's (for a
 spline guide, what ``AutoFlow.fit_defaults`` recommends): what a user gets from ``AutoFlow(model,
 flow="nsf")`` and ``fit_guide(model, guide, num_steps=3000)``. A spline guide is built with
-``AutoFlow``'s spline defaults (box 10, 16 bins, ``init_scale=1.0``) unless its spec says
-otherwise; the guide of the first four passes of ``docs/splines.md`` is
-``nsf:bound=5.0,bins=8,init_scale=0.1``.
+``AutoFlow``'s spline defaults (6 layers, box 10, 16 bins, ``init_scale=1.0``) unless its spec
+says otherwise; the guide of the first four passes of ``docs/splines.md`` is
+``nsf:num_layers=4,bound=5.0,bins=8,init_scale=0.1``. ``--plot`` draws each trained guide
+and its log-density error on a grid (``docs/img/u3_depth.png``).
 
     OMP_NUM_THREADS=1 python benchmarks/nsf.py density --data 8gaussians --steps 2000
     OMP_NUM_THREADS=1 python benchmarks/nsf.py vi --targets u1 --guides nsf bnaf:parallel=forward \
@@ -32,6 +33,8 @@ otherwise; the guide of the first four passes of ``docs/splines.md`` is
         --seeds 0 1 2 3 4 --vi-lr 3e-3 --particles 256 --anneal-from 0.3
     OMP_NUM_THREADS=1 python benchmarks/nsf.py vi --guides nsf --seeds 5 6 7 8 9 \
         --library-defaults
+    OMP_NUM_THREADS=1 python benchmarks/nsf.py vi --targets u3 --guides nsf:num_layers=4 nsf \
+        --seeds 120 --library-defaults --plot docs/img/u3_depth.png
 
 Quality, not speed: run one task per process on a busy machine; the numbers do not depend on
 load.
@@ -135,7 +138,7 @@ def run_vi(args: argparse.Namespace) -> list[dict]:
         num_particles=args.particles,
         kl_samples=args.kl_samples,
         seed=args.seed,
-        num_plot_samples=1,
+        num_plot_samples=40_000 if args.plot else 1,
         lr=args.vi_lr,
         anneal_from=args.anneal_from,
         anneal_shape=args.anneal_shape or "linear",
@@ -145,7 +148,7 @@ def run_vi(args: argparse.Namespace) -> list[dict]:
     if args.library_defaults:  # None: the guide's recommendation, else fit_guide's default
         settings.update(num_particles=None, anneal_steps=None, lr=None, anneal_from=None,
                         anneal_shape=args.anneal_shape)
-    rows = []
+    rows, panels = [], []
     print("| target | guide | seed | KL (nats) | ± | k-hat | restored | seconds |\n"
           "|---|---|---|---|---|---|---|---|")
     for target in args.targets:
@@ -156,8 +159,17 @@ def run_vi(args: argparse.Namespace) -> list[dict]:
             else:
                 make = partial(AutoFlow, flow=name, **options)
             for seed in args.seeds or [args.seed]:
-                result = fit_and_score(energies.get(target), make, **{**settings, "seed": seed})
-                result.pop("samples")
+                made = []  # the trained guide, for the plot
+
+                def keep(model, make=make, made=made):
+                    made.append(make(model))
+                    return made[-1]
+
+                result = fit_and_score(energies.get(target), keep, **{**settings, "seed": seed})
+                samples = result.pop("samples")
+                if args.plot:
+                    panels.append((f"{target}, {spec}, seed {seed}: KL {result['kl']:.3f}",
+                                   energies.get(target), made[-1], samples))
                 rows.append(dict(target=target, guide=spec, seed=seed, **result))
                 # AutoFlow's PSIS k-hat: a run that misplaced mass shows here without log Z
                 khat = f"{result['khat']:.2f}" if "khat" in result else "-"
@@ -167,7 +179,37 @@ def run_vi(args: argparse.Namespace) -> list[dict]:
                     f"| {result['train_seconds']:.0f} |",
                     flush=True,
                 )
+    if args.plot:
+        vi_figure(panels, args.plot)
     return rows
+
+
+def vi_figure(panels: list, path: str, extent: float = 5.0, size: int = 240) -> None:
+    """Per trained guide, a histogram of its draws and $\\log q - \\log p$ on a grid (where
+    either density is above $e^{-6}$): where a guide puts mass the target lacks, and the
+    reverse."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(panels), 2, figsize=(9, 3.8 * len(panels)), squeeze=False)
+    grid = torch.linspace(-extent, extent, size)
+    points = torch.stack(torch.meshgrid(grid, grid, indexing="xy"), -1).reshape(-1, 2)
+    for (title, target, guide, samples), (hist, ratio) in zip(panels, axes, strict=True):
+        hist.hist2d(*samples.T.numpy(), bins=150, range=[[-extent, extent]] * 2, cmap="viridis")
+        hist.set(title=title, xlabel="$z_1$", ylabel="$z_2$")
+        with torch.no_grad():
+            log_p = target.log_prob(points)
+            log_q = guide.get_posterior().log_prob(points)
+        shown = (log_p > -6) | (log_q > -6)
+        diff = torch.where(shown, log_q - log_p, torch.nan).reshape(size, size)
+        image = ratio.imshow(diff.numpy(), origin="lower", extent=[-extent, extent] * 2,
+                             cmap="RdBu_r", vmin=-1.5, vmax=1.5)
+        ratio.set(title="$\\log q - \\log p$ (red: q has too much mass)", xlabel="$z_1$")
+        fig.colorbar(image, ax=ratio)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
 
 
 def run_density(args: argparse.Namespace) -> list[dict]:
@@ -283,6 +325,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="vi: several seeds")
     parser.add_argument("--json", default=None, help="write the rows to this file")
+    parser.add_argument(
+        "--plot", default=None,
+        help="vi: figure of each trained guide's draws and log q - log p, to this path",
+    )
     parser.add_argument("--out", default="docs/img/rq_spline.png", help="figure: output path")
     args = parser.parse_args()
     torch.set_num_threads(1)

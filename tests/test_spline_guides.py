@@ -11,6 +11,7 @@ from pyro.infer.autoguide.initialization import init_to_value
 
 from pyroflows import energies
 from pyroflows.guides import AutoFlow, fit_guide
+from pyroflows.registry import family_spec
 from pyroflows.transforms.elementwise import Inverse
 from pyroflows.transforms.spline import RationalQuadraticSpline
 
@@ -33,6 +34,22 @@ def test_guide_splines_default_to_the_sampling_side(family):
     log_q = posterior.log_prob(latent)
     latent_again = latent.detach().clone()
     assert torch.allclose(posterior.log_prob(latent_again), log_q, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["nsf", "nsf_ar"])
+def test_spline_guides_default_to_six_layers_and_keep_a_given_depth(family):
+    model = energies.get("u2").model
+
+    def spline_layers(guide):
+        pyro.clear_param_store()
+        guide()
+        return sum(hasattr(layer, "elementwise") for layer in guide.flow.layers)
+
+    assert spline_layers(AutoFlow(model, family, warm_start=None)) == 6
+    assert spline_layers(AutoFlow(model, family, num_layers=3, warm_start=None)) == 3
+    # the other families keep their own default
+    realnvp = AutoFlow(model, "realnvp", warm_start=None)
+    assert spline_layers(realnvp) == family_spec("realnvp").default_layers
 
 
 def test_guide_keeps_an_explicit_direction():

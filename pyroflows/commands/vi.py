@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="TARGET",
                         help=f"2-D energy target: {', '.join(TARGETS)} (default: u2)")
     parser.add_argument("--num-layers", type=int_flag(1), default=None,
-                        help="flow layers (family default)")
+                        help="flow layers (family default; 6 for a spline guide)")
     parser.add_argument("--hidden", type=int_flag(1), nargs="+", default=None,
                         help="hidden widths (family default)")
     parser.add_argument("--particles", type=int_flag(1), default=None,

@@ -85,6 +85,9 @@ AUTO_TAIL_DF = 7.0  # tail_df="auto"'s start; docs/guides.md has the measurement
 # the multimodal start cover both modes at the slower rate of SPLINE_FIT.
 SPLINE_OPTIONS: dict[str, Any] = {"direction": "sample", "bound": 10.0, "bins": 16}
 SPLINE_INIT_SCALE = 1.0
+# Six spline couplings, not the family's four: a hole in the posterior (U3's split wave) is a
+# tear of the base that a shallow flow leaves bridged on some seeds (docs/splines.md, tenth pass)
+SPLINE_LAYERS = 6
 # fit_guide's settings for a spline guide (docs/splines.md, sixth and ninth passes); "anneal"
 # is the tempered share of the step budget
 SPLINE_FIT: dict[str, Any] = {"lr": 3e-3, "num_particles": 256, "anneal": 0.8,
@@ -110,7 +113,7 @@ class AutoFlow(AutoContinuous):
     Args:
         model: a Pyro model with continuous latent sites (static structure).
         flow: a family in ``pyroflows.available_flows()``.
-        num_layers: layers of the flow (the family's default if ``None``).
+        num_layers: layers of the flow (the family's default if ``None``; 6 for a spline family).
         hidden_dims: conditioner widths of the flow (the family's default if ``None``).
         affine: the learnable affine stage after the flow: ``"full"`` (lower-triangular),
             ``"diagonal"``, ``None`` (none), or ``True`` for ``"full"`` up to 256 latent
@@ -135,7 +138,8 @@ class AutoFlow(AutoContinuous):
         **flow_options: further options of the family's builder. The spline families
             (``nsf``, ``nsf_ar``: builders with ``bins``, ``bound`` and ``direction``) default
             here to ``direction="sample"`` (the guide only samples, so the spline formula runs
-            on the sampling side), ``bound=10.0`` and ``bins=16``; options given win. A
+            on the sampling side), ``bound=10.0`` and ``bins=16``, with 6 layers; options given
+            win. A
             spline guide also recommends its training settings:
             [`fit_defaults`][pyroflows.guides.AutoFlow.fit_defaults].
 
@@ -181,6 +185,7 @@ class AutoFlow(AutoContinuous):
             # direction: a guide runs its flow only noise -> sample, so the spline formula goes
             # there (the density side's inverse trains worse in VI: U1-U4 in docs/splines.md)
             flow_options = {**SPLINE_OPTIONS, **flow_options}
+            num_layers = SPLINE_LAYERS if num_layers is None else num_layers
         if init_scale is None:
             init_scale = SPLINE_INIT_SCALE if self._spline else 0.1
         self._init_scale = check_positive(init_scale, "init_scale")
