@@ -165,11 +165,12 @@ def run_vi(args: argparse.Namespace) -> list[dict]:
                     made.append(make(model))
                     return made[-1]
 
-                result = fit_and_score(energies.get(target), keep, **{**settings, "seed": seed})
+                energy = energies.get(target)
+                result = fit_and_score(energy, keep, **{**settings, "seed": seed})
                 samples = result.pop("samples")
                 if args.plot:
                     panels.append((f"{target}, {spec}, seed {seed}: KL {result['kl']:.3f}",
-                                   energies.get(target), made[-1], samples))
+                                   energy, made[-1], samples))
                 rows.append(dict(target=target, guide=spec, seed=seed, **result))
                 # AutoFlow's PSIS k-hat: a run that misplaced mass shows here without log Z
                 khat = f"{result['khat']:.2f}" if "khat" in result else "-"

@@ -139,8 +139,7 @@ class AutoFlow(AutoContinuous):
             (``nsf``, ``nsf_ar``: builders with ``bins``, ``bound`` and ``direction``) default
             here to ``direction="sample"`` (the guide only samples, so the spline formula runs
             on the sampling side), ``bound=10.0`` and ``bins=16``, with 6 layers; options given
-            win. A
-            spline guide also recommends its training settings:
+            win. A spline guide also recommends its training settings:
             [`fit_defaults`][pyroflows.guides.AutoFlow.fit_defaults].
 
     Raises:
