@@ -26,6 +26,7 @@ from pyro.infer.reparam import NeuTraReparam
 import pyroflows
 from pyroflows import energies
 from pyroflows.guides import AutoFlow, FlowPosterior, fit_guide
+from pyroflows.guides import autoflow as autoflow_module
 from pyroflows.infer.importance import log_importance_weights, log_mean_exp, reverse_kl
 
 W = torch.tensor([[1.0, 0.5], [0.3, -1.0], [0.8, 0.8]])
@@ -621,6 +622,27 @@ def test_forward_kl_surrogate_sees_a_posterior_wider_than_the_guide(weight):
     loss = guide.forward_kl_surrogate(model, num_samples=50_000, weight=weight)
     (grad,) = torch.autograd.grad(loss, guide.loc)
     torch.testing.assert_close(grad, -(0.25 + weight) * mu, atol=0.05 * weight, rtol=0)
+
+
+@pytest.mark.parametrize("weight", [1.0, 3.0])
+def test_forward_kl_term_gradient_is_capped_relative_to_the_elbo(weight, monkeypatch):
+    # the term's gradient here is a quarter of the ELBO's: the default cap (10 ELBO-norms)
+    # leaves it whole, and a cap of 1e-3 scales it to weight * 1e-3 * |ELBO's|, same direction
+    model, guide, _ = _narrow_gaussian()
+    params = [p for p in guide.parameters() if p.requires_grad]
+
+    def gradient(weight: float) -> torch.Tensor:
+        torch.manual_seed(0)
+        loss = guide.forward_kl_surrogate(model, num_samples=2000, weight=weight)
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+
+    elbo = gradient(0.0)
+    term = gradient(1.0) - elbo
+    torch.testing.assert_close(gradient(weight) - elbo, weight * term, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(autoflow_module, "COVER_CAP", 1e-3)
+    capped = gradient(weight) - elbo
+    assert capped.norm().item() == pytest.approx(weight * 1e-3 * elbo.norm().item(), rel=1e-3)
+    torch.testing.assert_close(capped / capped.norm(), term / term.norm(), rtol=1e-3, atol=1e-4)
 
 
 def test_fit_guide_with_forward_kl_fits_the_posterior_and_records_the_elbo():

@@ -95,6 +95,15 @@ SPLINE_FIT: dict[str, Any] = {"lr": 3e-3, "num_particles": 256, "anneal": 0.8,
 # forward_kl_surrogate's defensive draws: one per WIDE_FRACTION draws of the guide, from its
 # base widened WIDE_SCALE times (docs/splines.md, ninth pass)
 WIDE_SCALE, WIDE_FRACTION = 3.0, 4
+# ... and the cap on its gradient's norm, in multiples of the ELBO gradient's norm
+COVER_CAP = 10.0
+
+
+def _norm(grads: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
+    """The Euclidean norm of a gradient over several tensors (``None``: no gradient)."""
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g) for g in grads if g is not None])
+    )
 
 
 def _is_bounded(support: constraints.Constraint) -> bool:
@@ -418,8 +427,12 @@ class AutoFlow(AutoContinuous):
         mass the weights are large and $\\log q$ is pushed up there: a direct signal for mass
         misplaced along a thin ridge, which the ELBO's gradient moves only slowly. The wide
         draws let the weights see mass beyond the guide's own draws; without them the term
-        only sees where $q$ draws and cut off the ends of U2's and U4's waves. ``fit_guide``
-        uses it with ``forward_kl`` (``docs/splines.md``, ninth pass).
+        only sees where $q$ draws and cut off the ends of U2's and U4's waves. The second
+        term's gradient is capped at 10 times the ELBO gradient's norm (scaled down, same
+        direction): a draw where $q$ is nearly empty can take all the weight with a gradient of
+        $\\log q$ $10^4$ to $10^8$ times the ELBO's, and would otherwise steer every step.
+        ``fit_guide`` uses it with ``forward_kl`` (``docs/splines.md``, ninth and eleventh
+        passes).
 
         Args:
             model: the model ($p$; ``fit_guide`` passes its tempered model while annealing).
@@ -458,7 +471,19 @@ class AutoFlow(AutoContinuous):
         log_weights = torch.cat([log_p.detach(), wide_log_p]) - log_r
         weights = torch.softmax(torch.nan_to_num(log_weights, nan=-math.inf), 0)
         cover = -(weights.nan_to_num(0.0) * fixed_log_q).sum()  # no finite weight: no signal
-        return -log_w.mean() + weight * (cover - cover.detach())
+        loss = -log_w.mean()
+        params = [p for p in self.parameters() if p.requires_grad]
+        grad_loss = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        grad_cover = torch.autograd.grad(cover, params, allow_unused=True)
+        # a fixed point where q is nearly empty can carry all the weight and a gradient of
+        # log q 1e4-1e8 times the ELBO's, which then takes over every step: the cap keeps the
+        # term a push on the ELBO (docs/splines.md, eleventh pass)
+        ratio = COVER_CAP * _norm(grad_loss) / _norm(grad_cover)
+        scale = weight * torch.nan_to_num(ratio, posinf=1.0).clamp(max=1.0)
+        push = sum(
+            (p * (scale * g)).sum() for p, g in zip(params, grad_cover) if g is not None
+        )
+        return loss + push - push.detach()
 
     # -- trust -----------------------------------------------------------------------------
     @torch.no_grad()
