@@ -468,13 +468,14 @@ class AutoFlow(AutoContinuous):
         log_r = fixed_log_q.detach() + torch.logaddexp(
             torch.full_like(log_ratio, math.log1p(-share)), math.log(share) + log_ratio
         )
-        log_weights = torch.cat([log_p.detach(), wide_log_p]) - log_r
+        # held fixed: a Student-t base's learned df would otherwise reach them through log_r
+        log_weights = (torch.cat([log_p.detach(), wide_log_p]) - log_r).detach()
         weights = torch.softmax(torch.nan_to_num(log_weights, nan=-math.inf), 0)
         cover = -(weights.nan_to_num(0.0) * fixed_log_q).sum()  # no finite weight: no signal
         loss = -log_w.mean()
         params = [p for p in self.parameters() if p.requires_grad]
         grad_loss = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        grad_cover = torch.autograd.grad(cover, params, allow_unused=True)
+        grad_cover = torch.autograd.grad(cover, params, retain_graph=True, allow_unused=True)
         # a fixed point where q is nearly empty can carry all the weight and a gradient of
         # log q 1e4-1e8 times the ELBO's, which then takes over every step: the cap keeps the
         # term a push on the ELBO (docs/splines.md, eleventh pass)
